@@ -1,0 +1,294 @@
+"""What every backend adapter is, and the OpenAI-compatible base most of them share.
+
+An adapter answers three questions for discovery — is the server up (`health`), what does it
+serve (`list_models`), which wire formats does it speak (`formats`) — and knows where a streamed
+job goes (`stream_url`, `open_stream`). HTTP lives here and only here: every call has a timeout,
+every body is read with a size cap, and all adapters share the agent's one pooled session.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+import orjson
+
+from provider_agent import __version__
+from provider_agent.config import BackendConfig, WireFormat
+from provider_agent.errors import BackendAuthError, BackendError
+
+LISTING_CAP_BYTES = 8 * 1024 * 1024
+USER_AGENT = f"provider-agent/{__version__}"
+#: Connections kept beyond `limits.max_concurrent` for discovery probes, so no job queues behind them.
+POOL_HEADROOM = 32
+
+
+@dataclass(frozen=True)
+class UpstreamPrice:
+    """A BYOK provider's list price, in USD per 1M tokens (exact decimals)."""
+
+    input_usd_per_1m: Decimal
+    output_usd_per_1m: Decimal
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model as a backend reports it, in the backend's own terms."""
+
+    native_id: str
+    context_window: int | None = None
+    chat: bool = True
+    #: A job for it can be served now: resident, or loaded on first request by the server itself
+    #: (Ollama). LM Studio's "not-loaded" and llama.cpp router's "unloaded" models are not.
+    loaded: bool = True
+    upstream_price: UpstreamPrice | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+def new_http_session(max_concurrent: int) -> aiohttp.ClientSession:
+    """The agent's one pooled client session. The pool admits every allowed job stream at once
+    plus headroom for probes: a hidden queue in the pool would look like a slow backend."""
+    connector = aiohttp.TCPConnector(limit=max_concurrent + POOL_HEADROOM, limit_per_host=0)
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": USER_AGENT},
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        auto_decompress=True,
+    )
+
+
+def read_api_key(env_name: str) -> str | None:
+    """The key from the environment, else `$CREDENTIALS_DIRECTORY/<env_name>` (systemd
+    LoadCredential=). Read at use; never stored."""
+    value = os.environ.get(env_name)
+    if value:
+        return value.strip()
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        path = Path(creds) / env_name
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+    return None
+
+
+class Backend:
+    """An OpenAI-compatible server. Subclasses override only what their server does differently."""
+
+    kind: ClassVar[str]
+    #: Used when the config gives no url (BYOK kinds).
+    default_url: ClassVar[str | None] = None
+    #: Path (under `url`) of the OpenAI-compatible API; BYOK bases already include /api/v1.
+    api_prefix: ClassVar[str] = "/v1"
+    health_path: ClassVar[str | None] = "/health"
+
+    def __init__(self, config: BackendConfig, http: aiohttp.ClientSession, timeout_s: float = 5):
+        self.config = config
+        self.http = http
+        self.timeout_s = timeout_s
+        base = config.url or self.default_url
+        if base is None:
+            raise ValueError(f"{config.label}: no url")
+        self.base_url = base.rstrip("/")
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    # --- credentials -----------------------------------------------------------------------------
+
+    def auth_headers(self) -> dict[str, str]:
+        """Bearer header from `api_key_env`; raises BackendAuthError naming the variable if unset."""
+        env_name = self.config.api_key_env
+        if env_name is None:
+            return {}
+        key = read_api_key(env_name)
+        if key is None:
+            raise BackendAuthError(
+                f"no API key: environment variable {env_name} is unset "
+                "(nor is $CREDENTIALS_DIRECTORY/" + env_name + ")"
+            )
+        return {"Authorization": f"Bearer {key}"}
+
+    # --- HTTP helpers ----------------------------------------------------------------------------
+
+    def api_url(self, path: str) -> str:
+        return f"{self.base_url}{self.api_prefix}{path}"
+
+    async def get_raw(
+        self, url: str, *, cap: int = LISTING_CAP_BYTES, params: Mapping[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """GET with the timeout, auth and size cap; (status, body). Transport errors → BackendError."""
+        return await self.request_raw("GET", url, cap=cap, params=params)
+
+    async def request_raw(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        cap: int = LISTING_CAP_BYTES,
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        headers = self.auth_headers()
+        data = orjson.dumps(json_body) if json_body is not None else None
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        try:
+            async with self.http.request(
+                method, url, headers=headers, data=data, params=params, timeout=timeout
+            ) as response:
+                return response.status, await read_capped(response, cap)
+        except TimeoutError:
+            raise BackendError(
+                f"{method} {_path_of(url)}: no answer within {self.timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"{method} {_path_of(url)}: {_describe(exc)}") from None
+
+    async def get_json(
+        self, url: str, *, params: Mapping[str, str] | None = None, ok_only: bool = True
+    ) -> Any:
+        """GET and parse JSON; a non-2xx status, garbage or an oversize body is a BackendError."""
+        status, body = await self.get_raw(url, params=params)
+        return self.parse_json(status, body, f"GET {_path_of(url)}", ok_only=ok_only)
+
+    async def post_json(self, url: str, payload: Any) -> Any:
+        status, body = await self.request_raw("POST", url, json_body=payload)
+        return self.parse_json(status, body, f"POST {_path_of(url)}")
+
+    @staticmethod
+    def parse_json(status: int, body: bytes, what: str, *, ok_only: bool = True) -> Any:
+        if status in (401, 403):
+            raise BackendAuthError(f"{what}: HTTP {status} (credentials rejected)")
+        if ok_only and not 200 <= status < 300:
+            raise BackendError(f"{what}: HTTP {status}{_error_detail(body)}")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BackendError(f"{what}: response is not JSON") from None
+
+    # --- discovery -------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """Liveness. Never raises: a failure is a Health with ok=False and the reason."""
+        started = time.perf_counter()
+        try:
+            await self.check_health()
+        except BackendError as exc:
+            return Health(False, _ms_since(started), str(exc))
+        return Health(True, _ms_since(started))
+
+    async def check_health(self) -> None:
+        """Raise BackendError unless the server is up and ready. Default: `GET /health` is 2xx."""
+        assert self.health_path is not None
+        status, body = await self.get_raw(f"{self.base_url}{self.health_path}")
+        if not 200 <= status < 300:
+            raise BackendError(f"GET {self.health_path}: HTTP {status}{_error_detail(body)}")
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Models from `GET /v1/models` (OpenAI listing). Subclasses add context windows etc."""
+        listing = await self.get_json(self.api_url("/models"))
+        return [ModelInfo(native_id=entry["id"]) for entry in openai_entries(listing)]
+
+    async def detect_formats(self) -> frozenset[WireFormat]:
+        """Wire formats the server is known to speak beyond `openai`; default: openai only."""
+        return frozenset({"openai"})
+
+    async def formats(self) -> frozenset[WireFormat]:
+        """`formats` from the config when set, else what the server is known to speak."""
+        if self.config.formats is not None:
+            return frozenset(self.config.formats)
+        return await self.detect_formats()
+
+    # --- jobs (the relay is built on these) ------------------------------------------------------
+
+    def stream_url(self, wire_format: WireFormat) -> str:
+        """Where a streamed job of this wire format is POSTed."""
+        path = "/chat/completions" if wire_format == "openai" else "/messages"
+        return self.api_url(path)
+
+    def stream_headers(self, wire_format: WireFormat) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **self.auth_headers()}
+        if wire_format == "anthropic":
+            headers.setdefault("anthropic-version", "2023-06-01")
+        return headers
+
+    async def open_stream(
+        self, wire_format: WireFormat, body: bytes, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """Start a streamed job; the caller reads `response.content` and must release it."""
+        try:
+            return await self.http.post(
+                self.stream_url(wire_format),
+                data=body,
+                headers=self.stream_headers(wire_format),
+                timeout=timeout,
+            )
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"POST {self.stream_url(wire_format)}: {_describe(exc)}") from None
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """Read the whole body, refusing more than `cap` bytes (a backend's garbage never eats RAM)."""
+    if response.content_length is not None and response.content_length > cap:
+        raise BackendError(f"response body of {response.content_length} bytes exceeds {cap}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > cap:
+            raise BackendError(f"response body exceeds {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def openai_entries(listing: Any) -> list[dict[str, Any]]:
+    """The `data` entries of an OpenAI-style model listing that have a string `id`."""
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        raise BackendError("model listing has no `data` list")
+    return [e for e in listing["data"] if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+
+def positive_int(value: Any) -> int | None:
+    """An int > 0 from JSON, else None (bools, strings, nulls and zeros are 'unknown')."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
+def _error_detail(body: bytes) -> str:
+    """A short, safe excerpt of an error body for a log line."""
+    text = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+    return f": {text}" if text else ""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _path_of(url: str) -> str:
+    """The path part of a URL, for messages (keeps hosts of BYOK providers out of the noise)."""
+    after_scheme = url.split("://", 1)[-1]
+    slash = after_scheme.find("/")
+    return after_scheme[slash:] if slash >= 0 else "/"
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

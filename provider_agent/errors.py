@@ -1,0 +1,50 @@
+"""The agent's exceptions, grouped by whose fault a failure is.
+
+    AgentError                      base of everything the agent raises on purpose
+    ├── ConfigError                 the operator's agent.toml (exit 78); names file and key path
+    ├── IdentityError               the identity key file is unreadable or does not match (exit 78)
+    ├── BackendError                a backend misbehaved: unreachable, bad status, garbage, too big
+    │   └── BackendAuthError        the backend refused our credentials (or none were found)
+    └── CoordinatorError            the coordinator broke the protocol or refused us
+        └── AuthFailed              the coordinator said `auth_failed`
+
+A backend's or the coordinator's failure is never the agent's death: callers catch these at the
+edge of the operation they belong to (one probe, one job, one session) and carry on.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class: every failure the agent anticipates."""
+
+
+class ConfigError(AgentError):
+    """agent.toml is wrong; `str()` is the one line an operator sees."""
+
+    def __init__(self, file: str, key: str, message: str) -> None:
+        self.file = file
+        self.key = key
+        self.message = message
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {message}")
+
+
+class IdentityError(AgentError):
+    """The identity key file cannot be used (unreadable, corrupt, or key halves disagree)."""
+
+
+class BackendError(AgentError):
+    """A backend answered badly or not at all; the message never holds an API key."""
+
+
+class BackendAuthError(BackendError):
+    """The backend rejected our credentials, or no credentials could be found."""
+
+
+class CoordinatorError(AgentError):
+    """The coordinator broke the protocol (wrong frame, bad handshake)."""
+
+
+class AuthFailed(CoordinatorError):
+    """The coordinator refused the handshake with `auth_failed`."""

@@ -1,0 +1,254 @@
+"""Every wire frame of the coordinator protocol as a pydantic model; decode and encode. No sockets.
+
+The contract is `shared/spec/protocol.md`. Frames accept unknown fields (the protocol grows
+additively), and `decode()` never raises: garbage becomes a `BadFrame` the session logs and skips.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+ErrorCode = Literal[
+    "out_of_capacity",
+    "rate_limited",
+    "model_not_loaded",
+    "unsupported_format",
+    "bad_request",
+    "backend_unreachable",
+    "backend_timeout",
+    "auth_rejected_by_backend",
+    "backend_error",
+    "cancelled",
+    "connection_lost",
+    "shutting_down",
+    "internal",
+]
+#: Failures of the serving side; only these count in the heartbeat's `error_rate_60s`.
+SERVING_FAILURES: frozenset[str] = frozenset(
+    {
+        "backend_unreachable",
+        "backend_timeout",
+        "backend_error",
+        "auth_rejected_by_backend",
+        "internal",
+        "connection_lost",
+    }
+)
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+
+class AuthChallenge(_Frame):
+    type: Literal["auth_challenge"] = "auth_challenge"
+    nonce: str
+
+
+class AuthResponse(_Frame):
+    type: Literal["auth_response"] = "auth_response"
+    pubkey: str
+    signature: str
+    agent_version: str
+    enrollment_code: str | None = None
+
+
+class AuthOk(_Frame):
+    type: Literal["auth_ok"] = "auth_ok"
+    provider_id: str
+
+
+class AuthFailed(_Frame):
+    type: Literal["auth_failed"] = "auth_failed"
+    reason: str = ""
+
+
+# --- capabilities and heartbeat ------------------------------------------------------------------
+
+
+class ModelOffer(_Frame):
+    """One advertised model in `capabilities.models`."""
+
+    model_id: str
+    input_per_1m: int
+    output_per_1m: int
+    max_concurrent: int
+    backend: str
+    context_window: int | None = None
+    formats: list[Literal["openai", "anthropic"]] = Field(default_factory=lambda: ["openai"])
+
+
+class CapabilityLimits(_Frame):
+    max_concurrent_total: int
+    max_tokens_per_minute: int | None
+
+
+class CapabilityMetadata(_Frame):
+    agent_version: str
+    status: Literal["ready", "draining"] = "ready"
+
+
+class Capabilities(_Frame):
+    type: Literal["capabilities"] = "capabilities"
+    models: list[ModelOffer]
+    limits: CapabilityLimits
+    metadata: CapabilityMetadata
+
+
+class Heartbeat(_Frame):
+    type: Literal["heartbeat"] = "heartbeat"
+    queue_depth: int
+    tokens_per_sec_p50: float
+    p50_latency_ms: float
+    p95_latency_ms: float
+    error_rate_60s: float
+    last_error_at: str | None
+    last_error_code: str | None
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+class Job(_Frame):
+    type: Literal["job"] = "job"
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    model_id: str
+    request: dict[str, Any]
+    format: Literal["openai", "anthropic"] = "openai"
+    deadline_ms: Annotated[int, Field(gt=0)] = 60000
+
+
+class JobCancel(_Frame):
+    type: Literal["job_cancel"] = "job_cancel"
+    job_id: str
+
+
+class JobAck(_Frame):
+    type: Literal["job_ack"] = "job_ack"
+    job_id: str
+
+
+class JobChunk(_Frame):
+    type: Literal["job_chunk"] = "job_chunk"
+    job_id: str
+    data: str
+
+
+class TokenCounts(_Frame):
+    input: int
+    output: int
+    input_tokens: int
+    output_tokens: int
+
+
+class JobDone(_Frame):
+    type: Literal["job_done"] = "job_done"
+    job_id: str
+    tokens: TokenCounts
+    duration_ms: int
+    usage_source: Literal["estimated"] | None = None
+
+
+class JobError(_Frame):
+    type: Literal["job_error"] = "job_error"
+    job_id: str
+    error_code: ErrorCode
+    message: str
+    tokens_emitted: int = 0
+
+
+class ConfigUpdate(_Frame):
+    type: Literal["config_update"] = "config_update"
+
+
+Frame = Annotated[
+    AuthChallenge
+    | AuthResponse
+    | AuthOk
+    | AuthFailed
+    | Capabilities
+    | Heartbeat
+    | Job
+    | JobCancel
+    | JobAck
+    | JobChunk
+    | JobDone
+    | JobError
+    | ConfigUpdate,
+    Field(discriminator="type"),
+]
+_FRAME: TypeAdapter[Frame] = TypeAdapter(Frame)
+KNOWN_TYPES: frozenset[str] = frozenset(
+    model.model_fields["type"].default
+    for model in (
+        AuthChallenge,
+        AuthResponse,
+        AuthOk,
+        AuthFailed,
+        Capabilities,
+        Heartbeat,
+        Job,
+        JobCancel,
+        JobAck,
+        JobChunk,
+        JobDone,
+        JobError,
+        ConfigUpdate,
+    )
+)
+
+
+class UnknownFrame(BaseModel):
+    """A well-formed frame of a type this agent does not know (logged at debug, ignored)."""
+
+    type: str
+
+
+class BadFrame(BaseModel):
+    """Text that is not a valid frame. `job_id` is set when one could be read (so a broken `job`
+    can still be answered with `bad_request`)."""
+
+    reason: str
+    type: str | None = None
+    job_id: str | None = None
+
+
+def decode(text: str | bytes) -> Frame | UnknownFrame | BadFrame:
+    """Parse one inbound frame. Never raises."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return BadFrame(reason=f"not JSON: {exc}")
+    if not isinstance(data, dict):
+        return BadFrame(reason="not a JSON object")
+    kind = data.get("type")
+    job_id = data.get("job_id")
+    job_id = job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+    if not isinstance(kind, str):
+        return BadFrame(reason="no string `type`", job_id=job_id)
+    if kind not in KNOWN_TYPES:
+        return UnknownFrame(type=kind)
+    try:
+        return _FRAME.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:])
+        return BadFrame(reason=f"invalid {kind}: {where}: {first['msg']}", type=kind, job_id=job_id)
+
+
+def encode(frame: _Frame) -> str:
+    """Serialise one outbound frame (None-valued optional extensions are left out, except the
+    fields the contract says are nullable)."""
+    data = frame.model_dump(mode="json", exclude_none=True)
+    if isinstance(frame, Heartbeat):
+        data.setdefault("last_error_at", None)
+        data.setdefault("last_error_code", None)
+    elif isinstance(frame, Capabilities):
+        data["limits"]["max_tokens_per_minute"] = frame.limits.max_tokens_per_minute
+    return orjson.dumps(data).decode()
