@@ -271,7 +271,7 @@ class _KeyedError(ValueError):
 
 
 def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """`--config`, else $PROVIDER_AGENT_CONFIG, else the XDG file if it exists, else ./agent.toml."""
+    """`--config`, else $PROVIDER_AGENT_CONFIG, else the XDG file if present, else ./agent.toml."""
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get(CONFIG_ENV):

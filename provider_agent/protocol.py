@@ -39,6 +39,9 @@ SERVING_FAILURES: frozenset[str] = frozenset(
 )
 
 
+WireFormat = Literal["openai", "anthropic"]
+
+
 class _Frame(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -81,7 +84,7 @@ class ModelOffer(_Frame):
     max_concurrent: int
     backend: str
     context_window: int | None = None
-    formats: list[Literal["openai", "anthropic"]] = Field(default_factory=lambda: ["openai"])
+    formats: list[WireFormat] = Field(default_factory=lambda: list[WireFormat](["openai"]))
 
 
 class CapabilityLimits(_Frame):
@@ -120,7 +123,7 @@ class Job(_Frame):
     job_id: Annotated[str, Field(min_length=1, max_length=128)]
     model_id: str
     request: dict[str, Any]
-    format: Literal["openai", "anthropic"] = "openai"
+    format: WireFormat = "openai"
     deadline_ms: Annotated[int, Field(gt=0)] = 60000
 
 

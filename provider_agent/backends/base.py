@@ -25,7 +25,7 @@ from provider_agent.errors import BackendAuthError, BackendError
 
 LISTING_CAP_BYTES = 8 * 1024 * 1024
 USER_AGENT = f"provider-agent/{__version__}"
-#: Connections kept beyond `limits.max_concurrent` for discovery probes, so no job queues behind them.
+#: Pool connections beyond `limits.max_concurrent`, for probes, so no job queues behind them.
 POOL_HEADROOM = 32
 
 
@@ -111,7 +111,7 @@ class Backend:
     # --- credentials -----------------------------------------------------------------------------
 
     def auth_headers(self) -> dict[str, str]:
-        """Bearer header from `api_key_env`; raises BackendAuthError naming the variable if unset."""
+        """Bearer header from `api_key_env`; BackendAuthError naming the variable when unset."""
         env_name = self.config.api_key_env
         if env_name is None:
             return {}
@@ -131,7 +131,7 @@ class Backend:
     async def get_raw(
         self, url: str, *, cap: int = LISTING_CAP_BYTES, params: Mapping[str, str] | None = None
     ) -> tuple[int, bytes]:
-        """GET with the timeout, auth and size cap; (status, body). Transport errors → BackendError."""
+        """GET with timeout, auth and size cap → (status, body); transport errors → BackendError."""
         return await self.request_raw("GET", url, cap=cap, params=params)
 
     async def request_raw(
@@ -229,7 +229,7 @@ class Backend:
         return headers
 
     async def open_stream(
-        self, wire_format: WireFormat, body: bytes, timeout: aiohttp.ClientTimeout
+        self, wire_format: WireFormat, body: bytes, client_timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
         """Start a streamed job; the caller reads `response.content` and must release it."""
         try:
@@ -237,7 +237,7 @@ class Backend:
                 self.stream_url(wire_format),
                 data=body,
                 headers=self.stream_headers(wire_format),
-                timeout=timeout,
+                timeout=client_timeout,
             )
         except aiohttp.ClientError as exc:
             raise BackendError(f"POST {self.stream_url(wire_format)}: {_describe(exc)}") from None
