@@ -1,0 +1,151 @@
+"""One discovery pass: probe every backend at once under a budget, then build the catalog.
+
+The I/O half of discovery. Each backend gets `discovery.timeout_s` for health + listing +
+formats; one slow or black-holed backend never delays the others beyond that. A backend that
+fails is left out with one warning line naming it and why; the pass itself never fails.
+`Discovery` adds the single-flight guard: concurrent requests share the pass in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import anyio
+
+from provider_agent.backends import make_backend
+from provider_agent.backends.base import Backend, Health, ModelInfo
+from provider_agent.catalog import BackendSeen, Catalog, build
+from provider_agent.config import Config, WireFormat
+from provider_agent.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendReport:
+    """What one backend answered in a pass (for the `discover` table and `/status`)."""
+
+    name: str
+    kind: str
+    health: Health
+    models: tuple[ModelInfo, ...] = ()
+    formats: frozenset[WireFormat] = frozenset()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PassResult:
+    catalog: Catalog
+    reports: tuple[BackendReport, ...]
+    duration_ms: float
+
+
+async def probe(backend: Backend, budget_s: float) -> BackendReport:
+    """Health, then models and formats, all within `budget_s`. Never raises."""
+    started = time.perf_counter()
+    health = Health(False, 0.0, None)
+    with anyio.move_on_after(budget_s) as scope:
+        try:
+            health = await backend.health()
+            if not health.ok:
+                return _failed(backend, health, health.error or "unhealthy")
+            models = tuple(await backend.list_models())
+            formats = await backend.formats()
+        except BackendError as exc:
+            return _failed(backend, health, str(exc))
+        except Exception as exc:  # a backend's garbage must never kill the pass
+            log.debug("probe of %s raised", backend.name, exc_info=True)
+            return _failed(backend, health, f"unexpected answer ({type(exc).__name__}: {exc})")
+        return BackendReport(backend.name, backend.config.kind, health, models, formats)
+    assert scope.cancelled_caught
+    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    return _failed(
+        backend,
+        Health(False, elapsed, "timeout"),
+        f"no complete answer within {budget_s:g}s (discovery.timeout_s)",
+    )
+
+
+def _failed(backend: Backend, health: Health, why: str) -> BackendReport:
+    return BackendReport(backend.name, backend.config.kind, health, error=why)
+
+
+async def run_pass(config: Config, http: aiohttp.ClientSession) -> PassResult:
+    """Probe all configured backends concurrently and build the catalog from the healthy ones."""
+    started = time.perf_counter()
+    budget = config.discovery.timeout_s
+    backends = [make_backend(cfg, http, budget) for cfg in config.backends]
+    reports: list[BackendReport | None] = [None] * len(backends)
+
+    async def probe_into(index: int, backend: Backend) -> None:
+        reports[index] = await probe(backend, budget)
+
+    async with anyio.create_task_group() as group:
+        for index, backend in enumerate(backends):
+            group.start_soon(probe_into, index, backend)
+
+    done = tuple(r for r in reports if r is not None)
+    for report in done:
+        if not report.ok:
+            log.warning("backend left out backend=%s reason=%s", report.name, report.error)
+    seen = [
+        BackendSeen(index, config.backends[index], report.models, report.formats)
+        for index, report in enumerate(done)
+        if report.ok
+    ]
+    catalog = build(config, seen)
+    for reason in catalog.dropped:
+        log.warning("model left out: %s", reason)
+    duration = round((time.perf_counter() - started) * 1000, 1)
+    log.info(
+        "discovery pass done backends_ok=%d/%d models=%d duration_ms=%s",
+        len(seen),
+        len(done),
+        len(catalog.routes),
+        duration,
+    )
+    return PassResult(catalog, done, duration)
+
+
+@dataclass
+class _Flight:
+    done: anyio.Event
+    result: PassResult | None = None
+
+
+class Discovery:
+    """Single-flight passes: whoever asks while a pass runs gets that pass's result.
+
+    The periodic loop, every `auth_ok`, SIGHUP and failing jobs all ask for passes; without the
+    guard a reconnect storm would probe every backend once per request.
+    """
+
+    def __init__(self, http: aiohttp.ClientSession, config: Callable[[], Config]) -> None:
+        self._http = http
+        self._config = config
+        self._flight: _Flight | None = None
+        self.latest: PassResult | None = None
+        self.passes = 0
+
+    async def run(self) -> PassResult:
+        while (flight := self._flight) is not None:
+            await flight.done.wait()
+            if flight.result is not None:
+                return flight.result
+            # The pass we waited on was cancelled with its caller: run one ourselves.
+        flight = self._flight = _Flight(anyio.Event())
+        try:
+            flight.result = self.latest = await run_pass(self._config(), self._http)
+            self.passes += 1
+            return flight.result
+        finally:
+            self._flight = None
+            flight.done.set()

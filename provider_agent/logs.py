@@ -1,0 +1,58 @@
+"""Logging set-up: one line per event, text for a terminal or JSON for journald/Loki.
+
+Modules log with `logging.getLogger(__name__)` and key=value fields in the message; nothing
+here knows about secrets because no secret is ever passed to a log call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+TRACE = 5
+LEVELS = {
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (+ exception text when present)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    """Configure the root logger for stderr; safe to call again (reload) to change level/format."""
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    # Third-party chatter stays quiet unless the operator asked for debug.
+    quiet = logging.WARNING if root.level > logging.DEBUG else logging.DEBUG
+    for name in ("websockets", "aiohttp.access", "asyncio"):
+        logging.getLogger(name).setLevel(quiet)
