@@ -1,0 +1,157 @@
+"""Discovery on real loopback servers: the budget holds, failures are named, passes are shared."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import pytest
+from aiohttp import web
+
+from provider_agent.backends.base import new_http_session
+from provider_agent.config import Config, parse
+from provider_agent.discovery import Discovery, run_pass
+
+PRICING = "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
+
+
+def config_for(urls: list[str], timeout_s: int = 1) -> Config:
+    backends = "".join(f'[[backends]]\nkind = "vllm"\nurl = "{u}"\n' for u in urls)
+    return parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f"[discovery]\ntimeout_s = {timeout_s}\n{backends}{PRICING}"
+    )
+
+
+@dataclass
+class VllmFarm:
+    """One aiohttp app listening on many ports, each port a vLLM serving `model-<port>`."""
+
+    urls: list[str] = field(default_factory=list)
+    listing_requests: int = 0
+    release: anyio.Event | None = None
+
+
+@pytest.fixture
+async def farm() -> AsyncIterator[VllmFarm]:
+    state = VllmFarm()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(request: web.Request) -> web.Response:
+        state.listing_requests += 1
+        if state.release is not None:
+            await state.release.wait()
+        port = request.url.port
+        return web.json_response(
+            {"object": "list", "data": [{"id": f"model-{port}", "max_model_len": 4096}]}
+        )
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    for _ in range(20):
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        state.urls.append(f"http://127.0.0.1:{port}")
+    yield state
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def black_holes() -> AsyncIterator[list[str]]:
+    """Two servers that accept TCP connections and never say a word."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    servers = [await asyncio.start_server(swallow, "127.0.0.1", 0) for _ in range(2)]
+    yield [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    for writer in held:
+        writer.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_black_holes_cannot_delay_the_pass_beyond_the_budget(
+    farm: VllmFarm, black_holes: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config_for([black_holes[0], *farm.urls, black_holes[1]], timeout_s=1)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        async with new_http_session(8) as http:
+            result = await run_pass(cfg, http)
+    elapsed = time.perf_counter() - started
+    assert elapsed < cfg.discovery.timeout_s + 1
+    advertised = [m.model_id for m in result.catalog.capabilities.models]
+    assert len(advertised) == 20
+    assert advertised == sorted(f"model-{u.rsplit(':', 1)[1]}" for u in farm.urls)
+    failed = [r for r in result.reports if not r.ok]
+    assert [r.name for r in failed] == [f"vllm:{black_holes[0]}", f"vllm:{black_holes[1]}"]
+    warnings = [r.getMessage() for r in caplog.records if "backend left out" in r.getMessage()]
+    assert len(warnings) == 2 and all("vllm:http://127.0.0.1:" in w for w in warnings)
+
+
+async def test_unreachable_backends_give_an_empty_offer_not_a_failure() -> None:
+    cfg = config_for(["http://127.0.0.1:9", "http://127.0.0.1:1"])
+    async with new_http_session(8) as http:
+        result = await run_pass(cfg, http)
+    assert result.catalog.capabilities.models == []
+    assert all("cannot connect" in (r.error or "") for r in result.reports)
+
+
+async def test_concurrent_requests_share_one_pass(farm: VllmFarm) -> None:
+    cfg = config_for(farm.urls[:3], timeout_s=5)
+    farm.release = anyio.Event()
+    results = []
+    async with new_http_session(8) as http:
+        discovery = Discovery(http, lambda: cfg)
+
+        async def ask() -> None:
+            results.append(await discovery.run())
+
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(ask)
+            await anyio.wait_all_tasks_blocked()
+            farm.release.set()
+    assert discovery.passes == 1
+    assert farm.listing_requests == 3  # one listing per backend, not per request
+    assert all(r is results[0] for r in results)
+
+
+async def test_a_cancelled_pass_does_not_strand_waiters(farm: VllmFarm) -> None:
+    cfg = config_for(farm.urls[:1], timeout_s=5)
+    farm.release = anyio.Event()
+    async with new_http_session(8) as http:
+        discovery = Discovery(http, lambda: cfg)
+        async with anyio.create_task_group() as group:
+            first = anyio.CancelScope()
+
+            async def cancelled_runner() -> None:
+                with first:
+                    await discovery.run()
+
+            group.start_soon(cancelled_runner)
+            await anyio.wait_all_tasks_blocked()
+            waiter_result = []
+
+            async def waiter() -> None:
+                waiter_result.append(await discovery.run())
+
+            group.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            first.cancel()
+            await anyio.wait_all_tasks_blocked()
+            farm.release.set()
+    assert len(waiter_result) == 1 and len(waiter_result[0].catalog.routes) == 1
