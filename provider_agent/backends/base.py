@@ -153,6 +153,8 @@ class Backend:
                 method, url, headers=headers, data=data, params=params, timeout=timeout
             ) as response:
                 return response.status, await read_capped(response, cap)
+        except BackendError as exc:  # oversize body: say which request it was
+            raise BackendError(f"{method} {_path_of(url)}: {exc}") from None
         except TimeoutError:
             raise BackendError(
                 f"{method} {_path_of(url)}: no answer within {self.timeout_s:g}s"

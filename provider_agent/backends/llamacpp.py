@@ -1,0 +1,146 @@
+"""llama.cpp's `llama-server`, and OpenAI-compatible look-alikes (llama-cpp-python's server).
+
+- Health: `GET /health` → 200 `{"status":"ok"}` is ready; 503 `Loading model` is not. Servers
+  without `/health` (llama-cpp-python answers 404) are probed with `GET /v1/models` instead.
+- Models: `GET /v1/models`. The served context is `meta.n_ctx`, else `/props`
+  `default_generation_settings.n_ctx` — never `n_ctx_train`, which is what the model was trained
+  on, not what this server allocates. Router mode (no `-m`) lists models with `status.value`;
+  only `loaded` ones can take a job now.
+- Formats: `anthropic` too when `/props` answers as the C++ server does (it serves `/v1/messages`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import anyio
+import orjson
+
+from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
+from provider_agent.config import WireFormat
+from provider_agent.errors import BackendError
+
+#: `/props` requests in flight at once in router mode (one per loaded model lacking `meta.n_ctx`).
+_PROPS_CONCURRENCY = 4
+
+
+def served_context(entry: dict[str, Any]) -> int | None:
+    """The context the server allocated, from a `/v1/models` entry's `meta.n_ctx` (recent builds);
+    None when absent (older builds, loading, llama-cpp-python). `n_ctx_train` is not it."""
+    meta = entry.get("meta")
+    return positive_int(meta.get("n_ctx")) if isinstance(meta, dict) else None
+
+
+def router_status(entry: dict[str, Any]) -> str | None:
+    """Router mode's `status.value` (`loaded`, `unloaded`, `loading`, …); None outside it."""
+    status = entry.get("status")
+    if isinstance(status, dict) and isinstance(status.get("value"), str):
+        return str(status["value"])
+    return None
+
+
+def is_router_listing(listing: Any) -> bool:
+    """Whether a model listing comes from router mode (its entries carry `status.value`)."""
+    return any(router_status(entry) is not None for entry in openai_entries(listing))
+
+
+def parse_models(listing: Any) -> list[ModelInfo]:
+    """`GET /v1/models` → models with the context known from the listing alone."""
+    models = []
+    for entry in openai_entries(listing):
+        status = router_status(entry)
+        models.append(
+            ModelInfo(
+                native_id=entry["id"],
+                context_window=served_context(entry),
+                loaded=status is None or status == "loaded",
+            )
+        )
+    return models
+
+
+def props_context(props: Any) -> int | None:
+    """`/props` → `default_generation_settings.n_ctx` (the per-slot context), else None."""
+    if not isinstance(props, dict):
+        return None
+    settings = props.get("default_generation_settings")
+    return positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
+
+
+def is_cpp_server_props(props: Any) -> bool:
+    """Whether a `/props` answer is llama.cpp's C++ server's (which also serves `/v1/messages`)."""
+    return isinstance(props, dict) and (
+        isinstance(props.get("default_generation_settings"), dict) or "build_info" in props
+    )
+
+
+class LlamaCppBackend(Backend):
+    kind: ClassVar[str] = "llamacpp"
+
+    async def check_health(self) -> None:
+        status, body = await self.get_raw(f"{self.base_url}/health")
+        if 200 <= status < 300:
+            return
+        if status == 404:
+            # No /health (llama-cpp-python): a model listing that parses proves it is serving.
+            openai_entries(await self.get_json(self.api_url("/models")))
+            return
+        if status == 503:
+            raise BackendError(f"GET /health: HTTP 503, not ready ({unavailable_reason(body)})")
+        self.parse_json(status, body, "GET /health")  # 401/403 → auth error, else status error
+
+    async def list_models(self) -> list[ModelInfo]:
+        listing = await self.get_json(self.api_url("/models"))
+        models = parse_models(listing)
+        missing = [i for i, m in enumerate(models) if m.context_window is None and m.loaded]
+        if not missing:
+            return models
+        if not is_router_listing(listing):
+            window = props_context(await self._props(None))
+            return [_with_context(m, window) for m in models]
+        # Router mode: each loaded model has its own /props (`?model=`).
+        windows: dict[int, int | None] = {}
+        limiter = anyio.CapacityLimiter(_PROPS_CONCURRENCY)
+
+        async def fetch(index: int) -> None:
+            async with limiter:
+                windows[index] = props_context(await self._props(models[index].native_id))
+
+        async with anyio.create_task_group() as group:
+            for index in missing:
+                group.start_soon(fetch, index)
+        return [_with_context(m, windows.get(i)) for i, m in enumerate(models)]
+
+    async def detect_formats(self) -> frozenset[WireFormat]:
+        if is_cpp_server_props(await self._props(None)):
+            return frozenset({"openai", "anthropic"})
+        return frozenset({"openai"})
+
+    async def _props(self, model: str | None) -> Any:
+        """`GET /props` (for one model in router mode); None when it fails: llama-cpp-python has
+        no /props, and a loading or sleeping server may refuse it."""
+        params = {"model": model} if model is not None else None
+        try:
+            return await self.get_json(f"{self.base_url}/props", params=params)
+        except BackendError:
+            return None
+
+
+def _with_context(model: ModelInfo, window: int | None) -> ModelInfo:
+    if model.context_window is not None or window is None or not model.loaded:
+        return model
+    return dataclasses.replace(model, context_window=window)
+
+
+def unavailable_reason(body: bytes) -> str:
+    """`error.message` of llama.cpp's 503 body (`Loading model`), else a generic reason."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "unavailable"
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) and isinstance(data, dict):
+        message = data.get("status")  # legacy builds: {"status": "loading model"}
+    return message[:100] if isinstance(message, str) and message else "unavailable"
