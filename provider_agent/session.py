@@ -133,6 +133,7 @@ class Session:
         self._attempt_scope: anyio.CancelScope | None = None
         self._run_scope: anyio.CancelScope | None = None
         self._reconnect_requested = False
+        self._end_cause = "connection closed"
 
     # --- the public face -------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Session:
         self.attempts += 1
         authenticated_at: float | None = None
         self._reconnect_requested = False
+        self._end_cause = "connection closed"
         try:
             with anyio.CancelScope() as self._attempt_scope:
                 async with connect(
@@ -212,9 +214,7 @@ class Session:
         if self._stopping:
             log.info("coordinator session closed (going away)")
             return
-        raise SessionEnded(
-            "reconnect requested" if self._reconnect_requested else "connection closed"
-        )
+        raise SessionEnded("reconnect requested" if self._reconnect_requested else self._end_cause)
 
     async def _handshake(self, ws: ClientConnection) -> str:
         with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
@@ -248,18 +248,28 @@ class Session:
             group.start_soon(self._heartbeats, link)
 
     async def _writer(self, ws: ClientConnection, link: Link, scope: anyio.CancelScope) -> None:
-        await link.write_to(ws)
-        await ws.close(CLOSE_GOING_AWAY, "going away")
-        scope.cancel()
+        """Ends the session when the queue is finished (graceful stop) or the socket fails."""
+        try:
+            await link.write_to(ws)
+            await ws.close(CLOSE_GOING_AWAY, "going away")
+        except ConnectionClosed as exc:
+            self._end_cause = _cause(exc)
+        finally:
+            scope.cancel()
 
     async def _reader(self, ws: ClientConnection, link: Link, scope: anyio.CancelScope) -> None:
-        async for message in ws:
-            if isinstance(message, bytes):
-                log.debug("binary frame ignored bytes=%d", len(message))
-                continue
-            await self.hooks.on_inbound(dispatch(decode(message)), link)
-        log.info("coordinator closed the connection code=%s", _close_code(ws))
-        scope.cancel()
+        """Ends the session when the socket closes; no inbound frame can end it otherwise."""
+        try:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    log.debug("binary frame ignored bytes=%d", len(message))
+                    continue
+                await self.hooks.on_inbound(dispatch(decode(message)), link)
+            self._end_cause = f"coordinator closed the connection (code {ws.close_code})"
+        except ConnectionClosed as exc:
+            self._end_cause = _cause(exc)
+        finally:
+            scope.cancel()
 
     async def _heartbeats(self, link: Link) -> None:
         while True:
@@ -289,10 +299,6 @@ async def _next_text(ws: ClientConnection) -> str:
         message = await ws.recv()
         if isinstance(message, str):
             return message
-
-
-def _close_code(ws: ClientConnection) -> int | None:
-    return ws.close_code
 
 
 def _cause(exc: BaseException) -> str:

@@ -1,0 +1,149 @@
+"""`provider-agent run` as a real process: real signals, real coordinator, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+from provider_agent.dev.coordinator import DevCoordinator
+from tests.agent_harness import agent_where, write_config
+
+
+class AgentProcess:
+    """`python -m provider_agent run` with its stderr collected line by line."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._new_line = anyio.Event()
+
+    async def collect(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            self.lines += [line.decode(errors="replace") for line in complete]
+            self._new_line.set()
+            self._new_line = anyio.Event()
+
+    async def wait_for_line(self, needle: str, timeout: float = 10) -> str:  # noqa: ASYNC109
+        with anyio.fail_after(timeout):
+            while True:
+                found = next((line for line in self.lines if needle in line), None)
+                if found is not None:
+                    return found
+                await self._new_line.wait()
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+
+@asynccontextmanager
+async def agent_process(config: Path, *args: str) -> AsyncIterator[AgentProcess]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PROVIDER_AGENT_ENROLLMENT_CODE", None)
+    command = [sys.executable, "-m", "provider_agent", "run", "--config", str(config), *args]
+    async with await anyio.open_process(command, env=env) as process:
+        agent = AgentProcess(process)
+        async with anyio.create_task_group() as group:
+            group.start_soon(agent.collect)
+            try:
+                yield agent
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+@pytest.fixture
+async def coord() -> AsyncIterator[DevCoordinator]:
+    async with DevCoordinator(host="127.0.0.1", port=0) as coordinator:
+        yield coordinator
+
+
+async def test_sigterm_drains_closes_1001_and_exits_0(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=10)
+    async with agent_process(cfg, "--allow-insecure") as agent:
+        await coord.wait_for(lambda c: c.connected(), timeout=20)
+        started = time.perf_counter()
+        agent.signal(signal.SIGTERM)
+        with anyio.fail_after(10):  # the drain budget: nothing is in flight, so far less
+            code = await agent.process.wait()
+        stopped_in = time.perf_counter() - started
+    assert code == 0
+    assert stopped_in < 10
+    record = next(iter(coord.agents.values()))
+    assert record.capabilities is not None
+    assert record.capabilities.models == [] and record.capabilities.metadata.status == "draining"
+    assert coord.attempts[-1].close_code == 1001
+    assert not coord.violations
+
+
+async def test_sigint_when_idle_stops_within_a_second(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url)
+    async with agent_process(cfg, "--allow-insecure") as agent:
+        await coord.wait_for(lambda c: c.connected(), timeout=20)
+        started = time.perf_counter()
+        agent.signal(signal.SIGINT)
+        with anyio.fail_after(5):
+            code = await agent.process.wait()
+        elapsed = time.perf_counter() - started
+    assert code == 0
+    assert elapsed < 1.0, f"idle stop took {elapsed:.2f}s"
+    assert coord.attempts[-1].close_code == 1001
+
+
+async def test_sighup_applies_a_valid_file_and_keeps_a_broken_one_out(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, heartbeat_interval_s=1)
+    async with agent_process(cfg, "--allow-insecure") as agent:
+        record = await agent_where(coord, lambda a: a.capabilities_count >= 2, timeout=20)
+        # A valid change: a new global limit shows up in the next capabilities, same session.
+        cfg.write_text(cfg.read_text() + "[limits]\nmax_concurrent = 3\n")
+        agent.signal(signal.SIGHUP)
+        await coord.wait_for(
+            lambda c: (
+                record.capabilities is not None
+                and record.capabilities.limits.max_concurrent_total == 3
+            )
+        )
+        assert record.connections == 1
+        # A broken file: logged in one line, the running config kept, the session untouched.
+        cfg.write_text(cfg.read_text() + "[limits]\nmax_concurrent = 3\n")  # duplicate table
+        agent.signal(signal.SIGHUP)
+        line = await agent.wait_for_line("reload failed")
+        assert "duplicate" in line and str(cfg) in line
+        beats = record.heartbeat_count
+        await coord.wait_for(lambda c: record.heartbeat_count >= beats + 2)
+        assert record.connections == 1 and coord.connected() == [record.provider_id]
+        assert agent.process.returncode is None
+        agent.signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            assert await agent.process.wait() == 0
+
+
+async def test_config_error_exits_78_with_one_line(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "ws://127.0.0.1:9/provider/connect")
+    async with agent_process(cfg) as agent:  # no --allow-insecure: ws:// is refused
+        with anyio.fail_after(20):
+            code = await agent.process.wait()
+    assert code == 78
+    errors = [line for line in agent.lines if line.strip()]
+    assert len(errors) == 1
+    assert "coordinator.url" in errors[0] and "wss://" in errors[0]
+    assert "--allow-insecure" in errors[0]

@@ -1,0 +1,192 @@
+"""The coordinator session against the reference coordinator, on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from itertools import pairwise
+from pathlib import Path
+from statistics import mean
+
+import anyio
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from provider_agent.dev.coordinator import DevCoordinator
+from provider_agent.identity import load
+from tests.agent_harness import agent_where, fake_vllm, fast_policy, running_agent, write_config
+
+
+@pytest.fixture
+async def coord() -> DevCoordinator:  # type: ignore[misc]
+    async with DevCoordinator(host="127.0.0.1", port=0) as coordinator:
+        yield coordinator
+
+
+async def test_handshake_capabilities_and_enrollment_once(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("meta-llama/Llama-3.1-8B-Instruct") as backend:
+        cfg = write_config(
+            tmp_path, coord.ws_url, backend_urls=(backend.url,), enrollment_code="POD-ENROLL-1"
+        )
+        async with running_agent(cfg):
+            agent = await agent_where(coord, lambda a: a.capabilities_count >= 1)
+            assert agent.enrollment_code == "POD-ENROLL-1"
+            assert agent.capabilities is not None
+            [offer] = agent.capabilities.models
+            assert offer.model_id == "meta-llama/Llama-3.1-8B-Instruct"
+            assert offer.context_window == 4096 and offer.backend == "vllm"
+            # auth_ok asks for a pass; its result is pushed too.
+            await agent_where(coord, lambda a: a.capabilities_count >= 2)
+        assert load(tmp_path / "identity.key").provider_id == agent.provider_id
+        # Second run: provider_id is stored, so no enrollment code is sent.
+        async with running_agent(cfg):
+            await agent_where(coord, lambda a: a.connections == 2 and a.connected)
+        assert list(agent.enrollment_codes) == ["POD-ENROLL-1", None]
+    assert not coord.violations
+
+
+async def test_auth_failed_backs_off_and_retries(coord: DevCoordinator, tmp_path: Path) -> None:
+    coord.fail_auth_next(3, reason="not enrolled")
+    policy = fast_policy()
+    async with running_agent(write_config(tmp_path, coord.ws_url), policy):
+        await coord.wait_for(lambda c: c.connected(), timeout=10)
+    outcomes = [a.outcome for a in coord.attempts]
+    assert outcomes[:3] == ["auth_failed"] * 3
+    assert len(coord.attempts) >= 4
+
+
+async def test_wrong_first_frame_is_a_pre_auth_failure_then_retry(tmp_path: Path) -> None:
+    answers: list[str] = []
+    three_attempts = anyio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "heartbeat"}))
+        try:
+            answers.append(str(await ws.recv()))
+        except ConnectionClosed:
+            answers.append("<closed>")
+        if len(answers) >= 3:
+            three_attempts.set()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/provider/connect"
+        async with running_agent(write_config(tmp_path, url)):
+            with anyio.fail_after(10):
+                await three_attempts.wait()
+    assert answers[:3] == ["<closed>"] * 3  # the agent never answered a wrong first frame
+
+
+async def test_capabilities_after_every_periodic_pass(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, interval_s=5)
+    async with running_agent(cfg) as daemon:
+        await agent_where(coord, lambda a: a.capabilities_count >= 2)
+        passes_before = daemon.discovery.passes if daemon.discovery else 0
+        await agent_where(coord, lambda a: a.capabilities_count >= 3, timeout=8)
+        assert daemon.discovery is not None and daemon.discovery.passes > passes_before
+
+
+async def test_heartbeats_keep_cadence_and_validate(coord: DevCoordinator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, heartbeat_interval_s=1)
+    async with running_agent(cfg):
+        agent = await agent_where(coord, lambda a: a.heartbeat_count >= 4)
+    times = list(agent.heartbeat_times)
+    gaps = [b - a for a, b in pairwise(times[1:])]  # the first beat goes out with auth_ok
+    assert all(0.8 < g < 2.0 for g in gaps), gaps
+    beat = agent.last_heartbeat
+    assert beat is not None and beat.queue_depth == 0 and beat.error_rate_60s == 0
+    assert not coord.violations
+
+
+async def test_agent_comes_back_after_ten_coordinator_kills(tmp_path: Path) -> None:
+    first = DevCoordinator(host="127.0.0.1", port=0)
+    await first.start()
+    port = first.port
+    url = first.ws_url
+    await first.aclose()
+    cfg = write_config(tmp_path, url)
+    async with running_agent(cfg, fast_policy(cap_s=0.3)) as daemon:
+        for _ in range(10):
+            async with DevCoordinator(host="127.0.0.1", port=port) as coordinator:
+                await coordinator.wait_for(lambda c: c.connected(), timeout=10)
+        assert daemon.session is not None and daemon.session.attempts >= 10
+
+
+async def test_flapping_coordinator_makes_delays_grow(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    coord.flap_next(20)
+    policy = fast_policy(cap_s=0.4)
+    async with running_agent(write_config(tmp_path, coord.ws_url), policy):
+        await coord.wait_for(lambda c: c.connected(), timeout=30)
+        times = [a.at for a in list(coord.attempts)[:21]]
+    gaps = [b - a for a, b in pairwise(times)]
+    assert len(gaps) == 20
+    assert mean(gaps[-5:]) > 2 * mean(gaps[:5])
+    assert policy.ceiling_s() == 0.4  # escalated to the cap, not reset by the flaps
+
+
+async def test_backoff_resets_after_a_healthy_session(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    policy = fast_policy(cap_s=5.0, healthy_after_s=0.0)
+    policy.failures = 8  # as if after a long outage
+    async with running_agent(write_config(tmp_path, coord.ws_url), policy):
+        await coord.wait_for(lambda c: c.connected(), timeout=10)
+        await coord.drop()
+        await coord.wait_for(lambda c: len(c.connected()) == 1 and len(c.attempts) >= 2)
+    assert policy.failures <= 1
+    attempts = list(coord.attempts)
+    assert attempts[1].at - (attempts[0].ended_at or 0) < 1.0  # immediate, not ~5 s
+
+
+async def test_garbage_frames_never_end_the_session(coord: DevCoordinator, tmp_path: Path) -> None:
+    garbage: list[str | bytes] = [
+        "",
+        "not json",
+        "[]",
+        "null",
+        '{"type":5}',
+        '{"type":"job"}',
+        '{"type":"job","job_id":"x","model_id":1}',
+        '{"type":"job_cancel"}',
+        '{"type":"unknown_kind","a":1}',
+        '{"type":"auth_challenge","nonce":"AAAA"}',
+        '{"type":"config_update"}',
+        b"\x00\xff binary",
+        "\ud7ff" * 1000,
+        json.dumps({"type": "job", "job_id": "y" * 500, "model_id": "m", "request": {}}),
+    ]
+    async with running_agent(write_config(tmp_path, coord.ws_url, heartbeat_interval_s=1)):
+        agent = await agent_where(coord, lambda a: a.connected)
+        for frame in garbage:
+            await coord.send(agent.provider_id, frame)
+        seen = agent.heartbeat_count
+        await agent_where(coord, lambda a: a.heartbeat_count >= seen + 2)
+        assert agent.connections == 1 and coord.connected() == [agent.provider_id]
+    # the job frame with a readable id but a bad body got exactly one bad_request record
+    assert coord.jobs["x"].terminal is not None
+    assert coord.jobs["x"].terminal.error_code == "bad_request"  # type: ignore[union-attr]
+
+
+async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tasks(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        tasks_before = asyncio.all_tasks()
+        async with running_agent(cfg) as daemon:
+            agent = await agent_where(coord, lambda a: a.capabilities_count >= 1)
+        assert daemon.draining
+        await coord.wait_for(lambda c: not c.connected())
+    assert agent.capabilities is not None
+    assert agent.capabilities.models == []
+    assert agent.capabilities.metadata.status == "draining"
+    assert coord.attempts[-1].close_code == 1001
+    leftover = {t for t in asyncio.all_tasks() if t not in tasks_before}
+    assert leftover == set(), leftover
