@@ -128,12 +128,12 @@ class Session:
         self.rng = rng or random.Random()
         self.link: Link | None = None
         self.attempts = 0
-        self.connected = anyio.Event()
         self._stopping = False
         self._attempt_scope: anyio.CancelScope | None = None
         self._run_scope: anyio.CancelScope | None = None
         self._reconnect_requested = False
         self._end_cause = "connection closed"
+        self._socket_open = False
 
     # --- the public face -------------------------------------------------------------------------
 
@@ -168,6 +168,8 @@ class Session:
         self._stopping = True
         if self.link is not None:
             self.link.finish()
+        elif self._socket_open:
+            pass  # mid-handshake: `_serve` sees `stopping` and closes with 1001 itself
         elif self._run_scope is not None:
             self._run_scope.cancel()  # dialling or waiting to redial: nothing to flush
 
@@ -196,17 +198,18 @@ class Session:
                     close_timeout=5,
                     user_agent_header=USER_AGENT,
                 ) as ws:
+                    self._socket_open = True
                     provider_id = await self._handshake(ws)
                     authenticated_at = self.clock()
                     await self._serve(ws, provider_id)
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
-            raise SessionEnded(_cause(exc)) from None
+            self._end_cause = _cause(exc)
         except CoordinatorError as exc:
-            raise SessionEnded(str(exc)) from None
+            self._end_cause = str(exc)
         finally:
+            self._socket_open = False
             self._attempt_scope = None
             self.link = None
-            self.connected = anyio.Event()
             if self._reconnect_requested:
                 self.policy.failures = 0
             else:
@@ -238,7 +241,6 @@ class Session:
         await link.send(encode(self.hooks.capabilities()))
         link.offer(encode(self.hooks.heartbeat()))
         self.link = link
-        self.connected.set()
         if self._stopping:
             link.finish()
         self.hooks.on_authenticated()
