@@ -6,6 +6,7 @@ reads the file applies all of them, and every error is one line naming the file 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -43,6 +44,13 @@ ENROLLMENT_ENV = "PROVIDER_AGENT_ENROLLMENT_CODE"
 CONFIG_ENV = "PROVIDER_AGENT_CONFIG"
 _BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,44}")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(?P<port>\d{1,5})")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_UNPRINTABLE = re.compile(r"[^\S ]|[\x00-\x1f\x7f-\x9f]")
+
+# Numbers are strict: TOML is typed, so `max_concurrent = "8"` or `= true` is a mistake to report,
+# not something to coerce. (Floats still accept TOML integers: `interval_s = 300` is fine.)
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
 
 
 def _state_directory() -> Path | None:
@@ -82,7 +90,7 @@ class OperatorConfig(_Section):
 class CoordinatorConfig(_Section):
     url: str
     enrollment_code: str | None = None
-    heartbeat_interval_s: Annotated[float, Field(ge=1, le=300)] = 15
+    heartbeat_interval_s: Annotated[StrictFloat, Field(ge=1, le=300)] = 15
 
     @field_validator("url")
     @classmethod
@@ -112,8 +120,8 @@ class IdentityConfig(_Section):
 
 
 class DiscoveryConfig(_Section):
-    interval_s: Annotated[float, Field(ge=5, le=86400)] = 300
-    timeout_s: Annotated[float, Field(ge=1, le=60)] = 5
+    interval_s: Annotated[StrictFloat, Field(ge=5, le=86400)] = 300
+    timeout_s: Annotated[StrictFloat, Field(ge=1, le=60)] = 5
 
 
 class BackendConfig(_Section):
@@ -122,11 +130,11 @@ class BackendConfig(_Section):
     api_key_env: str | None = None
     markup: Annotated[Decimal, Field(ge=0, le=10)] = Decimal(0)
     models: list[str] | None = None
-    name: str | None = None
-    priority: int | None = None
+    name: Annotated[str, Field(min_length=1)] | None = None
+    priority: StrictInt | None = None
     aliases: dict[str, str] = Field(default_factory=dict)
-    formats: list[WireFormat] | None = None
-    max_concurrent: Annotated[int, Field(ge=1, le=256)] | None = None
+    formats: Annotated[list[WireFormat], Field(min_length=1)] | None = None
+    max_concurrent: Annotated[StrictInt, Field(ge=1, le=256)] | None = None
 
     @field_validator("url")
     @classmethod
@@ -136,6 +144,17 @@ class BackendConfig(_Section):
         if not re.match(r"https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # Never echo the value: an operator may have pasted the key itself here.
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits and _), "
+                "not the API key itself"
+            )
+        return value
 
     @field_validator("markup", mode="before")
     @classmethod
@@ -173,19 +192,19 @@ class BackendConfig(_Section):
 
 
 class ModelPrice(_Section):
-    input_per_1m: Annotated[int, Field(ge=0)]
-    output_per_1m: Annotated[int, Field(ge=0)]
+    input_per_1m: Annotated[StrictInt, Field(ge=0)]
+    output_per_1m: Annotated[StrictInt, Field(ge=0)]
 
 
 class PricingConfig(_Section):
-    default_input_per_1m: Annotated[int, Field(gt=0)]
-    default_output_per_1m: Annotated[int, Field(gt=0)]
+    default_input_per_1m: Annotated[StrictInt, Field(gt=0)]
+    default_output_per_1m: Annotated[StrictInt, Field(gt=0)]
     models: dict[str, ModelPrice] = Field(default_factory=dict)
 
 
 class LimitsConfig(_Section):
-    max_concurrent: Annotated[int, Field(ge=1, le=256)] = 8
-    max_tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    max_concurrent: Annotated[StrictInt, Field(ge=1, le=256)] = 8
+    max_tokens_per_minute: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 class ObservabilityConfig(_Section):
@@ -212,7 +231,7 @@ class ObservabilityConfig(_Section):
 
 class StateConfig(_Section):
     dir: Path = Field(default_factory=_default_state_dir)
-    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 60
+    drain_timeout_s: Annotated[StrictFloat, Field(ge=0, le=3600)] = 60
 
     @field_validator("dir")
     @classmethod
@@ -235,16 +254,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _no_duplicate_backends(self) -> Config:
+        # Names are unique *including the defaults* (`label`): logs, metrics and routes name a
+        # backend by it, so two unnamed openrouter backends with different keys would collide.
         names: dict[str, int] = {}
         endpoints: dict[tuple[str, str], int] = {}
         for index, backend in enumerate(self.backends):
-            if backend.name is not None:
-                if backend.name in names:
-                    raise _KeyedError(
-                        f"backends[{index}].name",
-                        f"duplicate name {backend.name!r} (also backends[{names[backend.name]}])",
-                    )
-                names[backend.name] = index
             what = "api_key_env" if backend.is_byok else "url"
             key = (backend.kind, str(getattr(backend, what)))
             if key in endpoints:
@@ -253,6 +267,14 @@ class Config(_Section):
                     f"duplicate backend: same kind and {what} as backends[{endpoints[key]}]",
                 )
             endpoints[key] = index
+            label = backend.label
+            if label in names:
+                hint = "" if backend.name else " (the default name; set a distinct `name`)"
+                raise _KeyedError(
+                    f"backends[{index}].name",
+                    f"duplicate name {label!r}{hint}: also backends[{names[label]}]",
+                )
+            names[label] = index
         return self
 
     @property
@@ -316,10 +338,12 @@ def _toml_message(message: str) -> str:
 
 
 def _first_error(file: str, exc: ValidationError) -> ConfigError:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt key also makes the real one "missing": name the typo, it is the cause.
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     ctx_error = error.get("ctx", {}).get("error")
     if isinstance(ctx_error, _KeyedError):
-        return ConfigError(file, ctx_error.key, ctx_error.message)
+        return ConfigError(file, ctx_error.key, _one_line(ctx_error.message))
     key = _key_path(error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -329,7 +353,12 @@ def _first_error(file: str, exc: ValidationError) -> ConfigError:
     elif message.startswith(("url: ", "markup: ", "api_key_env: ")):
         field, _, message = message.partition(": ")
         key = f"{key}.{field}"
-    return ConfigError(file, key, message)
+    return ConfigError(file, key, _one_line(message))
+
+
+def _one_line(message: str) -> str:
+    """Errors are one line, whatever text (a key, a value) ended up inside them."""
+    return " ".join(message.split())
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -341,5 +370,10 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
             out += f".{part}" if out else part
         else:
-            out += f'."{part}"' if out else f'"{part}"'
+            # A JSON string is a valid TOML basic string: quotes, newlines etc. come out escaped.
+            # Line and paragraph separators, which json leaves raw, are escaped as well.
+            quoted = _UNPRINTABLE.sub(
+                lambda m: f"\\u{ord(m[0]):04x}", json.dumps(part, ensure_ascii=False)
+            )
+            out += f".{quoted}" if out else quoted
     return out
