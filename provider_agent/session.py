@@ -10,7 +10,6 @@ and a flapping one backs off.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -119,13 +118,11 @@ class Session:
         *,
         policy: ReconnectPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
     ) -> None:
         self.hooks = hooks
         self.identity = identity
         self.policy = policy or ReconnectPolicy()
         self.clock = clock
-        self.rng = rng or random.Random()
         self.link: Link | None = None
         self.attempts = 0
         self._stopping = False
@@ -281,7 +278,7 @@ class Session:
     # --- tenacity callbacks ----------------------------------------------------------------------
 
     def _next_delay(self, retry_state: RetryCallState) -> float:
-        return self.policy.next_delay_s(self.rng)
+        return self.policy.next_delay_s()
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
         outcome = retry_state.outcome

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from provider_agent.errors import AuthFailed, CoordinatorError
@@ -126,6 +126,8 @@ class ReconnectPolicy:
     healthy_after_s: float = 30.0
     #: Failed or short-lived sessions since the last healthy one.
     failures: int = 0
+    #: The jitter's source; tests pass a seeded one.
+    rng: random.Random = field(default_factory=random.Random)
 
     def session_ended(self, authenticated_at: float | None, ended_at: float) -> None:
         """Record how a session ended: healthy (reset) or not (escalate)."""
@@ -140,6 +142,6 @@ class ReconnectPolicy:
             return 0.0
         return min(self.cap_s, self.base_s * 2.0 ** (self.failures - 1))
 
-    def next_delay_s(self, rng: random.Random | None = None) -> float:
+    def next_delay_s(self) -> float:
         """Full jitter: uniform in [0, ceiling] (spreads a fleet's reconnects after an outage)."""
-        return (rng or random).uniform(0.0, self.ceiling_s())
+        return self.rng.uniform(0.0, self.ceiling_s())

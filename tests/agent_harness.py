@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ def write_config(
 
 
 def fast_policy(cap_s: float = 0.2, healthy_after_s: float = 30.0) -> ReconnectPolicy:
-    return ReconnectPolicy(base_s=0.02, cap_s=cap_s, healthy_after_s=healthy_after_s)
+    return ReconnectPolicy(
+        base_s=0.02, cap_s=cap_s, healthy_after_s=healthy_after_s, rng=random.Random(1)
+    )
 
 
 @asynccontextmanager

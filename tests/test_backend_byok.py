@@ -37,7 +37,7 @@ def with_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def byok(kind: str, url: str | None, http: ClientSession) -> OpenRouterBackend | VeniceBackend:
-    config = BackendConfig(kind=kind, url=url, api_key_env=KEY_ENV)  # type: ignore[arg-type]
+    config = BackendConfig(kind=kind, url=url, api_key_env=KEY_ENV)
     backend = make_backend(config, http, 2)
     assert isinstance(backend, OpenRouterBackend | VeniceBackend)
     return backend

@@ -573,7 +573,7 @@ def test_write_race_loses_without_force(tmp_path: Path, monkeypatch: pytest.Monk
         Path(dst).write_text("theirs\n", encoding="utf-8")
         real_link(src, dst)
 
-    monkeypatch.setattr(init_config.os, "link", link_after_someone_else)
+    monkeypatch.setattr(os, "link", link_after_someone_else)
     with pytest.raises(FileExistsError):
         write_config(path, "ours\n", force=False)
     assert path.read_text(encoding="utf-8") == "theirs\n"

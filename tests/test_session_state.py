@@ -101,8 +101,8 @@ def test_backoff_escalates_caps_and_jitters_within_the_ceiling() -> None:
         policy.session_ended(authenticated_at=None, ended_at=0)
         ceilings.append(policy.ceiling_s())
     assert ceilings == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    rng = random.Random(7)
-    delays = [policy.next_delay_s(rng) for _ in range(200)]
+    policy.rng = random.Random(7)
+    delays = [policy.next_delay_s() for _ in range(200)]
     assert all(0 <= d <= 60 for d in delays) and max(delays) > 30
 
 
