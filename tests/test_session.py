@@ -190,3 +190,57 @@ async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tas
     assert coord.attempts[-1].close_code == 1001
     leftover = {t for t in asyncio.all_tasks() if t not in tasks_before}
     assert leftover == set(), leftover
+
+
+async def test_reload_with_a_new_coordinator_url_reconnects_there(tmp_path: Path) -> None:
+    async with (
+        DevCoordinator(host="127.0.0.1", port=0) as first,
+        DevCoordinator(host="127.0.0.1", port=0) as second,
+    ):
+        cfg = write_config(tmp_path, first.ws_url)
+        async with running_agent(cfg) as daemon:
+            await first.wait_for(lambda c: c.connected())
+            cfg.write_text(cfg.read_text().replace(first.ws_url, second.ws_url))
+            assert await daemon.reload() is True
+            await second.wait_for(lambda c: c.connected())
+            await first.wait_for(lambda c: not c.connected())
+
+
+async def test_drain_waits_for_in_flight_jobs_and_a_second_stop_skips_it(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=600, heartbeat_interval_s=1)
+    async with running_agent(cfg) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        daemon.stats.job_started()  # one job in flight: the drain must wait for it
+        daemon.request_stop()
+        agent = await agent_where(
+            coord,
+            lambda a: a.capabilities is not None and a.capabilities.metadata.status == "draining",
+        )
+        beats = agent.heartbeat_count
+        await agent_where(coord, lambda a: a.heartbeat_count >= beats + 2)  # keeps heartbeating
+        assert agent.last_heartbeat is not None and agent.last_heartbeat.queue_depth == 1
+        assert coord.connected() == [agent.provider_id]  # still draining, still connected
+        with anyio.fail_after(5):  # far below the 600 s budget: the second stop forces it
+            daemon.request_stop()
+            await coord.wait_for(lambda c: not c.connected())
+    assert coord.attempts[-1].close_code == 1001
+
+
+async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_path: Path) -> None:
+    from provider_agent.metrics import FinishedJob
+
+    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=600)
+    async with running_agent(cfg) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        daemon.stats.job_started()
+        daemon.request_stop()
+        await agent_where(
+            coord,
+            lambda a: a.capabilities is not None and a.capabilities.metadata.status == "draining",
+        )
+        with anyio.fail_after(5):
+            daemon.stats.job_finished(FinishedJob(anyio.current_time(), 10.0, 5, 0.1, None))
+            await coord.wait_for(lambda c: not c.connected())
+    assert coord.attempts[-1].close_code == 1001
