@@ -23,6 +23,8 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
+#: Commands whose stdout is the point: info-level chatter stays off unless asked for.
+_QUIET = frozenset({"validate", "discover", "identity", "init"})
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -86,10 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
-
-
-#: Commands whose stdout is the point: info-level chatter stays off unless asked for.
-_QUIET = frozenset({"validate", "discover", "identity", "init"})
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from provider_agent import logs
+from provider_agent import __version__, logs
 from provider_agent.backends.base import new_http_session
 from provider_agent.catalog import Catalog, capabilities_message
 from provider_agent.config import Config, load
@@ -144,7 +144,7 @@ class Daemon:
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
                 self.started.set()
-                log.info("agent started version=%s", _version())
+                log.info("agent started version=%s", __version__)
                 await self._stop.wait()
                 await self._shutdown(session_done)
                 group.cancel_scope.cancel()
@@ -250,12 +250,6 @@ async def wait_any(*events: anyio.Event) -> None:
 
         for event in events:
             group.start_soon(wait, event)
-
-
-def _version() -> str:
-    from provider_agent import __version__
-
-    return __version__
 
 
 def run_daemon(config_path: Path, allow_insecure: bool, log_level: str | None) -> int:
