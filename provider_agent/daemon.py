@@ -135,11 +135,11 @@ class Daemon:
                 self.identity,
                 policy=self.policy,
             )
-            await self._refresh()  # the first pass completes before the first dial
-            self._pass_wanted = anyio.Event()
             async with anyio.create_task_group() as group:
-                if self.handle_signals:
-                    group.start_soon(self._watch_signals)
+                if self.handle_signals:  # first, so no signal meets its default action
+                    await group.start(self._watch_signals)
+                await self._refresh()  # the first pass completes before the first dial
+                self._pass_wanted = anyio.Event()
                 group.start_soon(self._supervised, "discovery", self._discovery_loop)
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
@@ -213,8 +213,11 @@ class Daemon:
         else:
             log.debug("inbound %s job_id=%s %s", inbound.action, inbound.job_id, inbound.reason)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+            task_status.started()
             async for signum in received:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading %s", self.config_path)
