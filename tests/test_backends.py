@@ -153,3 +153,19 @@ async def test_rejected_credentials_never_echo_the_key(
     assert "401" in str(caught.value)
     assert SECRET not in str(caught.value)
     assert fake_server.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+async def test_every_request_names_the_agent_and_its_version(
+    fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    from provider_agent.backends.base import USER_AGENT
+
+    fake_server.reply("GET", "/health", b"")
+    fake_server.reply("GET", "/v1/models", {"object": "list", "data": [{"id": "m"}]})
+    backend = make_backend(
+        BackendConfig(kind="vllm", url=fake_server.url), http_session, timeout_s=2
+    )
+    assert (await backend.health()).ok
+    assert [m.native_id for m in await backend.list_models()] == ["m"]
+    agents = {r.headers.get("User-Agent") for r in fake_server.requests}
+    assert agents == {USER_AGENT} and USER_AGENT.startswith("provider-agent/")

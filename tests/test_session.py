@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from itertools import pairwise
 from pathlib import Path
 from statistics import mean
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.identity import load
+from provider_agent.protocol import KNOWN_TYPES
 from tests.agent_harness import agent_where, fake_vllm, fast_policy, running_agent, write_config
 
 
@@ -244,3 +248,48 @@ async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_
             daemon.stats.job_finished(FinishedJob(anyio.current_time(), 10.0, 5, 0.1, None))
             await coord.wait_for(lambda c: not c.connected())
     assert coord.attempts[-1].close_code == 1001
+
+
+async def test_an_oversize_inbound_frame_ends_only_that_session(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with running_agent(write_config(tmp_path, coord.ws_url)):
+        agent = await agent_where(coord, lambda a: a.connected)
+        await coord.send(agent.provider_id, "x" * (16 * 1024 * 1024 + 1))
+        await coord.wait_for(lambda c: c.attempts[0].close_code == 1009)
+        await agent_where(coord, lambda a: a.connections == 2 and a.connected, timeout=10)
+
+
+garbage_frames = st.one_of(
+    st.text(max_size=200),
+    st.binary(max_size=200),
+    st.dictionaries(
+        st.sampled_from(["type", "job_id", "model_id", "request", "format", "deadline_ms", "x"]),
+        st.one_of(
+            st.sampled_from([*sorted(KNOWN_TYPES), "job", "nope"]),
+            st.text(max_size=20),
+            st.integers(),
+            st.none(),
+            st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+        ),
+        max_size=6,
+    ).map(json.dumps),
+)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(garbage_frames, min_size=1, max_size=25))
+def test_random_garbage_never_ends_the_session(frames: list[str | bytes]) -> None:
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            async with DevCoordinator(host="127.0.0.1", port=0) as coordinator:
+                cfg = write_config(Path(directory), coordinator.ws_url, heartbeat_interval_s=1)
+                async with running_agent(cfg):
+                    agent = await agent_where(coordinator, lambda a: a.connected)
+                    for frame in frames:
+                        await coordinator.send(agent.provider_id, frame)
+                    seen = agent.heartbeat_count
+                    await agent_where(coordinator, lambda a: a.heartbeat_count >= seen + 1)
+                    assert agent.connections == 1 and agent.connected
+
+    anyio.run(scenario)
