@@ -290,7 +290,7 @@ def render_config(
             ("url", coordinator_url, change_me),
             ("heartbeat_interval_s", 15, "seconds, 1-300"),
             after="One-time enrollment code; $PROVIDER_AGENT_ENROLLMENT_CODE wins over it.\n"
-            'enrollment_code = "POD-ENROLL-XXXXXXXX"',
+            'enrollment_code = "POD-ENROLL-<code from the marketplace>"',
         ),
     )
     doc.add(
