@@ -1,9 +1,11 @@
-"""The supervisor: one anyio task group owns the discovery loop, the coordinator session and the
-signal watcher; signals, reload and the graceful stop are handled here.
+"""The supervisor: one anyio task group owns the signal watcher, the jobs executor, the discovery
+loop and the coordinator session; signals, reload and the graceful stop are handled here.
 
-Stop order (fixed): draining capabilities → in-flight jobs get `state.drain_timeout_s` (a second
-SIGTERM/SIGINT skips the wait) → the session flushes its queue and closes with 1001 → every task
-is cancelled. Nothing outlives `Daemon.run()`.
+`_shutdown` is a fixed list of steps, each with its own deadline (a second SIGTERM/SIGINT cuts the
+wait for in-flight jobs short): draining capabilities → wait for the executor to go idle (up to
+`state.drain_timeout_s`) → cancel the jobs still running → flush the outbox (shielded) → the
+session sends what waits and closes with 1001. Then every task is cancelled; nothing outlives
+`Daemon.run()`. A stop during the first discovery pass ends that pass at once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -23,17 +26,28 @@ from provider_agent.config import Config, load
 from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError
 from provider_agent.identity import Identity, load_or_create
+from provider_agent.jobs import Executor
 from provider_agent.metrics import JobStats
-from provider_agent.protocol import Capabilities, Heartbeat, JobError, encode
-from provider_agent.session import Link, Session, SessionHooks
+from provider_agent.outbound import Outbound
+from provider_agent.protocol import Capabilities, Heartbeat
+from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Inbound, ReconnectPolicy
 
 log = logging.getLogger(__name__)
 
 #: The largest `limits.max_concurrent` allowed: the pool admits it even after a reload raises it.
 POOL_STREAMS = 256
-CLOSE_BUDGET_S = 5.0
 CRASH_RESTART_S = 1.0
+
+
+@dataclass
+class ShutdownBudgets:
+    """Deadlines of the shutdown steps other than the drain (which is `state.drain_timeout_s`)."""
+
+    announce_s: float = 2.0
+    cancel_jobs_s: float = 5.0
+    flush_outbox_s: float = 5.0
+    close_session_s: float = 5.0
 
 
 class Daemon:
@@ -57,7 +71,10 @@ class Daemon:
         self.log_level = log_level
         self.policy = policy or ReconnectPolicy()
         self.handle_signals = handle_signals
+        self.budgets = ShutdownBudgets()
         self.stats = JobStats()
+        self.outbound = Outbound()
+        self.jobs = Executor(self.outbound, self.stats)
         self.catalog: Catalog | None = None
         self.draining = False
         self.clock = anyio.current_time
@@ -67,6 +84,7 @@ class Daemon:
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self._pass_wanted = anyio.Event()
+        self._startup: anyio.CancelScope | None = None
 
     # --- what the session asks for ---------------------------------------------------------------
 
@@ -88,6 +106,8 @@ class Daemon:
         if self._stop.is_set() or force:
             self._force.set()
         self._stop.set()
+        if self._startup is not None:
+            self._startup.cancel()  # a stop during the first pass ends the pass at once
 
     async def reload(self) -> bool:
         """Re-read the config file; apply it if valid, else keep running on the old one."""
@@ -133,13 +153,21 @@ class Daemon:
                     on_inbound=self._on_inbound,
                 ),
                 self.identity,
+                self.outbound,
                 policy=self.policy,
             )
             async with anyio.create_task_group() as group:
                 if self.handle_signals:  # first, so no signal meets its default action
                     await group.start(self._watch_signals)
-                await self._refresh()  # the first pass completes before the first dial
+                with anyio.CancelScope() as self._startup:
+                    await self._refresh()  # the first pass completes before the first dial
+                self._startup = None
+                if self._stop.is_set():
+                    log.info("stopped before the first discovery pass finished")
+                    group.cancel_scope.cancel()
+                    return 0
                 self._pass_wanted = anyio.Event()
+                await group.start(self.jobs.run)
                 group.start_soon(self._supervised, "discovery", self._discovery_loop)
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
@@ -183,31 +211,16 @@ class Daemon:
         result = await self.discovery.run()
         self.catalog = result.catalog
         if self.session is not None:
-            await self.session.push(self.capabilities())
+            self.session.push(self.capabilities())
 
-    async def _on_inbound(self, inbound: Inbound, link: Link) -> None:
-        if inbound.action == "job" and inbound.job_id is not None:
-            # The job executor is not part of this build: refuse (a refusal, not a serving
-            # failure) so the coordinator routes the job elsewhere.
-            log.warning("job refused job_id=%s: this build does not run jobs", inbound.job_id)
-            await link.send(
-                encode(
-                    JobError(
-                        job_id=inbound.job_id,
-                        error_code="out_of_capacity",
-                        message="this agent build does not run jobs yet",
-                    )
-                )
-            )
+    def _on_inbound(self, inbound: Inbound) -> None:
+        """Called by the session's reader: hands off, never waits."""
+        if inbound.action == "job" and inbound.job is not None:
+            self.jobs.submit(inbound.job)
+        elif inbound.action == "cancel" and inbound.job_id is not None:
+            self.jobs.cancel(inbound.job_id)
         elif inbound.action == "reject_job" and inbound.job_id is not None:
-            log.warning("malformed job job_id=%s: %s", inbound.job_id, inbound.reason)
-            await link.send(
-                encode(
-                    JobError(
-                        job_id=inbound.job_id, error_code="bad_request", message=inbound.reason
-                    )
-                )
-            )
+            self.jobs.reject(inbound.job_id, inbound.reason)
         elif inbound.loud:
             log.warning("%s", inbound.reason)
         else:
@@ -229,30 +242,65 @@ class Daemon:
                     self.request_stop()
 
     async def _shutdown(self, session_done: anyio.Event) -> None:
+        """The stop, step by step; each step has a deadline and a late step never blocks the
+        next one."""
+        budgets = self.budgets
+        await self._step("announce draining", budgets.announce_s, self._announce_draining)
+        if self.jobs.in_flight:
+            log.info("waiting for in-flight jobs in_flight=%d", self.jobs.in_flight)
+        await self._step(
+            "wait for in-flight jobs",
+            self.config.state.drain_timeout_s,
+            self.jobs.wait_idle,
+            skippable=True,
+        )
+        await self._step("cancel remaining jobs", budgets.cancel_jobs_s, self.jobs.cancel_all)
+        with anyio.CancelScope(shield=True):
+            await self._step("flush the outbox", budgets.flush_outbox_s, self.jobs.flush)
+        await self._step(
+            "close the session", budgets.close_session_s, self._close_session, session_done
+        )
+
+    async def _step(
+        self,
+        name: str,
+        budget_s: float,
+        body: Callable[..., Awaitable[None]],
+        *args: object,
+        skippable: bool = False,
+    ) -> None:
+        """One shutdown step under its deadline; a skippable one also ends on a second signal."""
+        with anyio.move_on_after(budget_s) as scope:
+            if skippable:
+                await first_of(lambda: body(*args), self._force.wait)
+            else:
+                await body(*args)
+        if scope.cancelled_caught:
+            log.warning("shutdown step %r passed its deadline of %gs", name, budget_s)
+        elif skippable and self._force.is_set():
+            log.info("shutdown step %r cut short by a second signal", name)
+
+    async def _announce_draining(self) -> None:
         assert self.session is not None
         self.draining = True
-        await self.session.push(self.capabilities())
-        if self.stats.in_flight:
-            log.info("waiting for in-flight jobs in_flight=%d", self.stats.in_flight)
-            idle = anyio.Event()
-            self.stats.on_idle = idle.set
-            with anyio.move_on_after(self.config.state.drain_timeout_s):
-                await wait_any(idle, self._force)
+        self.session.push(self.capabilities())
+
+    async def _close_session(self, session_done: anyio.Event) -> None:
+        assert self.session is not None
         self.session.close()
-        with anyio.move_on_after(CLOSE_BUDGET_S):
-            await session_done.wait()
+        await session_done.wait()
 
 
-async def wait_any(*events: anyio.Event) -> None:
-    """Return as soon as one of the events is set."""
+async def first_of(*bodies: Callable[[], Awaitable[object]]) -> None:
+    """Run the bodies concurrently; return as soon as one of them returns."""
     async with anyio.create_task_group() as group:
 
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
+        async def run(body: Callable[[], Awaitable[object]]) -> None:
+            await body()
             group.cancel_scope.cancel()
 
-        for event in events:
-            group.start_soon(wait, event)
+        for body in bodies:
+            group.start_soon(run, body)
 
 
 def run_daemon(config_path: Path, allow_insecure: bool, log_level: str | None) -> int:

@@ -1,39 +1,59 @@
 """The coordinator link's I/O: dial, handshake, one reader and one writer; reconnect forever.
 
-Decisions live in `session_state` (handshake answers, inbound dispatch, the backoff policy);
-this module moves bytes. The socket has one owner: only the writer task sends, everything else
-puts frames on the bounded outbound queue through `Session.push` / `offer`. Reconnects are
-driven by tenacity with the policy's delay, so a healthy session that drops comes back at once
-and a flapping one backs off.
+Every decision is `session_state.SessionCore`'s: this module feeds it what happened (dialled,
+a frame arrived, the socket ended, frames were written, a pong came back) and carries out the
+actions it answers. The socket has one owner, the writer, which drains the daemon's `Outbound`
+lanes; the reader never waits on anything but the socket, so pongs are always read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed
 
 from provider_agent import __version__
 from provider_agent.backends.base import USER_AGENT
-from provider_agent.errors import AuthFailed, CoordinatorError
+from provider_agent.outbound import Outbound
 from provider_agent.protocol import Capabilities, Heartbeat, decode, encode
 from provider_agent.session_state import (
+    Action,
+    Authenticated,
+    Close,
+    Confirmed,
+    Deliver,
+    Dial,
+    Ended,
+    Fail,
+    Fault,
+    FaultKind,
     Inbound,
+    LocalFault,
+    Opened,
+    Ping,
+    Ponged,
+    Received,
+    Reconnect,
     ReconnectPolicy,
+    SessionCore,
+    SessionFailure,
     Signer,
-    answer_challenge,
-    auth_outcome,
-    dispatch,
+    State,
+    Stop,
+    StoreProviderId,
+    Wait,
+    Written,
+    classify,
+    classify_close,
 )
+from provider_agent.session_state import Send as SendFrame
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +61,25 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 HANDSHAKE_TIMEOUT_S = 15.0
-OUTBOUND_QUEUE = 1024
 CLOSE_GOING_AWAY = 1001
-
-
-class SessionEnded(Exception):
-    """One connection attempt is over; tenacity decides when to try again."""
 
 
 class SavesProviderId(Signer, Protocol):
     """The identity as the session uses it: sign, and remember the provider_id."""
 
     def save_provider_id(self, provider_id: str) -> bool: ...
+
+
+async def _no_undelivered() -> list[tuple[str, str]]:
+    return []
+
+
+async def _ignore_confirmed(job_ids: Sequence[str]) -> None:
+    return None
+
+
+def _no_op() -> None:
+    return None
 
 
 @dataclass
@@ -66,46 +93,14 @@ class SessionHooks:
     heartbeat: Callable[[], Heartbeat]
     #: Called after every successful auth_ok (the daemon asks for a discovery pass).
     on_authenticated: Callable[[], None]
-    #: Called for each inbound frame after auth (jobs, cancels, acks); must not block long.
-    on_inbound: Callable[[Inbound, Link], Awaitable[None]]
-
-
-class Link:
-    """One authenticated connection's outbound side: the queue only the writer drains."""
-
-    def __init__(self, provider_id: str) -> None:
-        self.provider_id = provider_id
-        self._send: MemoryObjectSendStream[str]
-        self._receive: MemoryObjectReceiveStream[str]
-        self._send, self._receive = anyio.create_memory_object_stream[str](OUTBOUND_QUEUE)
-
-    async def send(self, text: str) -> None:
-        """Queue a frame that must go out (waits while the queue is full)."""
-        try:
-            await self._send.send(text)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            log.debug("frame not queued: the link is closing")
-
-    def offer(self, text: str) -> bool:
-        """Queue a frame that may be dropped under back-pressure (heartbeats)."""
-        try:
-            self._send.send_nowait(text)
-        except anyio.WouldBlock:
-            log.warning("outbound queue full: heartbeat dropped")
-            return False
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
-        return True
-
-    async def write_to(self, ws: ClientConnection) -> None:
-        """The writer: the one place that sends on the socket, in queue order."""
-        async with self._receive:
-            async for text in self._receive:
-                await ws.send(text)
-
-    def finish(self) -> None:
-        """No more frames: the writer flushes what is queued, then closes the socket with 1001."""
-        self._send.close()
+    #: Each inbound frame after auth (jobs, cancels). Must not block: the reader waits on it.
+    on_inbound: Callable[[Inbound], None]
+    #: The outbox's undelivered terminal frames (job_id, frame), oldest first.
+    undelivered: Callable[[], Awaitable[list[tuple[str, str]]]] = _no_undelivered
+    #: Terminal frames confirmed delivered (pong after them, or job_ack).
+    on_confirmed: Callable[[Sequence[str]], Awaitable[None]] = _ignore_confirmed
+    #: The authenticated connection is gone (jobs in flight lose their coordinator).
+    on_disconnected: Callable[[], None] = _no_op
 
 
 class Session:
@@ -115,197 +110,286 @@ class Session:
         self,
         hooks: SessionHooks,
         identity: SavesProviderId,
+        outbound: Outbound | None = None,
         *,
         policy: ReconnectPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hooks = hooks
-        self.identity = identity
-        self.policy = policy or ReconnectPolicy()
+        self.outbound = outbound or Outbound()
+        self.core = SessionCore(identity, __version__, hooks.enrollment_code, policy)
+        self._identity = identity
         self.clock = clock
-        self.link: Link | None = None
-        self.attempts = 0
-        self._stopping = False
-        self._attempt_scope: anyio.CancelScope | None = None
+        self._ws: ClientConnection | None = None
         self._run_scope: anyio.CancelScope | None = None
-        self._reconnect_requested = False
-        self._end_cause = "connection closed"
-        self._socket_open = False
+        self._group: anyio.abc.TaskGroup | None = None
+        self._handshake_scope: anyio.CancelScope | None = None
+        self._wait_scope: anyio.CancelScope | None = None
+        #: Set when a stop or reconnect asked to close a connection that is not yet serving.
+        self._closing_code: int | None = None
 
     # --- the public face -------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; returns after `close()`."""
-        retrying = AsyncRetrying(
-            sleep=anyio.sleep,
-            stop=stop_never,
-            wait=self._next_delay,
-            retry=retry_if_exception_type(SessionEnded),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        with anyio.CancelScope() as self._run_scope:
-            async for attempt in retrying:
-                with attempt:
-                    await self._one_session()
+    @property
+    def identity(self) -> SavesProviderId:
+        return self._identity
 
-    async def push(self, capabilities: Capabilities) -> None:
-        """Send a capabilities message now if a session is up (else the next auth_ok sends one)."""
-        if self.link is not None:
-            await self.link.send(encode(capabilities))
+    @identity.setter
+    def identity(self, identity: SavesProviderId) -> None:
+        self._identity = identity
+        self.core.signer = identity
 
-    def reconnect(self) -> None:
-        """Drop the current connection and dial again at once (coordinator URL or key changed)."""
-        self._reconnect_requested = True
-        if self._attempt_scope is not None:
-            self._attempt_scope.cancel()
+    @property
+    def policy(self) -> ReconnectPolicy:
+        return self.core.policy
 
-    def close(self) -> None:
-        """Graceful stop: flush the queue, close with 1001, and do not reconnect."""
-        self._stopping = True
-        if self.link is not None:
-            self.link.finish()
-        elif self._socket_open:
-            pass  # mid-handshake: `_serve` sees `stopping` and closes with 1001 itself
-        elif self._run_scope is not None:
-            self._run_scope.cancel()  # dialling or waiting to redial: nothing to flush
+    @property
+    def attempts(self) -> int:
+        return self.core.attempts
+
+    @property
+    def state(self) -> State:
+        return self.core.state
+
+    @property
+    def authenticated(self) -> bool:
+        return self.core.state is State.AUTHENTICATED
 
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self.core.stopping
+
+    def _is(self, state: State) -> bool:
+        """The core's state now (a call, so type narrowing does not outlive an await)."""
+        return self.core.state is state
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; returns after `close()`."""
+        with anyio.CancelScope() as self._run_scope:
+            while self.core.state is not State.STOPPED:
+                self.core.handle(Dial(self.clock()))
+                self._closing_code = None
+                fault = await self._one_connection()
+                for action in self.core.handle(Ended(fault, self.clock())):
+                    if isinstance(action, Wait):
+                        self._log_wait(action)
+                        with anyio.CancelScope() as self._wait_scope:
+                            await anyio.sleep(action.delay_s)
+                        self._wait_scope = None
+        self._run_scope = None
+        log.info("coordinator session closed (going away)")
+
+    def push(self, capabilities: Capabilities) -> None:
+        """Queue a capabilities message (it goes out now if a session is up, and a fresh one is
+        sent after every auth_ok anyway)."""
+        if self.authenticated:
+            self.outbound.control("capabilities", encode(capabilities))
+
+    def reconnect(self) -> None:
+        """Drop the current connection and dial again at once (coordinator URL or key changed)."""
+        previous = self.core.state
+        for action in self.core.handle(Reconnect()):
+            self._close_soon(action)
+        if previous is State.IDLE and self._wait_scope is not None:
+            self._wait_scope.cancel()  # waiting out a backoff: dial now
+
+    def close(self) -> None:
+        """Graceful stop: flush what waits, close with 1001, and do not reconnect."""
+        previous = self.core.state
+        actions = self.core.handle(Stop())
+        if previous is State.AUTHENTICATED:
+            self.outbound.finish()  # the writer flushes, then closes with 1001
+        elif previous in (State.IDLE, State.CONNECTING) and self._run_scope is not None:
+            self._run_scope.cancel()  # dialling or waiting to redial: nothing to flush
+        else:
+            for action in actions:
+                self._close_soon(action)
 
     # --- one connection --------------------------------------------------------------------------
 
-    async def _one_session(self) -> None:
-        if self._stopping:
-            return
-        self.attempts += 1
-        authenticated_at: float | None = None
-        self._reconnect_requested = False
-        self._end_cause = "connection closed"
+    async def _one_connection(self) -> Fault | None:
+        """Dial, handshake, serve until the socket ends; returns whose fault the end was."""
         try:
-            with anyio.CancelScope() as self._attempt_scope:
-                async with connect(
-                    self.hooks.url(),
-                    ping_interval=PING_INTERVAL_S,
-                    ping_timeout=PING_TIMEOUT_S,
-                    max_size=MAX_FRAME_BYTES,
-                    compression=None,
-                    open_timeout=HANDSHAKE_TIMEOUT_S,
-                    close_timeout=5,
-                    user_agent_header=USER_AGENT,
-                ) as ws:
-                    self._socket_open = True
-                    provider_id = await self._handshake(ws)
-                    authenticated_at = self.clock()
-                    await self._serve(ws, provider_id)
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
-            self._end_cause = _cause(exc)
-        except CoordinatorError as exc:
-            self._end_cause = str(exc)
-        finally:
-            self._socket_open = False
-            self._attempt_scope = None
-            self.link = None
-            if self._reconnect_requested:
-                self.policy.failures = 0
-            else:
-                self.policy.session_ended(authenticated_at, self.clock())
-        if self._stopping:
-            log.info("coordinator session closed (going away)")
-            return
-        raise SessionEnded("reconnect requested" if self._reconnect_requested else self._end_cause)
+            async with connect(
+                self.hooks.url(),
+                ping_interval=PING_INTERVAL_S,
+                ping_timeout=PING_TIMEOUT_S,
+                max_size=MAX_FRAME_BYTES,
+                compression=None,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
+                close_timeout=5,
+                user_agent_header=USER_AGENT,
+            ) as ws:
+                self._ws = ws
+                try:
+                    self.core.handle(Opened(self.clock()))
+                    if self.core.state is State.CLOSING:  # a stop or reconnect came while dialling
+                        await ws.close(self._closing_code or CLOSE_GOING_AWAY, "going away")
+                        return None
+                    with anyio.CancelScope() as self._handshake_scope:
+                        await self._handshake(ws)
+                    self._handshake_scope = None
+                    if self._closing_code is not None and self._is(State.CLOSING):
+                        await ws.close(self._closing_code, "going away")
+                        return None
+                    if self.core.authenticated_at is not None:
+                        await self._serve(ws)  # also when a stop came meanwhile: it flushes
+                    return self._end_of(ws)
+                finally:
+                    self._ws = None
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            fault = classify(exc)
+            if fault.kind is FaultKind.LOCAL:
+                log.error("coordinator session failed on our side: %s", fault.detail, exc_info=exc)
+            return fault
 
-    async def _handshake(self, ws: ClientConnection) -> str:
+    async def _handshake(self, ws: ClientConnection) -> None:
         with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
-            challenge = decode(await _next_text(ws))
-            response = answer_challenge(
-                challenge, self.identity, __version__, self.hooks.enrollment_code()
-            )
-            await ws.send(encode(response))
-            try:
-                provider_id = auth_outcome(decode(await _next_text(ws)))
-            except AuthFailed as exc:
-                log.warning("coordinator refused the handshake: auth_failed reason=%s", exc)
-                raise
-        if self.identity.save_provider_id(provider_id):
-            log.info("provider_id stored provider_id=%s", provider_id)
-        log.info("authenticated to coordinator provider_id=%s", provider_id)
-        return provider_id
+            while self.core.state in (State.AWAIT_CHALLENGE, State.AWAIT_AUTH):
+                message = await ws.recv()
+                if isinstance(message, bytes):
+                    continue  # binary frames during the handshake are skipped (protocol §1)
+                for action in self.core.handle(Received(decode(message), self.clock())):
+                    await self._perform(action, ws)
 
-    async def _serve(self, ws: ClientConnection, provider_id: str) -> None:
-        link = Link(provider_id)
-        await link.send(encode(self.hooks.capabilities()))
-        link.offer(encode(self.hooks.heartbeat()))
-        self.link = link
-        if self._stopping:
-            link.finish()
+    async def _serve(self, ws: ClientConnection) -> None:
+        undelivered = await self.hooks.undelivered()
+        self.outbound.begin(undelivered)
+        self.outbound.control("capabilities", encode(self.hooks.capabilities()))
+        self.outbound.control("heartbeat", encode(self.hooks.heartbeat()))
+        if undelivered:
+            log.info("re-sending undelivered terminal frames count=%d", len(undelivered))
         self.hooks.on_authenticated()
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._writer, ws, link, group.cancel_scope)
-            group.start_soon(self._reader, ws, link, group.cancel_scope)
-            group.start_soon(self._heartbeats, link)
-
-    async def _writer(self, ws: ClientConnection, link: Link, scope: anyio.CancelScope) -> None:
-        """Ends the session when the queue is finished (graceful stop) or the socket fails."""
         try:
-            await link.write_to(ws)
+            async with anyio.create_task_group() as group:
+                self._group = group
+                group.start_soon(self._writer, ws, group.cancel_scope)
+                group.start_soon(self._reader, ws, group.cancel_scope)
+                group.start_soon(self._heartbeats)
+        finally:
+            self._group = None
+            self.hooks.on_disconnected()
+
+    def _end_of(self, ws: ClientConnection) -> Fault | None:
+        """Whose fault the end of a connection that closed without an exception was."""
+        if self.core.state is State.CLOSING:
+            return None  # we closed it (stop or reconnect)
+        rcvd = ws.protocol.close_rcvd
+        return classify_close(rcvd.code if rcvd is not None else None)
+
+    async def _writer(self, ws: ClientConnection, scope: anyio.CancelScope) -> None:
+        """The one sender. Ends the session when the lanes finish (graceful stop) or the socket
+        fails."""
+        try:
+            async for batch in self.outbound.batches():
+                for frame in batch.frames:
+                    await ws.send(frame)
+                if batch.terminal_ids:
+                    for action in self.core.handle(Written(tuple(batch.terminal_ids))):
+                        await self._perform(action, ws)
             await ws.close(CLOSE_GOING_AWAY, "going away")
-        except ConnectionClosed as exc:
-            self._end_cause = _cause(exc)
+        except ConnectionClosed:
+            pass  # the reader or `_end_of` says why
         finally:
             scope.cancel()
 
-    async def _reader(self, ws: ClientConnection, link: Link, scope: anyio.CancelScope) -> None:
+    async def _reader(self, ws: ClientConnection, scope: anyio.CancelScope) -> None:
         """Ends the session when the socket closes; no inbound frame can end it otherwise."""
         try:
             async for message in ws:
                 if isinstance(message, bytes):
                     log.debug("binary frame ignored bytes=%d", len(message))
                     continue
-                await self.hooks.on_inbound(dispatch(decode(message)), link)
-            self._end_cause = f"coordinator closed the connection (code {ws.close_code})"
-        except ConnectionClosed as exc:
-            self._end_cause = _cause(exc)
+                for action in self.core.handle(Received(decode(message), self.clock())):
+                    await self._perform(action, ws)
+        except ConnectionClosed:
+            pass
         finally:
             scope.cancel()
 
-    async def _heartbeats(self, link: Link) -> None:
+    async def _heartbeats(self) -> None:
         while True:
             await anyio.sleep(self.hooks.heartbeat_interval_s())
-            link.offer(encode(self.hooks.heartbeat()))
+            self.outbound.control("heartbeat", encode(self.hooks.heartbeat()))
 
-    # --- tenacity callbacks ----------------------------------------------------------------------
+    # --- carrying out the core's actions ---------------------------------------------------------
 
-    def _next_delay(self, retry_state: RetryCallState) -> float:
-        return self.policy.next_delay_s()
+    async def _perform(self, action: Action, ws: ClientConnection) -> None:
+        match action:
+            case SendFrame(frame=frame):
+                await ws.send(encode(frame))
+            case StoreProviderId(provider_id=provider_id):
+                try:
+                    stored = await anyio.to_thread.run_sync(
+                        self._identity.save_provider_id, provider_id
+                    )
+                except Exception as exc:
+                    raise LocalFault(
+                        "cannot store the provider_id in the identity file", exc
+                    ) from exc
+                if stored:
+                    log.info("provider_id stored provider_id=%s", provider_id)
+            case Authenticated(provider_id=provider_id):
+                log.info("authenticated to coordinator provider_id=%s", provider_id)
+            case Deliver(inbound=inbound):
+                self.hooks.on_inbound(inbound)
+            case Ping(token=token):
+                waiter = await ws.ping()
+                if self._group is not None:
+                    self._group.start_soon(self._await_pong, waiter, token, ws)
+            case Confirmed(job_ids=job_ids):
+                if self._group is not None:
+                    self._group.start_soon(self._confirm, job_ids)
+                else:
+                    await self.hooks.on_confirmed(job_ids)
+            case Close(code=code):
+                await ws.close(code, "going away" if code == CLOSE_GOING_AWAY else "reconnecting")
+            case Fail(fault=fault):
+                if "auth_failed" in fault.detail:
+                    log.warning("coordinator refused the handshake: %s", fault.detail)
+                raise SessionFailure(fault)
+            case Wait():
+                pass
 
-    def _log_retry(self, retry_state: RetryCallState) -> None:
-        outcome = retry_state.outcome
-        cause = outcome.exception() if outcome is not None else None
-        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        log.warning(
-            "coordinator connection attempt=%d ended cause=%s next_delay_s=%.2f",
-            retry_state.attempt_number,
-            cause,
-            delay,
-        )
+    async def _confirm(self, job_ids: tuple[str, ...]) -> None:
+        await self.hooks.on_confirmed(job_ids)
 
+    async def _await_pong(self, waiter: Awaitable[float], token: int, ws: ClientConnection) -> None:
+        try:
+            await waiter
+        except ConnectionClosed:
+            return  # unconfirmed: the outbox re-sends after the next auth_ok
+        for action in self.core.handle(Ponged(token)):
+            await self._perform(action, ws)
 
-async def _next_text(ws: ClientConnection) -> str:
-    """The next text frame (binary frames during the handshake are skipped, per protocol §1)."""
-    while True:
-        message = await ws.recv()
-        if isinstance(message, str):
-            return message
+    def _close_soon(self, action: Action) -> None:
+        """Close the connection from outside its tasks (a stop or reconnect request)."""
+        if not isinstance(action, Close):
+            return
+        ws = self._ws
+        if ws is not None and self._group is not None:
+            self._group.start_soon(ws.close, action.code)
+        elif self._handshake_scope is not None:
+            self._closing_code = action.code  # `_one_connection` closes once the handshake stops
+            self._handshake_scope.cancel()
+        elif self._run_scope is not None and self.core.state is State.CLOSING:
+            self._closing_code = action.code
 
-
-def _cause(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionClosed):
-        code = exc.rcvd.code if exc.rcvd else None
-        return f"connection closed (code {code})"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError):
-        return f"cannot connect ({exc.strerror or exc})"
-    return f"{type(exc).__name__}: {exc}"
+    def _log_wait(self, action: Wait) -> None:
+        fault = action.fault
+        if fault is None:
+            log.info("reconnecting now")
+        elif fault.kind is FaultKind.PLANNED:
+            log.info(
+                "coordinator restarting: reconnect in %.2fs (%s)", action.delay_s, fault.detail
+            )
+        else:
+            log.warning(
+                "coordinator connection attempt=%d ended fault=%s cause=%s next_delay_s=%.2f",
+                self.core.attempts,
+                fault.kind.value,
+                fault.detail,
+                action.delay_s,
+            )

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from anyio.abc import Process
 
@@ -147,3 +148,44 @@ async def test_config_error_exits_78_with_one_line(tmp_path: Path) -> None:
     assert len(errors) == 1
     assert "coordinator.url" in errors[0] and "wss://" in errors[0]
     assert "--allow-insecure" in errors[0]
+
+
+@asynccontextmanager
+async def black_hole() -> AsyncIterator[tuple[str, anyio.Event]]:
+    """A TCP server that accepts connections and never answers (a wedged backend); the event
+    is set once something connected."""
+    connected = anyio.Event()
+
+    async def hold(stream: anyio.abc.SocketStream) -> None:
+        connected.set()
+        await anyio.sleep_forever()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, hold)
+        try:
+            yield f"http://127.0.0.1:{port}", connected
+        finally:
+            group.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_during_the_first_discovery_pass_ends_it_at_once(
+    coord: DevCoordinator, tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with black_hole() as (url, probed):
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(url,))
+        cfg.write_text(cfg.read_text().replace("timeout_s = 2", "timeout_s = 20"))
+        async with agent_process(cfg, "--allow-insecure") as agent:
+            with anyio.fail_after(20):
+                await probed.wait()  # the first pass is now waiting on the black hole
+            started = time.perf_counter()
+            agent.signal(signum)
+            with anyio.fail_after(10):
+                code = await agent.process.wait()
+            elapsed = time.perf_counter() - started
+    assert code == 0
+    assert elapsed < 3.0, f"stop took {elapsed:.2f}s with a 20 s pass in progress"
+    assert not any("agent started" in line for line in agent.lines)
+    assert not coord.attempts  # it never dialled

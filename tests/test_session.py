@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 from itertools import pairwise
 from pathlib import Path
@@ -124,7 +125,7 @@ async def test_agent_comes_back_after_ten_coordinator_kills(tmp_path: Path) -> N
 async def test_flapping_coordinator_makes_delays_grow(
     coord: DevCoordinator, tmp_path: Path
 ) -> None:
-    coord.flap_next(20)
+    coord.flap_next(20, code=1011)  # an error close: 1001/1012 would be planned cycles
     policy = fast_policy(cap_s=0.4)
     async with running_agent(write_config(tmp_path, coord.ws_url), policy):
         await coord.wait_for(lambda c: c.connected(), timeout=30)
@@ -133,6 +134,19 @@ async def test_flapping_coordinator_makes_delays_grow(
     assert len(gaps) == 20
     assert mean(gaps[-5:]) > 2 * mean(gaps[:5])
     assert policy.ceiling_s() == 0.4  # escalated to the cap, not reset by the flaps
+
+
+async def test_planned_coordinator_restarts_neither_escalate_nor_wait_long(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    coord.flap_next(6, code=1012)  # a coordinator deploy, six times over
+    policy = fast_policy(cap_s=30.0)
+    policy.planned_spread_s = 0.05
+    async with running_agent(write_config(tmp_path, coord.ws_url), policy):
+        await coord.wait_for(lambda c: c.connected(), timeout=10)
+    assert policy.failures == 0  # planned cycles are not failures
+    gaps = [b.at - a.at for a, b in pairwise(list(coord.attempts)[:7])]
+    assert len(gaps) == 6 and max(gaps) < 5.0  # never the 30 s cap
 
 
 async def test_backoff_resets_after_a_healthy_session(
@@ -293,3 +307,86 @@ def test_random_garbage_never_ends_the_session(frames: list[str | bytes]) -> Non
                     assert agent.connections == 1 and agent.connected
 
     anyio.run(scenario)
+
+
+async def wait_until(predicate: object, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Poll a condition of the agent's own state (it has no event to await), bounded."""
+    assert callable(predicate)
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 (the agent's state has no event to await)
+            await anyio.sleep(0.01)
+
+
+async def test_a_failing_identity_save_is_a_local_fault_and_does_not_redial_in_a_loop(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from provider_agent.session_state import State
+
+    cfg = write_config(tmp_path, coord.ws_url)
+    async with running_agent(cfg) as daemon:
+        assert daemon.session is not None
+
+        def disk_full(provider_id: str) -> bool:
+            raise OSError(28, "No space left on device")
+
+        daemon.session.identity.save_provider_id = disk_full  # type: ignore[method-assign]
+        await coord.wait_for(lambda c: len(c.attempts) >= 1 and c.attempts[0].ended_at)
+        await wait_until(lambda: daemon.session is not None and daemon.session.state is State.IDLE)
+        assert len(coord.attempts) == 1  # no redial storm: a local fault waits >= 30 s
+    [line] = [r.getMessage() for r in caplog.records if "fault=local" in r.getMessage()]
+    assert "No space left on device" in line and "cannot connect" not in line
+    delay = float(line.rsplit("next_delay_s=", 1)[1])
+    assert delay >= 30
+    assert any(r.levelname == "ERROR" and "on our side" in r.getMessage() for r in caplog.records)
+
+
+async def test_each_shutdown_step_has_a_deadline(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=1)
+    hung: list[str] = []
+
+    def hanging(name: str):  # type: ignore[no-untyped-def]
+        async def body() -> None:
+            hung.append(name)
+            await anyio.sleep_forever()
+
+        return body
+
+    async with running_agent(cfg) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        daemon.budgets.cancel_jobs_s = 0.2
+        daemon.budgets.flush_outbox_s = 0.2
+        daemon.jobs.wait_idle = hanging("wait")  # type: ignore[method-assign]
+        daemon.jobs.cancel_all = hanging("cancel")  # type: ignore[method-assign]
+        daemon.jobs.flush = hanging("flush")  # type: ignore[method-assign]
+        started = anyio.current_time()
+    elapsed = anyio.current_time() - started
+    assert hung == ["wait", "cancel", "flush"]
+    assert elapsed < 5  # 1 + 0.2 + 0.2 and the close, never stuck on a hung step
+    late = [r.getMessage() for r in caplog.records if "passed its deadline" in r.getMessage()]
+    assert len(late) == 3 and "'wait for in-flight jobs'" in late[0]
+    assert coord.attempts[-1].close_code == 1001  # the session still closed properly
+
+
+async def test_a_second_stop_cuts_the_drain_wait_short(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "provider_agent.daemon")
+    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=600)
+    waiting = anyio.Event()
+
+    async def never_idle() -> None:
+        waiting.set()
+        await anyio.sleep_forever()
+
+    async with running_agent(cfg) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        daemon.jobs.wait_idle = never_idle  # type: ignore[method-assign]
+        daemon.request_stop()
+        await waiting.wait()
+        with anyio.fail_after(5):  # far below the 600 s budget
+            daemon.request_stop()
+            await coord.wait_for(lambda c: not c.connected())
+    assert any("cut short by a second signal" in r.getMessage() for r in caplog.records)
+    assert coord.attempts[-1].close_code == 1001

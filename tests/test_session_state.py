@@ -12,11 +12,37 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from provider_agent.errors import AuthFailed, CoordinatorError
-from provider_agent.protocol import AuthChallenge, decode
+from provider_agent.protocol import AuthChallenge, AuthResponse, decode
 from provider_agent.session_state import (
+    TRANSITIONS,
+    Authenticated,
+    Close,
+    Confirmed,
+    Deliver,
+    Dial,
+    Ended,
+    Fail,
+    Fault,
+    FaultKind,
+    InvalidTransition,
+    LocalFault,
+    Opened,
+    Ping,
+    Ponged,
+    Received,
+    Reconnect,
     ReconnectPolicy,
+    Send,
+    SessionCore,
+    SessionFailure,
+    State,
+    Stop,
+    StoreProviderId,
+    Wait,
+    Written,
     answer_challenge,
     auth_outcome,
+    classify,
     dispatch,
 )
 
@@ -113,3 +139,196 @@ def test_flap_after_auth_escalates_but_a_healthy_session_resets() -> None:
     assert policy.failures == 5 and policy.ceiling_s() == 16
     policy.session_ended(authenticated_at=100.0, ended_at=130.0)
     assert policy.failures == 0 and policy.next_delay_s() == 0.0
+
+
+# --- the state machine: events in, actions out, an injected clock ---------------------------------
+
+
+def core(provider_id: str | None = None, **policy: float) -> SessionCore:
+    return SessionCore(
+        Key(provider_id),
+        "0.1.0",
+        lambda: "POD-ENROLL-1",
+        ReconnectPolicy(rng=random.Random(3), **policy),  # type: ignore[arg-type]
+    )
+
+
+def authenticate(c: SessionCore, now: float = 0.0) -> list[object]:
+    assert c.handle(Dial(now)) == []
+    assert c.handle(Opened(now)) == []
+    [send] = c.handle(Received(challenge(), now))
+    assert isinstance(send, Send) and isinstance(send.frame, AuthResponse)
+    return list(c.handle(Received(decode('{"type":"auth_ok","provider_id":"prov_1"}'), now)))
+
+
+def test_handshake_path_stores_a_new_provider_id_once() -> None:
+    c = core()
+    assert authenticate(c) == [StoreProviderId("prov_1"), Authenticated("prov_1")]
+    assert c.state is State.AUTHENTICATED and c.attempts == 1
+    again = core(provider_id="prov_1")
+    assert authenticate(again) == [Authenticated("prov_1")]  # already stored: no write
+
+
+@pytest.mark.parametrize(
+    "first", ['{"type":"auth_ok","provider_id":"p"}', "garbage", '{"type":"heartbeat"}']
+)
+def test_a_wrong_first_frame_fails_as_the_coordinators_fault(first: str) -> None:
+    c = core()
+    c.handle(Dial(0))
+    c.handle(Opened(0))
+    [fail] = c.handle(Received(decode(first), 0))
+    assert isinstance(fail, Fail) and fail.fault.kind is FaultKind.COORDINATOR
+    assert c.state is State.CLOSING
+    [wait] = c.handle(Ended(fail.fault, 1.0))
+    assert isinstance(wait, Wait) and c.state is State.IDLE and c.policy.failures == 1
+
+
+def test_auth_failed_backs_off_with_growing_ceilings() -> None:
+    c = core(base_s=1, cap_s=60)
+    ceilings = []
+    for t in range(6):
+        c.handle(Dial(t))
+        c.handle(Opened(t))
+        c.handle(Received(challenge(), t))
+        [fail] = c.handle(Received(decode('{"type":"auth_failed","reason":"no"}'), t))
+        assert isinstance(fail, Fail) and "auth_failed: no" in fail.fault.detail
+        [wait] = c.handle(Ended(fail.fault, t + 0.1))
+        assert isinstance(wait, Wait) and 0 <= wait.delay_s <= c.policy.ceiling_s()
+        ceilings.append(c.policy.ceiling_s())
+    assert ceilings == [1, 2, 4, 8, 16, 32]
+
+
+def test_inbound_after_auth_is_delivered_and_never_ends_the_session() -> None:
+    c = core()
+    authenticate(c)
+    for text in ["garbage", '{"type":"job","job_id":"j","model_id":"m","request":{}}', "[]"]:
+        [action] = c.handle(Received(decode(text), 1.0))
+        assert isinstance(action, Deliver)
+    assert c.state is State.AUTHENTICATED
+
+
+def test_delivery_by_pong_until_the_first_job_ack() -> None:
+    c = core()
+    authenticate(c)
+    [ping] = c.handle(Written(("a", "b")))
+    assert isinstance(ping, Ping)
+    [ping2] = c.handle(Written(("c",)))
+    assert isinstance(ping2, Ping) and ping2.token != ping.token
+    assert c.handle(Ponged(ping2.token)) == [Confirmed(("c",))]
+    assert c.handle(Ponged(ping.token)) == [Confirmed(("a", "b"))]
+    assert c.handle(Ponged(ping.token)) == []  # a pong is used once
+    # The coordinator acks: from now on only job_ack confirms.
+    [ping3] = c.handle(Written(("d",)))
+    assert isinstance(ping3, Ping)
+    assert c.handle(Received(decode('{"type":"job_ack","job_id":"x"}'), 2)) == [Confirmed(("x",))]
+    assert c.handle(Ponged(ping3.token)) == []
+    assert c.handle(Written(("e",))) == []
+    # A new session starts in pong mode again.
+    c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 3))
+    authenticate(c, 4)
+    assert isinstance(c.handle(Written(("f",)))[0], Ping)
+
+
+def test_unconfirmed_pings_are_forgotten_when_the_socket_ends() -> None:
+    c = core()
+    authenticate(c)
+    [ping] = c.handle(Written(("a",)))
+    assert isinstance(ping, Ping)
+    c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 1))
+    authenticate(c, 2)
+    assert c.handle(Ponged(ping.token)) == []  # the outbox re-sends "a" instead
+
+
+def test_healthy_session_resets_backoff_with_an_injected_clock() -> None:
+    c = core(base_s=1, cap_s=60, healthy_after_s=30)
+    c.policy.failures = 5
+    authenticate(c, now=100.0)
+    [wait] = c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 131.0))
+    assert wait == Wait(0.0, Fault(FaultKind.NETWORK, "reset")) and c.policy.failures == 0
+    authenticate(c, now=200.0)
+    [wait] = c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 201.0))  # a flap: escalate
+    assert isinstance(wait, Wait) and c.policy.failures == 1
+
+
+def test_planned_restart_neither_escalates_nor_waits_long() -> None:
+    c = core(base_s=1, cap_s=60)
+    c.policy.failures = 6
+    for t in range(20):
+        authenticate(c, now=float(t))
+        [wait] = c.handle(Ended(Fault(FaultKind.PLANNED, "1012"), t + 0.5))
+        assert isinstance(wait, Wait) and 0 <= wait.delay_s <= 2.0
+    assert c.policy.failures == 6
+
+
+def test_a_local_fault_waits_at_least_local_fault_s() -> None:
+    c = core(base_s=0.01, cap_s=0.1, local_fault_s=30)
+    authenticate(c)
+    [wait] = c.handle(Ended(Fault(FaultKind.LOCAL, "disk full"), 0.1))
+    assert isinstance(wait, Wait) and wait.delay_s >= 30
+
+
+def test_stop_and_reconnect_from_each_state() -> None:
+    c = core()
+    assert c.handle(Stop()) == [] and c.state is State.STOPPED  # idle: nothing to close
+    c = core()
+    authenticate(c)
+    assert c.handle(Stop()) == [Close(1001)] and c.state is State.CLOSING
+    assert c.handle(Ended(None, 1)) == [] and c.state is State.STOPPED
+    c = core()
+    authenticate(c)
+    c.policy.failures = 4
+    assert c.handle(Reconnect()) == [Close(1000)]
+    assert c.handle(Ended(None, 1)) == [Wait(0.0, None)] and c.policy.failures == 0
+    c = core()
+    c.handle(Dial(0))
+    assert c.handle(Reconnect()) == [] and c.state is State.CLOSING
+    assert c.handle(Opened(0)) == [] and c.state is State.CLOSING  # dial finished: close it
+
+
+def test_events_a_state_cannot_have_are_bugs_not_input() -> None:
+    c = core()
+    with pytest.raises(InvalidTransition):
+        c.handle(Opened(0))
+    with pytest.raises(InvalidTransition):
+        c.handle(Received(challenge(), 0))
+    assert all(isinstance(state, State) for state, _ in TRANSITIONS)
+
+
+# --- classify: whose fault ------------------------------------------------------------------------
+
+
+def _closed(code: int | None) -> BaseException:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import Close as CloseFrame
+
+    rcvd = CloseFrame(code, "") if code is not None else None
+    return ConnectionClosed(rcvd, None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), FaultKind.NETWORK),
+        (ConnectionResetError(104, "Connection reset by peer"), FaultKind.NETWORK),
+        (TimeoutError(), FaultKind.NETWORK),
+        (OSError(113, "No route to host"), FaultKind.NETWORK),
+        (_closed(None), FaultKind.NETWORK),
+        (_closed(1011), FaultKind.COORDINATOR),
+        (_closed(1008), FaultKind.COORDINATOR),
+        (_closed(1012), FaultKind.PLANNED),
+        (_closed(1001), FaultKind.PLANNED),
+        (CoordinatorError("expected auth_challenge"), FaultKind.COORDINATOR),
+        (AuthFailed("not enrolled"), FaultKind.COORDINATOR),
+        (LocalFault("storing provider_id", OSError(28, "No space left")), FaultKind.LOCAL),
+        (OSError(28, "No space left on device"), FaultKind.LOCAL),
+        (OSError(30, "Read-only file system"), FaultKind.LOCAL),
+        (PermissionError(13, "Permission denied"), FaultKind.LOCAL),
+        (IsADirectoryError(21, "Is a directory"), FaultKind.LOCAL),
+        (KeyError("bug"), FaultKind.LOCAL),
+        (TypeError("bug"), FaultKind.LOCAL),
+        (SessionFailure(Fault(FaultKind.COORDINATOR, "x")), FaultKind.COORDINATOR),
+    ],
+)
+def test_classify(exc: BaseException, kind: FaultKind) -> None:
+    fault = classify(exc)
+    assert fault.kind is kind and fault.detail

@@ -1,0 +1,142 @@
+"""The outbound lanes, without a socket: a writer here is a plain list sink."""
+
+from __future__ import annotations
+
+import base64
+
+import anyio
+import orjson
+import pytest
+
+from provider_agent.outbound import MAX_FRAME_JSON, Outbound, chunk_frame, max_chunk_bytes
+
+
+def decoded(frame: str) -> dict[str, object]:
+    data = orjson.loads(frame)
+    assert isinstance(data, dict)
+    return data
+
+
+def chunk_bytes(frame: str) -> bytes:
+    data = decoded(frame)
+    assert data["type"] == "job_chunk"
+    return base64.b64decode(str(data["data"]))
+
+
+def test_control_frames_overtake_queued_chunks_and_the_latest_wins() -> None:
+    out = Outbound()
+    for i in range(100):
+        out.chunk(f"job-{i}", b"data: x\n\n")
+    out.control("heartbeat", '{"type":"heartbeat","n":1}')
+    out.control("capabilities", '{"type":"capabilities","n":1}')
+    out.control("heartbeat", '{"type":"heartbeat","n":2}')
+    batch = out.take()
+    assert [decoded(f)["type"] for f in batch.frames[:2]] == ["capabilities", "heartbeat"]
+    assert decoded(batch.frames[1])["n"] == 2  # the older heartbeat never leaves
+    assert len(batch.frames) == 102
+
+
+def test_a_jobs_pending_bytes_leave_as_one_frame_in_order() -> None:
+    out = Outbound()
+    pieces = [f"data: {i}\n\n".encode() for i in range(50)]
+    for piece in pieces:
+        out.chunk("j", piece)
+    assert out.pending("j") == sum(map(len, pieces))
+    [frame] = out.take().frames
+    assert chunk_bytes(frame) == b"".join(pieces)
+    assert out.pending("j") == 0 and out.idle()
+
+
+@pytest.mark.parametrize("job_id", ["j", "x" * 128, 'quote"and\\slash', "ünïcödé"])
+def test_chunk_frames_are_valid_json_within_the_frame_limit(job_id: str) -> None:
+    out = Outbound()
+    payload = bytes(range(256)) * (3 * MAX_FRAME_JSON // 256)  # ~3 MiB: several frames
+    out.chunk(job_id, payload)
+    out.terminal(job_id, '{"type":"job_done"}')
+    frames: list[str] = []
+    while not out.idle():
+        frames += out.take().frames
+    *chunks, done = frames
+    assert len(chunks) >= 4
+    assert all(len(f.encode()) <= MAX_FRAME_JSON for f in chunks)
+    assert all(decoded(f)["job_id"] == job_id for f in chunks)
+    assert b"".join(chunk_bytes(f) for f in chunks) == payload
+    assert decoded(done)["type"] == "job_done"  # never before its own bytes
+
+
+def test_round_robin_between_a_large_job_and_small_ones() -> None:
+    out = Outbound()
+    big = b"y" * (max_chunk_bytes("big") * 3)
+    out.chunk("big", big)
+    out.chunk("small", b"hello")
+    first = out.take()
+    assert [decoded(f)["job_id"] for f in first.frames] == ["big", "small"]
+    out.chunk("small", b"again")
+    second = out.take()
+    assert [decoded(f)["job_id"] for f in second.frames] == ["big", "small"]
+
+
+def test_terminal_notices_arrive_in_order_and_wait_for_their_chunks() -> None:
+    out = Outbound()
+    out.terminal("a", "done-a")
+    out.chunk("b", b"b-bytes")
+    out.terminal("b", "done-b")
+    out.terminal("c", "done-c")
+    batch = out.take()
+    assert batch.frames == [chunk_frame("b", b"b-bytes"), "done-a", "done-b", "done-c"]
+    assert batch.terminal_ids == ["a", "b", "c"]
+
+
+def test_a_new_connection_resends_undelivered_first_without_doubles() -> None:
+    out = Outbound()
+    out.terminal("late", "done-late")  # finished after the outbox was read: stays
+    out.terminal("old", "done-old")  # also listed by the outbox: sent once
+    out.control("heartbeat", "stale heartbeat")  # from the previous connection: dropped
+    out.begin([("older", "done-older"), ("old", "done-old")])
+    out.control("capabilities", "caps")
+    batch = out.take()
+    assert batch.frames == ["done-older", "done-old", "caps", "done-late"]
+    assert batch.terminal_ids == ["older", "old", "late"]
+
+
+def test_producers_never_block_and_backpressure_is_opt_in() -> None:
+    out = Outbound()
+    for i in range(1024):  # 64 MiB queued without a writer: plain calls, nothing to await
+        out.chunk("j", b"z" * 65536)
+        out.control("heartbeat", f"hb {i}")
+    assert out.pending("j") == 64 * 1024 * 1024
+    assert out.discard("j") == 64 * 1024 * 1024 and out.pending("j") == 0
+
+
+async def test_writer_batches_end_after_finish_once_everything_left() -> None:
+    out = Outbound()
+    written: list[str] = []
+
+    async def writer() -> None:
+        async for batch in out.batches():
+            written.extend(batch.frames)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(writer)
+        out.chunk("j", b"one")
+        await out.sent_down_to("j", 0)
+        out.terminal("j", "done")
+        out.finish()
+    assert written == [chunk_frame("j", b"one"), "done"]
+
+
+async def test_sent_down_to_waits_for_the_writer() -> None:
+    out = Outbound()
+    out.chunk("j", b"x" * 1000)
+    released = anyio.Event()
+
+    async def producer() -> None:
+        await out.sent_down_to("j", 100)
+        released.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(producer)
+        await anyio.wait_all_tasks_blocked()
+        assert not released.is_set()
+        out.take()
+        await released.wait()
