@@ -448,6 +448,21 @@ async def test_deadline_mid_body_is_a_timeout_and_closes_the_connection(
     assert "after 10 bytes" in caught.value.failure.message
 
 
+async def test_the_deadline_drops_the_connection_even_while_nobody_reads(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        async with backend.stream("openai", BODY, deadline_in(0.3)) as chunks:
+            iterator = aiter(chunks)
+            assert await anext(iterator) == b"data: {}\n\n"
+            await server.disconnected.wait()  # the relay is busy elsewhere; the timer acts
+            with pytest.raises(StreamFailed) as caught:
+                await anext(iterator)
+    assert caught.value.failure.code == "backend_timeout"
+
+
 # --- released or closed on every way out ---------------------------------------------------------
 
 

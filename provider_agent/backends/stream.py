@@ -10,14 +10,15 @@ replace aiohttp here without touching routing or billing:
 Failures surface as `StreamFailed` with the protocol code (see `provider_agent.upstream`):
 before the first byte from `async with` (or from the first read), after it from the iteration.
 The deadline (an absolute `anyio.current_time()`) bounds connecting, waiting for headers and
-every read; besides it only connecting has a timeout of its own, so a slow backend is waited for
-and never fallen back from. The response is released or closed on every way out — the normal
-end, an exception, a cancellation from outside — so an aborted job closes its connection and the
-backend sees it go.
+the body (a timer drops the connection when it passes); besides it only connecting has a
+timeout of its own, so a slow backend is waited for and never fallen back from. The response
+is released or closed on every way out — the normal end, an exception, a cancellation from
+outside — so an aborted job closes its connection and the backend sees it go.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 
@@ -71,7 +72,9 @@ class UpstreamStream:
         "_kind",
         "_response",
         "_secrets",
+        "_timed_out",
         "_url",
+        "_watchdog",
         "relayed",
     )
 
@@ -95,6 +98,8 @@ class UpstreamStream:
         self._secrets = secrets
         self._response: aiohttp.ClientResponse | None = None
         self._eof = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         #: Body bytes yielded so far.
         self.relayed = 0
 
@@ -124,6 +129,9 @@ class UpstreamStream:
                 error_for_status(response.status, self._kind, excerpt, self._secrets)
             )
         self._response = response
+        # One timer for the body instead of a cancel scope around every read (a scope costs
+        # microseconds per read on the hot path). anyio's clock on asyncio is the loop's.
+        self._watchdog = asyncio.get_running_loop().call_at(self._deadline, self._expire)
         return self
 
     async def __aexit__(
@@ -133,6 +141,9 @@ class UpstreamStream:
         tb: TracebackType | None,
     ) -> None:
         response, self._response = self._response, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if response is None:
             return
         if self._eof and exc_type is None:
@@ -147,19 +158,24 @@ class UpstreamStream:
         response = self._response
         if response is None:
             raise StopAsyncIteration
-        data: bytes | None = None
-        with anyio.CancelScope(deadline=self._deadline):
-            try:
-                data = await response.content.readany()
-            except (aiohttp.ClientError, OSError) as exc:
-                raise StreamFailed(self._broken(exc)) from None
-        if data is None:
-            raise StreamFailed(self._timeout(f"after {self.relayed} bytes of the answer"))
+        try:
+            data = await response.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            if self._timed_out:
+                raise StreamFailed(self._timeout(f"after {self.relayed} bytes")) from None
+            raise StreamFailed(self._broken(exc)) from None
         if not data:
             self._eof = True
             raise StopAsyncIteration
         self.relayed += len(data)
         return data
+
+    def _expire(self) -> None:
+        """The deadline passed while the body streams: drop the connection (the backend sees
+        it go even if nobody is reading); the next read raises the timeout."""
+        self._timed_out = True
+        if self._response is not None:
+            self._response.close()
 
     async def _excerpt(self, response: aiohttp.ClientResponse) -> bytes:
         """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline. Best effort: the
