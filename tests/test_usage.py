@@ -239,7 +239,7 @@ def test_output_estimate_counts_deltas_or_characters_whichever_is_more() -> None
 
 
 def test_role_and_finish_chunks_are_not_tokens_but_an_empty_token_is() -> None:
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"choices": [{"delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
         {"choices": [{"delta": {"content": ""}, "finish_reason": None}]},
         {"choices": [{"delta": {"reasoning_content": "hm"}, "finish_reason": None}]},
