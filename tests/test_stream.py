@@ -380,6 +380,20 @@ async def test_reset_after_the_headers_before_any_byte_still_falls_back(
     assert (failure.code, failure.fallback) == ("backend_unreachable", True)
 
 
+async def test_an_answer_that_is_not_http_is_a_backend_error_without_fallback(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    async def garbage(conn: Conn) -> None:
+        conn.writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await conn.writer.drain()
+
+    server = await raw_server(garbage)
+    failure = await failure_of(backend_for("vllm", server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert failure.message.startswith("vllm: the answer is not valid HTTP (")
+    assert "127.0.0.1" not in failure.message and failure.message.isprintable()
+
+
 async def test_a_body_that_breaks_off_is_a_backend_error_after_the_bytes(
     raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
 ) -> None:

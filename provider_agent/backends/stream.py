@@ -221,6 +221,8 @@ def _describe(exc: BaseException) -> str:
         return f"cannot connect (no connection within {CONNECT_TIMEOUT_S:g}s)"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the connection was closed before an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):  # its str() names the URL: keep it out
+        return f"the answer is not valid HTTP ({exc.message})"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the answer was cut short"
     if isinstance(exc, OSError) and exc.strerror:
