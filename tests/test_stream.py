@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -19,8 +19,10 @@ from provider_agent.backends import Backend, Registry, make_backend
 from provider_agent.backends.base import new_http_session
 from provider_agent.config import BackendConfig, WireFormat, parse
 from provider_agent.errors import StreamFailed
-from provider_agent.upstream import MESSAGE_LIMIT, RouteFailure
+from provider_agent.upstream import MESSAGE_LIMIT, RouteFailure, request_body
+from provider_agent.usage import Usage, UsageMeter
 from tests.conftest import FakeServer, fixture_bytes
+from tests.realbackend import MODEL_ALIAS, llamacpp_server
 
 KEY_ENV = "PA_TEST_STREAM_KEY"
 SECRET = "sk-test-0123456789abcdef-SECRET"
@@ -586,3 +588,42 @@ async def test_registry_holds_one_adapter_per_configured_backend_by_label() -> N
             registry.get("nope")
         rebuilt = Registry.build(config, http)
         assert rebuilt.get("box") is not box  # a reload gets fresh adapters
+
+
+# --- the real llama.cpp-based server ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_llamacpp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with llamacpp_server(tmp_path_factory.mktemp("llamacpp")) as base_url:
+        yield base_url
+
+
+@pytest.mark.realbackend
+async def test_a_real_llamacpp_server_streams_through_the_adapter(
+    real_llamacpp: str, http_session: aiohttp.ClientSession
+) -> None:
+    """The job path's pieces on a real server: the body the agent sends, the bytes it relays,
+    and the usage it reads (estimated: llama-cpp-python sends none)."""
+    request = {
+        "model": "whatever-the-client-said",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "seed": 0,
+    }
+    body = request_body("openai", request, MODEL_ALIAS)
+    config = BackendConfig(kind="llamacpp", url=real_llamacpp)
+    backend = make_backend(config, http_session, 1)
+    meter = UsageMeter("openai", request)
+    parts = []
+    with anyio.fail_after(60):
+        async with backend.stream("openai", body, deadline_in(60)) as chunks:
+            async for data in chunks:
+                parts.append(data)
+                meter.feed(data)
+    raw = b"".join(parts)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert f'"model": "{MODEL_ALIAS}"'.encode() in raw
+    assert meter.ended and meter.error is None
+    assert meter.result() == Usage(6, 4, True)
