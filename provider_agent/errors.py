@@ -4,7 +4,8 @@
     ├── ConfigError                 the operator's agent.toml (exit 78); names file and key path
     ├── IdentityError               the identity key file is unreadable or does not match (exit 78)
     ├── BackendError                a backend misbehaved: unreachable, bad status, garbage, too big
-    │   └── BackendAuthError        the backend refused our credentials (or none were found)
+    │   ├── BackendAuthError        the backend refused our credentials (or none were found)
+    │   └── StreamFailed            a job's upstream stream failed; carries its RouteFailure
     └── CoordinatorError            the coordinator broke the protocol or refused us
         └── AuthFailed              the coordinator said `auth_failed`
 
@@ -13,6 +14,11 @@ edge of the operation they belong to (one probe, one job, one session) and carry
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from provider_agent.upstream import RouteFailure
 
 
 class AgentError(Exception):
@@ -40,6 +46,15 @@ class BackendError(AgentError):
 
 class BackendAuthError(BackendError):
     """The backend rejected our credentials, or no credentials could be found."""
+
+
+class StreamFailed(BackendError):
+    """A job's upstream request failed; `.failure` says with which protocol code, in a message
+    fit to send, and whether the next route may be tried (only before the first byte)."""
+
+    def __init__(self, failure: RouteFailure) -> None:
+        self.failure = failure
+        super().__init__(failure.message)
 
 
 class CoordinatorError(AgentError):

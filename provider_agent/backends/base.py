@@ -1,16 +1,18 @@
 """What every backend adapter is, and the OpenAI-compatible base most of them share.
 
 An adapter answers three questions for discovery — is the server up (`health`), what does it
-serve (`list_models`), which wire formats does it speak (`formats`) — and knows where a streamed
-job goes (`stream_url`, `open_stream`). HTTP lives here and only here: every call has a timeout,
-every body is read with a size cap, and all adapters share the agent's one pooled session.
+serve (`list_models`), which wire formats does it speak (`formats`) — and runs a job's upstream
+request (`stream`, built in `backends.stream`). HTTP lives in this package and only here: every
+discovery call has a timeout, every body is read with a size cap, and all adapters share the
+agent's one pooled session.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -20,13 +22,17 @@ import aiohttp
 import orjson
 
 from provider_agent import __version__
+from provider_agent.backends.stream import RefusedStream, UpstreamStream
 from provider_agent.config import BackendConfig, WireFormat
 from provider_agent.errors import BackendAuthError, BackendError
+from provider_agent.upstream import RouteFailure, printable
 
 LISTING_CAP_BYTES = 8 * 1024 * 1024
 USER_AGENT = f"provider-agent/{__version__}"
 #: Pool connections beyond `limits.max_concurrent`, for probes, so no job queues behind them.
 POOL_HEADROOM = 32
+#: The Messages API version sent with `anthropic` jobs.
+ANTHROPIC_VERSION = "2023-06-01"
 
 
 @dataclass(frozen=True)
@@ -220,29 +226,45 @@ class Backend:
     # --- jobs (the relay is built on these) ------------------------------------------------------
 
     def stream_url(self, wire_format: WireFormat) -> str:
-        """Where a streamed job of this wire format is POSTed."""
+        """Where a streamed job of this wire format is POSTed: `/chat/completions` (openai) or
+        `/messages` (anthropic) under the API prefix."""
         path = "/chat/completions" if wire_format == "openai" else "/messages"
         return self.api_url(path)
 
     def stream_headers(self, wire_format: WireFormat) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", **self.auth_headers()}
+        """The headers of a job's POST: ours only (nothing from the coordinator is forwarded).
+        `Accept-Encoding: identity` keeps the bytes as the backend wrote them; BackendAuthError
+        when the API key is missing."""
+        headers = {
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+            **self.auth_headers(),
+        }
         if wire_format == "anthropic":
-            headers.setdefault("anthropic-version", "2023-06-01")
+            headers["anthropic-version"] = ANTHROPIC_VERSION
         return headers
 
-    async def open_stream(
-        self, wire_format: WireFormat, body: bytes, client_timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        """Start a streamed job; the caller reads `response.content` and must release it."""
+    def stream(
+        self, fmt: WireFormat, body: bytes, deadline: float
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """One job's upstream request (see `backends.stream`): `async with` it for the body's
+        bytes; failures are StreamFailed. `deadline` is an absolute `anyio.current_time()` for
+        the whole job; the discovery timeout (`timeout_s`) does not apply here."""
         try:
-            return await self.http.post(
-                self.stream_url(wire_format),
-                data=body,
-                headers=self.stream_headers(wire_format),
-                timeout=client_timeout,
-            )
-        except aiohttp.ClientError as exc:
-            raise BackendError(f"POST {self.stream_url(wire_format)}: {_describe(exc)}") from None
+            headers = self.stream_headers(fmt)
+        except BackendAuthError as exc:
+            message = printable(f"{self.config.kind}: {exc}")
+            return RefusedStream(RouteFailure("auth_rejected_by_backend", message, fallback=True))
+        bearer = headers.get("Authorization", "").removeprefix("Bearer ")
+        return UpstreamStream(
+            self.http,
+            self.stream_url(fmt),
+            headers,
+            body,
+            deadline,
+            kind=self.config.kind,
+            secrets=(bearer,) if bearer else (),
+        )
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

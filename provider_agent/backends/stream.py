@@ -1,0 +1,231 @@
+"""One job's upstream request: POST, check the answer, relay the body's bytes as they arrive.
+
+The one place where a job touches HTTP, kept to a small interface so a leaner reader can
+replace aiohttp here without touching routing or billing:
+
+    async with backend.stream(fmt, body, deadline) as chunks:
+        async for data in chunks:
+            ...
+
+Failures surface as `StreamFailed` with the protocol code (see `provider_agent.upstream`):
+before the first byte from `async with` (or from the first read), after it from the iteration.
+The deadline (an absolute `anyio.current_time()`) bounds connecting, waiting for headers and
+the body (a timer drops the connection when it passes); besides it only connecting has a
+timeout of its own, so a slow backend is waited for and never fallen back from. The response
+is released or closed on every way out — the normal end, an exception, a cancellation from
+outside — so an aborted job closes its connection and the backend sees it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+
+import aiohttp
+import anyio
+
+from provider_agent.errors import StreamFailed
+from provider_agent.protocol import ErrorCode
+from provider_agent.upstream import RouteFailure, error_for_status, printable
+
+#: Seconds to establish the TCP (and TLS) connection; refused or silent past it = unreachable.
+CONNECT_TIMEOUT_S = 5.0
+#: Most bytes of an error answer read for its message.
+ERROR_BODY_CAP = 64 * 1024
+STREAM_TIMEOUT = aiohttp.ClientTimeout(
+    total=None, connect=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None
+)
+#: Errors that mean the connection could not be made or was dropped (refused, reset, DNS,
+#: TLS, connect timeout): the route is unreachable and, before its first byte, left.
+_UNREACHABLE = (aiohttp.ClientConnectionError, OSError)
+
+
+class RefusedStream:
+    """A stream that fails on entry without touching the network (e.g. its API key is missing)."""
+
+    def __init__(self, failure: RouteFailure) -> None:
+        self.failure = failure
+
+    async def __aenter__(self) -> AsyncIterator[bytes]:
+        raise StreamFailed(self.failure)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class UpstreamStream:
+    """The async context manager `Backend.stream()` returns; inside it, the async iterator of
+    the response body's bytes (after HTTP transfer decoding, exactly as read)."""
+
+    __slots__ = (
+        "_body",
+        "_deadline",
+        "_eof",
+        "_headers",
+        "_http",
+        "_kind",
+        "_response",
+        "_secrets",
+        "_timed_out",
+        "_url",
+        "_watchdog",
+        "relayed",
+    )
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        deadline: float,
+        *,
+        kind: str,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self._http = http
+        self._url = url
+        self._headers = headers
+        self._body = body
+        self._deadline = deadline
+        self._kind = kind
+        self._secrets = secrets
+        self._response: aiohttp.ClientResponse | None = None
+        self._eof = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        #: Body bytes yielded so far.
+        self.relayed = 0
+
+    async def __aenter__(self) -> UpstreamStream:
+        response: aiohttp.ClientResponse | None = None
+        with anyio.CancelScope(deadline=self._deadline):
+            try:
+                response = await self._http.post(
+                    self._url,
+                    data=self._body,
+                    headers=self._headers,
+                    timeout=STREAM_TIMEOUT,
+                    allow_redirects=False,
+                )
+            except _UNREACHABLE as exc:
+                raise StreamFailed(self._unreachable(exc, fallback=True)) from None
+            except aiohttp.ClientError as exc:
+                raise StreamFailed(self._failure("backend_error", _describe(exc))) from None
+        if response is None:
+            raise StreamFailed(self._timeout("before the backend answered"))
+        if not 200 <= response.status < 300:
+            try:
+                excerpt = await self._excerpt(response)
+            finally:
+                response.close()
+            raise StreamFailed(
+                error_for_status(response.status, self._kind, excerpt, self._secrets)
+            )
+        self._response = response
+        # One timer for the body instead of a cancel scope around every read (a scope costs
+        # microseconds per read on the hot path). anyio's clock on asyncio is the loop's.
+        self._watchdog = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        response, self._response = self._response, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if response is None:
+            return
+        if self._eof and exc_type is None:
+            response.release()  # read to the end: the connection may serve the next request
+        else:
+            response.close()  # anything else: drop the connection, the backend sees it close
+
+    def __aiter__(self) -> UpstreamStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        response = self._response
+        if response is None:
+            raise StopAsyncIteration
+        try:
+            data = await response.content.readany()
+        except (aiohttp.ClientError, OSError) as exc:
+            if self._timed_out:
+                raise StreamFailed(self._timeout(f"after {self.relayed} bytes")) from None
+            raise StreamFailed(self._broken(exc)) from None
+        if not data:
+            self._eof = True
+            raise StopAsyncIteration
+        self.relayed += len(data)
+        return data
+
+    def _expire(self) -> None:
+        """The deadline passed while the body streams: drop the connection (the backend sees
+        it go even if nobody is reading); the next read raises the timeout."""
+        self._timed_out = True
+        if self._response is not None:
+            self._response.close()
+
+    async def _excerpt(self, response: aiohttp.ClientResponse) -> bytes:
+        """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline. Best effort: the
+        status already decides the failure, so a body that breaks off or does not come in time
+        just gives a shorter message."""
+        parts: list[bytes] = []
+        size = 0
+        with anyio.CancelScope(deadline=self._deadline):
+            try:
+                while size < ERROR_BODY_CAP:
+                    part = await response.content.read(ERROR_BODY_CAP - size)
+                    if not part:
+                        break
+                    parts.append(part)
+                    size += len(part)
+            except (aiohttp.ClientError, OSError):
+                pass  # keep what arrived; the status is the failure
+        return b"".join(parts)
+
+    def _broken(self, exc: BaseException) -> RouteFailure:
+        if self.relayed == 0:
+            return self._unreachable(exc, fallback=True)
+        return self._failure(
+            "backend_error",
+            f"the answer broke off after {self.relayed} bytes ({_describe(exc)})",
+        )
+
+    def _unreachable(self, exc: BaseException, *, fallback: bool) -> RouteFailure:
+        return self._failure("backend_unreachable", _describe(exc), fallback=fallback)
+
+    def _timeout(self, when: str) -> RouteFailure:
+        return self._failure("backend_timeout", f"the job's deadline passed {when}")
+
+    def _failure(self, code: ErrorCode, detail: str, *, fallback: bool = False) -> RouteFailure:
+        return RouteFailure(code, printable(f"{self._kind}: {detail}", self._secrets), fallback)
+
+
+def _describe(exc: BaseException) -> str:
+    """A transport error in words: "cannot connect (Connection refused)", "connection reset"…"""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"cannot connect (no connection within {CONNECT_TIMEOUT_S:g}s)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection was closed before an answer"
+    if isinstance(exc, aiohttp.ClientResponseError):  # its str() names the URL: keep it out
+        return f"the answer is not valid HTTP ({exc.message})"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer was cut short"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"connection failed ({exc.strerror})"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,629 @@
+"""`backend.stream()` against real loopback servers: bytes verbatim for every kind and format,
+each failure mapped to its protocol code, our headers only, and the response released or its
+connection closed on every way out (the server sees the client go)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import anyio
+import pytest
+from aiohttp import web
+
+from provider_agent.backends import Backend, Registry, make_backend
+from provider_agent.backends.base import new_http_session
+from provider_agent.config import BackendConfig, WireFormat, parse
+from provider_agent.errors import StreamFailed
+from provider_agent.upstream import MESSAGE_LIMIT, RouteFailure, request_body
+from provider_agent.usage import Usage, UsageMeter
+from tests.conftest import FakeServer, fixture_bytes
+from tests.realbackend import MODEL_ALIAS, llamacpp_server
+
+KEY_ENV = "PA_TEST_STREAM_KEY"
+SECRET = "sk-test-0123456789abcdef-SECRET"
+BYOK_KINDS = ("openrouter", "venice")
+#: Every header the agent may send on a job's POST (aiohttp adds Host, Accept, Content-Length).
+OUR_HEADERS = {
+    "host",
+    "accept",
+    "accept-encoding",
+    "content-length",
+    "content-type",
+    "user-agent",
+    "authorization",
+    "anthropic-version",
+}
+BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+#: A generous bound: only to turn a hang into a failure, never a timing target.
+BOUND_S = 10
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+def backend_for(kind: str, root: str, http: aiohttp.ClientSession, *, key: bool = True) -> Backend:
+    """An adapter of `kind` pointed at a loopback server (BYOK bases keep their `/api/v1`)."""
+    url = f"{root}/api/v1" if kind in BYOK_KINDS else root
+    config = BackendConfig(kind=kind, url=url, api_key_env=KEY_ENV if key else None)
+    return make_backend(config, http, 1)
+
+
+def deadline_in(seconds: float = BOUND_S) -> float:
+    return anyio.current_time() + seconds
+
+
+async def collect(backend: Backend, fmt: WireFormat = "openai", deadline: float = 0) -> bytes:
+    parts = []
+    async with backend.stream(fmt, BODY, deadline or deadline_in()) as chunks:
+        async for data in chunks:
+            parts.append(data)
+    return b"".join(parts)
+
+
+async def failure_of(
+    backend: Backend, fmt: WireFormat = "openai", deadline: float = 0
+) -> RouteFailure:
+    with pytest.raises(StreamFailed) as caught:
+        await collect(backend, fmt, deadline)
+    return caught.value.failure
+
+
+def odd_pieces(data: bytes) -> list[bytes]:
+    """`data` cut at sizes that never line up with SSE events (1, 7, 13, 2, 31, … bytes)."""
+    sizes = [1, 7, 13, 2, 31, 5, 64, 3]
+    pieces, at, i = [], 0, 0
+    while at < len(data):
+        pieces.append(data[at : at + sizes[i % len(sizes)]])
+        at += sizes[i % len(sizes)]
+        i += 1
+    return pieces
+
+
+def sse_handler(
+    pieces: list[bytes], *, pause: Callable[[int], Awaitable[None]] | None = None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, piece in enumerate(pieces):
+            await response.write(piece)
+            if pause is not None:
+                await pause(index)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+# --- bytes verbatim, for every kind and format ---------------------------------------------------
+
+CASES = [
+    ("vllm", "openai", "vllm/chat-stream-usage.sse", "/v1/chat/completions"),
+    ("vllm", "anthropic", "anthropic/messages-stream.sse", "/v1/messages"),
+    ("llamacpp", "openai", "llamacpp/chat-stream-usage.sse", "/v1/chat/completions"),
+    ("llamacpp", "anthropic", "llamacpp/messages-stream.sse", "/v1/messages"),
+    ("lmstudio", "openai", "lmstudio/chat-stream-usage.sse", "/v1/chat/completions"),
+    ("ollama", "openai", "ollama/v1-chat-stream-usage.sse", "/v1/chat/completions"),
+    ("ollama", "anthropic", "ollama/messages-stream.sse", "/v1/messages"),
+    ("openrouter", "openai", "openrouter/chat-stream.sse", "/api/v1/chat/completions"),
+    ("openrouter", "anthropic", "anthropic/messages-stream.sse", "/api/v1/messages"),
+    ("venice", "openai", "venice/chat-stream.sse", "/api/v1/chat/completions"),
+]
+
+
+@pytest.mark.parametrize(("kind", "fmt", "fixture", "path"), CASES)
+async def test_relays_the_body_verbatim_with_our_headers_only(
+    fake_server: FakeServer,
+    http_session: aiohttp.ClientSession,
+    *,
+    kind: str,
+    fmt: WireFormat,
+    fixture: str,
+    path: str,
+) -> None:
+    recorded = fixture_bytes(fixture)
+    fake_server.reply("POST", path, sse_handler(odd_pieces(recorded)))
+    backend = backend_for(kind, fake_server.url, http_session)
+
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend, fmt) == recorded
+
+    [seen] = fake_server.requests
+    assert (seen.method, seen.path, seen.body) == ("POST", path, BODY)
+    headers = {name.lower(): value for name, value in seen.headers.items()}
+    assert set(headers) <= OUR_HEADERS, set(headers) - OUR_HEADERS
+    assert headers["authorization"] == f"Bearer {SECRET}"
+    assert headers["accept-encoding"] == "identity"
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("provider-agent/")
+    assert ("anthropic-version" in headers) == (fmt == "anthropic")
+
+
+async def test_a_local_backend_without_a_key_sends_no_authorization(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler([b"data: [DONE]\n\n"]))
+    backend = backend_for("ollama", fake_server.url, http_session, key=False)
+    assert await collect(backend) == b"data: [DONE]\n\n"
+    headers = {name.lower() for name in fake_server.requests[0].headers}
+    assert "authorization" not in headers
+
+
+async def test_bytes_are_yielded_as_they_arrive_not_when_the_body_ends(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    got_first = anyio.Event()
+
+    async def pause(index: int) -> None:
+        if index == 0:
+            await got_first.wait()  # the rest comes only once the client has the first part
+
+    pieces = [b'data: {"choices":[{"delta":{"content":"Hel', b'lo"}}]}\n\ndata: [DONE]\n\n']
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler(pieces, pause=pause))
+    backend = backend_for("vllm", fake_server.url, http_session)
+    received = []
+    with anyio.fail_after(BOUND_S):
+        async with backend.stream("openai", BODY, deadline_in()) as chunks:
+            async for data in chunks:
+                received.append(data)
+                got_first.set()
+    assert received[0] == pieces[0]
+    assert b"".join(received) == b"".join(pieces)
+
+
+async def test_a_large_body_arrives_whole(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    event = b'data: {"choices":[{"delta":{"content":"' + b"x" * 1000 + b'"}}]}\n\n'
+    recorded = event * 3000 + b"data: [DONE]\n\n"  # about 3 MiB
+    pieces = [recorded[i : i + 65_537] for i in range(0, len(recorded), 65_537)]
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler(pieces))
+    backend = backend_for("llamacpp", fake_server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend) == recorded
+
+
+# --- failures before the first byte ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code", "fallback"),
+    [
+        ("vllm", 500, "backend_error", True),
+        ("vllm", 503, "backend_error", True),
+        ("llamacpp", 404, "model_not_loaded", True),
+        ("ollama", 429, "backend_error", True),
+        ("lmstudio", 401, "auth_rejected_by_backend", True),
+        ("venice", 403, "auth_rejected_by_backend", True),
+        ("openrouter", 403, "bad_request", True),
+        ("vllm", 400, "bad_request", False),
+        ("venice", 422, "bad_request", False),
+        ("openrouter", 402, "backend_error", False),
+    ],
+)
+async def test_error_statuses_map_to_their_code_with_the_upstream_message(
+    fake_server: FakeServer,
+    http_session: aiohttp.ClientSession,
+    *,
+    kind: str,
+    status: int,
+    code: str,
+    fallback: bool,
+) -> None:
+    path = "/api/v1/chat/completions" if kind in BYOK_KINDS else "/v1/chat/completions"
+    fake_server.reply("POST", path, {"error": {"message": f"nope {status}"}}, status=status)
+    failure = await failure_of(backend_for(kind, fake_server.url, http_session))
+    assert (failure.code, failure.fallback) == (code, fallback)
+    assert failure.message == f"{kind} answered HTTP {status}: nope {status}"
+
+
+async def test_a_redirect_is_not_followed(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    async def redirect(_: web.Request) -> web.StreamResponse:
+        return web.Response(status=307, headers={"Location": "http://127.0.0.1:9/elsewhere"})
+
+    fake_server.reply("POST", "/v1/chat/completions", redirect)
+    failure = await failure_of(backend_for("vllm", fake_server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert len(fake_server.requests) == 1
+
+
+async def test_an_error_body_that_echoes_the_key_is_scrubbed_and_trimmed(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        text = f"bad key {SECRET} " + "\x1b[31m" + "y" * 200_000  # larger than the read cap
+        return web.Response(status=401, text=text)
+
+    fake_server.reply("POST", "/api/v1/chat/completions", echo)
+    failure = await failure_of(backend_for("openrouter", fake_server.url, http_session))
+    assert failure.code == "auth_rejected_by_backend"
+    assert SECRET not in failure.message
+    assert "bad key [redacted]" in failure.message
+    assert len(failure.message) <= MESSAGE_LIMIT
+    assert failure.message.isprintable()
+
+
+async def test_a_missing_key_fails_without_a_request(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    failure = await failure_of(backend_for("venice", fake_server.url, http_session))
+    assert (failure.code, failure.fallback) == ("auth_rejected_by_backend", True)
+    assert KEY_ENV in failure.message
+    assert fake_server.requests == []
+
+
+async def test_connection_refused_is_unreachable_and_falls_back(
+    http_session: aiohttp.ClientSession,
+) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    failure = await failure_of(backend_for("vllm", f"http://127.0.0.1:{port}", http_session))
+    assert (failure.code, failure.fallback) == ("backend_unreachable", True)
+    assert "cannot connect" in failure.message
+
+
+# --- a raw server that records how the client left ----------------------------------------------
+
+Script = Callable[["Conn"], Awaitable[None]]
+
+
+@dataclass
+class Conn:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def head(self) -> None:
+        self.writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        await self.writer.drain()
+
+    async def chunk(self, data: bytes) -> None:
+        self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        await self.writer.drain()
+
+    def reset(self) -> None:
+        """Abort with a TCP RST (SO_LINGER 0), as a crashing server does."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+@dataclass
+class RawServer:
+    """Reads one HTTP request per connection, runs `script`, then waits until the client
+    closes its side: `disconnected` is set then (or when the script itself closed)."""
+
+    script: Script
+    url: str = ""
+    got_request: anyio.Event = field(default_factory=anyio.Event)
+    disconnected: anyio.Event = field(default_factory=anyio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            self.got_request.set()
+            await self.script(Conn(reader, writer))
+            while await reader.read(65536):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.disconnected.set()
+            writer.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Script], Awaitable[RawServer]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> RawServer:
+        raw = RawServer(script)
+        server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+        servers.append(server)
+        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return raw
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def stall(_: Conn) -> None:
+    """Send nothing; the server then only waits for the client to go."""
+
+
+async def part_then_stall(conn: Conn) -> None:
+    """Headers and one event, then nothing more."""
+    await conn.head()
+    await conn.chunk(b"data: {}\n\n")
+
+
+async def test_reset_before_the_answer_is_unreachable_and_falls_back(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    async def reset(conn: Conn) -> None:
+        conn.reset()
+
+    server = await raw_server(reset)
+    failure = await failure_of(backend_for("vllm", server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_unreachable", True)
+
+
+async def test_reset_after_the_headers_before_any_byte_still_falls_back(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    async def headers_then_reset(conn: Conn) -> None:
+        await conn.head()
+        conn.reset()
+
+    server = await raw_server(headers_then_reset)
+    failure = await failure_of(backend_for("llamacpp", server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_unreachable", True)
+
+
+async def test_an_answer_that_is_not_http_is_a_backend_error_without_fallback(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    async def garbage(conn: Conn) -> None:
+        conn.writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await conn.writer.drain()
+
+    server = await raw_server(garbage)
+    failure = await failure_of(backend_for("vllm", server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert failure.message.startswith("vllm: the answer is not valid HTTP (")
+    assert "127.0.0.1" not in failure.message and failure.message.isprintable()
+
+
+async def test_a_body_that_breaks_off_is_a_backend_error_after_the_bytes(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    part = b'data: {"choices":[{"delta":{"content":"Par'
+    client_has_it = anyio.Event()
+
+    async def part_then_reset(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(part)
+        await client_has_it.wait()  # else the RST could overtake the part
+        conn.reset()
+
+    server = await raw_server(part_then_reset)
+    backend = backend_for("vllm", server.url, http_session)
+    received = []
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend.stream("openai", BODY, deadline_in()) as chunks:
+            async for data in chunks:
+                received.append(data)
+                client_has_it.set()
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert b"".join(received) == part
+    assert f"broke off after {len(part)} bytes" in failure.message
+
+
+async def test_deadline_before_the_headers_is_a_timeout_and_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(stall)
+    backend = backend_for("vllm", server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        failure = await failure_of(backend, deadline=deadline_in(0.2))
+        await server.disconnected.wait()
+    assert (failure.code, failure.fallback) == ("backend_timeout", False)
+    assert "before the backend answered" in failure.message
+
+
+async def test_a_deadline_already_passed_sends_nothing(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    failure = await failure_of(
+        backend_for("vllm", fake_server.url, http_session), deadline=anyio.current_time() - 1
+    )
+    assert failure.code == "backend_timeout"
+    assert fake_server.requests == []
+
+
+async def test_deadline_mid_body_is_a_timeout_and_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    received = []
+    with anyio.fail_after(BOUND_S):
+        with pytest.raises(StreamFailed) as caught:
+            async with backend.stream("openai", BODY, deadline_in(0.3)) as chunks:
+                async for data in chunks:
+                    received.append(data)
+        await server.disconnected.wait()
+    assert received == [b"data: {}\n\n"]
+    assert (caught.value.failure.code, caught.value.failure.fallback) == (
+        "backend_timeout",
+        False,
+    )
+    assert "after 10 bytes" in caught.value.failure.message
+
+
+async def test_the_deadline_drops_the_connection_even_while_nobody_reads(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        async with backend.stream("openai", BODY, deadline_in(0.3)) as chunks:
+            iterator = aiter(chunks)
+            assert await anext(iterator) == b"data: {}\n\n"
+            await server.disconnected.wait()  # the relay is busy elsewhere; the timer acts
+            with pytest.raises(StreamFailed) as caught:
+                await anext(iterator)
+    assert caught.value.failure.code == "backend_timeout"
+
+
+# --- released or closed on every way out ---------------------------------------------------------
+
+
+async def test_an_exception_in_the_caller_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        with pytest.raises(RuntimeError, match="relay broke"):
+            async with backend.stream("openai", BODY, deadline_in()) as chunks:
+                async for _ in chunks:
+                    raise RuntimeError("relay broke")
+        await server.disconnected.wait()
+
+
+async def test_leaving_early_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    with anyio.fail_after(BOUND_S):
+        async with backend.stream("openai", BODY, deadline_in()) as chunks:
+            async for _ in chunks:
+                break
+        await server.disconnected.wait()
+
+
+async def test_cancel_mid_body_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    backend = backend_for("vllm", server.url, http_session)
+    received = []
+    with anyio.fail_after(BOUND_S):
+        with anyio.CancelScope() as scope:
+            async with backend.stream("openai", BODY, deadline_in()) as chunks:
+                async for data in chunks:
+                    received.append(data)
+                    scope.cancel()  # job_cancel: the next read is where it lands
+        await server.disconnected.wait()
+    assert scope.cancelled_caught
+    assert received == [b"data: {}\n\n"]
+
+
+async def test_cancel_while_waiting_for_headers_closes_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(stall)
+    backend = backend_for("vllm", server.url, http_session)
+    entered = False
+    with anyio.fail_after(BOUND_S):
+        async with anyio.create_task_group() as group:
+
+            async def job() -> None:
+                nonlocal entered
+                async with backend.stream("openai", BODY, deadline_in()):
+                    entered = True
+
+            group.start_soon(job)
+            await server.got_request.wait()
+            group.cancel_scope.cancel()
+        await server.disconnected.wait()
+    assert not entered
+
+
+async def test_a_finished_stream_gives_its_connection_back(fake_server: FakeServer) -> None:
+    """One pooled connection only: the next job could not start unless the first released it,
+    whether it ended normally, failed on a status, or was left early."""
+    recorded = fixture_bytes("vllm/chat-stream-usage.sse")
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler(odd_pieces(recorded)))
+    fake_server.reply("POST", "/v1/messages", {"error": "no"}, status=500)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        backend = backend_for("vllm", fake_server.url, http)
+        with anyio.fail_after(BOUND_S):
+            for _ in range(3):
+                assert await collect(backend) == recorded
+                assert (await failure_of(backend, "anthropic")).code == "backend_error"
+                async with backend.stream("openai", BODY, deadline_in()) as chunks:
+                    async for _ in chunks:
+                        break
+    assert len(fake_server.requests) == 9
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+
+async def test_registry_holds_one_adapter_per_configured_backend_by_label() -> None:
+    config = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        "[discovery]\ntimeout_s = 7\n"
+        '[[backends]]\nkind = "vllm"\nurl = "http://127.0.0.1:8000"\n'
+        '[[backends]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\nname = "box"\n'
+        f'[[backends]]\nkind = "openrouter"\napi_key_env = "{KEY_ENV}"\n'
+        "[pricing]\ndefault_input_per_1m = 1\ndefault_output_per_1m = 1\n"
+    )
+    async with new_http_session(4) as http:
+        registry = Registry(config, http)
+        labels = [backend.name for backend in registry]
+        assert labels == ["vllm:http://127.0.0.1:8000", "box", "openrouter"]
+        assert len(registry) == 3 and "box" in registry and "nope" not in registry
+        box = registry.get("box")
+        assert box.config.kind == "ollama" and box.http is http and box.timeout_s == 7
+        assert registry.get("openrouter").base_url == "https://openrouter.ai/api/v1"
+        with pytest.raises(KeyError, match="no configured backend is named 'nope'"):
+            registry.get("nope")
+        rebuilt = Registry.build(config, http)
+        assert rebuilt.get("box") is not box  # a reload gets fresh adapters
+
+
+# --- the real llama.cpp-based server ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_llamacpp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with llamacpp_server(tmp_path_factory.mktemp("llamacpp")) as base_url:
+        yield base_url
+
+
+@pytest.mark.realbackend
+async def test_a_real_llamacpp_server_streams_through_the_adapter(
+    real_llamacpp: str, http_session: aiohttp.ClientSession
+) -> None:
+    """The job path's pieces on a real server: the body the agent sends, the bytes it relays,
+    and the usage it reads (estimated: llama-cpp-python sends none)."""
+    request = {
+        "model": "whatever-the-client-said",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "seed": 0,
+    }
+    body = request_body("openai", request, MODEL_ALIAS)
+    config = BackendConfig(kind="llamacpp", url=real_llamacpp)
+    backend = make_backend(config, http_session, 1)
+    meter = UsageMeter("openai", request)
+    parts = []
+    with anyio.fail_after(60):
+        async with backend.stream("openai", body, deadline_in(60)) as chunks:
+            async for data in chunks:
+                parts.append(data)
+                meter.feed(data)
+    raw = b"".join(parts)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert f'"model": "{MODEL_ALIAS}"'.encode() in raw
+    assert meter.ended and meter.error is None
+    assert meter.result() == Usage(6, 4, True)
