@@ -11,6 +11,7 @@ session sends what waits and closes with 1001. Then every task is cancelled; not
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,16 +21,19 @@ import anyio
 import anyio.abc
 
 from provider_agent import __version__, logs
+from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
 from provider_agent.catalog import Catalog, capabilities_message
 from provider_agent.config import Config, load
 from provider_agent.discovery import Discovery
-from provider_agent.errors import ConfigError, IdentityError
+from provider_agent.errors import ConfigError, IdentityError, OutboxError
 from provider_agent.identity import Identity, load_or_create
-from provider_agent.jobs import Executor
+from provider_agent.jobs import Executor, ExecutorHooks
 from provider_agent.metrics import JobStats
 from provider_agent.outbound import Outbound
+from provider_agent.outbox import Outbox
 from provider_agent.protocol import Capabilities, Heartbeat
+from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Inbound, ReconnectPolicy
 
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 #: The largest `limits.max_concurrent` allowed: the pool admits it even after a reload raises it.
 POOL_STREAMS = 256
 CRASH_RESTART_S = 1.0
+#: A backend failing jobs triggers a discovery pass, at most this often (protocol.md §2).
+OUT_OF_CYCLE_PASS_S = 10.0
+#: How often the outbox drops what it no longer needs to keep.
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass
@@ -74,7 +82,12 @@ class Daemon:
         self.budgets = ShutdownBudgets()
         self.stats = JobStats()
         self.outbound = Outbound()
-        self.jobs = Executor(self.outbound, self.stats)
+        self.window = TokenWindow(config.limits.max_tokens_per_minute)
+        self.registry: Registry | None = None
+        #: The executor exists once `run()` has opened the outbox.
+        self.jobs: Executor
+        self.outbox: Outbox | None = None
+        self._last_failure_pass = -OUT_OF_CYCLE_PASS_S
         self.catalog: Catalog | None = None
         self.draining = False
         self.clock = anyio.current_time
@@ -98,6 +111,15 @@ class Daemon:
     def request_pass(self) -> None:
         """Ask the discovery loop for a pass now (single-flight makes repeats cheap)."""
         self._pass_wanted.set()
+
+    def backend_failed(self, backend: str) -> None:
+        """A backend failed a job: a pass soon, so the coordinator hears of a dead backend
+        within seconds (at most one such pass per `OUT_OF_CYCLE_PASS_S`)."""
+        now = self.clock()
+        if now - self._last_failure_pass >= OUT_OF_CYCLE_PASS_S:
+            self._last_failure_pass = now
+            log.info("backend failed a job, discovery pass requested backend=%s", backend)
+            self.request_pass()
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -127,6 +149,9 @@ class Daemon:
             new.coordinator.url != self.config.coordinator.url or identity is not self.identity
         )
         self.config, self.identity = new, identity
+        self.window.limit = new.limits.max_tokens_per_minute
+        if self.registry is not None:
+            self.registry = Registry.build(new, self.registry.http)
         logs.setup(self.log_level or new.observability.log_level, new.observability.log_format)
         log.info("config reloaded path=%s backends=%d", self.config_path, len(new.backends))
         if self.session is not None:
@@ -140,7 +165,23 @@ class Daemon:
     # --- the tree --------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        async with new_http_session(POOL_STREAMS) as http:
+        async with new_http_session(POOL_STREAMS) as http, await self._open_outbox() as outbox:
+            self.outbox = outbox
+            self.registry = Registry.build(self.config, http)
+            self.jobs = Executor(
+                self.outbound,
+                self.stats,
+                outbox,
+                ExecutorHooks(
+                    routes=lambda: self.catalog.routes if self.catalog else {},
+                    registry=self._registry,
+                    max_concurrent=lambda: self.config.limits.max_concurrent,
+                    accepting=lambda: not self.draining,
+                    backend_failed=self.backend_failed,
+                ),
+                self.window,
+            )
+            await self.jobs.report_orphans()
             self.discovery = Discovery(http, lambda: self.config)
             self.session = Session(
                 SessionHooks(
@@ -151,6 +192,9 @@ class Daemon:
                     heartbeat=self.heartbeat,
                     on_authenticated=self.request_pass,
                     on_inbound=self._on_inbound,
+                    undelivered=outbox.undelivered,
+                    on_confirmed=self.jobs.confirmed,
+                    on_disconnected=self.jobs.connection_lost,
                 ),
                 self.identity,
                 self.outbound,
@@ -169,6 +213,7 @@ class Daemon:
                 self._pass_wanted = anyio.Event()
                 await group.start(self.jobs.run)
                 group.start_soon(self._supervised, "discovery", self._discovery_loop)
+                group.start_soon(self._supervised, "outbox pruning", self._prune_loop)
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
                 self.started.set()
@@ -178,6 +223,22 @@ class Daemon:
                 group.cancel_scope.cancel()
         log.info("agent stopped")
         return 0
+
+    async def _open_outbox(self) -> Outbox:
+        """The outbox under the state dir (`$STATE_DIRECTORY` wins, as under systemd)."""
+        state = os.environ.get("STATE_DIRECTORY", "")
+        directory = Path(state.split(":")[0]) if state else self.config.state.dir
+        return await Outbox.open(directory, keep_days=self.config.ledger.keep_days)
+
+    def _registry(self) -> Registry:
+        assert self.registry is not None
+        return self.registry
+
+    async def _prune_loop(self) -> None:
+        assert self.outbox is not None
+        while True:
+            await self.outbox.prune()
+            await anyio.sleep(PRUNE_EVERY_S)
 
     async def _run_session(self, done: anyio.Event) -> None:
         assert self.session is not None
@@ -317,6 +378,10 @@ def run_daemon(config_path: Path, allow_insecure: bool, log_level: str | None) -
             allow_insecure=allow_insecure,
             log_level=log_level,
         )
-        return await daemon.run()
+        try:
+            return await daemon.run()
+        except OutboxError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
 
     return anyio.run(main)

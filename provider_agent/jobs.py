@@ -1,36 +1,138 @@
-"""The job executor: owns every job's task, knows what is in flight, and answers each job once.
+"""The job executor: accept → route → stream through a backend → chunks → exactly one terminal
+frame, recorded in the outbox before it is sent.
 
-The daemon hands it inbound job frames (`submit`, `cancel`, `reject`); it owns the jobs task
-group, so the daemon's shutdown can wait for it to go idle, cancel what is left, and flush.
+Follow a job top-down: `submit` (called by the session's reader; decides at once, never waits)
+→ `_run` (its own cancel scope in the jobs task group) → `_serve` (routes in order; fallback only
+before the first byte) → `_relay` (upstream bytes verbatim into the job's outbound lane, usage
+metered as they pass) → `_end` (shielded: outbox, outbound, statistics, ledger).
+
+Every distinct `job_id` gets one terminal frame: a repeat while it runs is ignored, a repeat after
+it ended gets the SAME stored frame again (protocol.md §4). Cancel, deadline, a lost connection
+and the stop all end a job through its cancel scope with a reason, so they share one path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
-from provider_agent.metrics import JobStats
+from provider_agent.catalog import Route
+from provider_agent.errors import StreamFailed
+from provider_agent.metrics import FinishedJob, JobStats
 from provider_agent.outbound import Outbound
-from provider_agent.protocol import ErrorCode, Job, JobError, encode
+from provider_agent.outbox import LedgerEntry, Outbox
+from provider_agent.protocol import (
+    ErrorCode,
+    Job,
+    JobDone,
+    JobError,
+    TokenCounts,
+    WireFormat,
+    encode,
+)
+from provider_agent.ratelimit import TokenWindow
+from provider_agent.routing import BackendLoad, Refusal, admit, order_routes
+from provider_agent.upstream import RouteFailure, printable, request_body
+from provider_agent.usage import UsageMeter
+
+if TYPE_CHECKING:
+    from provider_agent.backends import Registry
 
 log = logging.getLogger(__name__)
+
+#: `Backend.stream`'s shape, as the relay uses it.
+StreamOpener = Callable[
+    [WireFormat, bytes, float], AbstractAsyncContextManager[AsyncIterator[bytes]]
+]
+
+#: A job's bytes waiting for the writer beyond this make its relay wait (backpressure) …
+BACKPRESSURE_BYTES = 1024 * 1024
+#: … and a job whose frames cannot leave for this long ends `connection_lost` (protocol.md §4).
+SEND_STALL_S = 5.0
+#: How often a running job's relayed byte count is recorded (for `connection_lost` after a crash).
+PROGRESS_EVERY_S = 1.0
+#: Past the deadline, the stream's own timer should have ended the job; this is the backstop.
+DEADLINE_GRACE_S = 1.0
+
+
+@dataclass
+class Outcome:
+    """How a job ended, before it becomes a frame."""
+
+    error_code: ErrorCode | None = None
+    message: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+
+@dataclass
+class Running:
+    """One job in flight."""
+
+    job: Job
+    received_at: float
+    deadline: float
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stop_reason: tuple[ErrorCode, str] | None = None
+    route: Route | None = None
+    relayed: int = 0
+    first_byte_at: float | None = None
+    counted_tokens: int = 0
+
+    def stop(self, code: ErrorCode, message: str) -> None:
+        """End the job from outside (cancel, lost connection, shutdown); the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = (code, message)
+        self.scope.cancel()
+
+
+@dataclass
+class ExecutorHooks:
+    """What the executor reads from the daemon, fresh for every job."""
+
+    routes: Callable[[], Mapping[str, Sequence[Route]]]
+    registry: Callable[[], Registry]
+    max_concurrent: Callable[[], int]
+    accepting: Callable[[], bool]
+    #: A backend failed a job before its first byte (the daemon asks for a discovery pass).
+    backend_failed: Callable[[str], None]
 
 
 class Executor:
     """Jobs in flight and their terminal frames."""
 
-    def __init__(self, outbound: Outbound, stats: JobStats) -> None:
+    def __init__(
+        self,
+        outbound: Outbound,
+        stats: JobStats,
+        outbox: Outbox,
+        hooks: ExecutorHooks,
+        window: TokenWindow,
+        *,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
         self.outbound = outbound
         self.stats = stats
+        self.outbox = outbox
+        self.hooks = hooks
+        self.window = window
+        self.clock = clock
+        self.load = BackendLoad()
+        self.running: dict[str, Running] = {}
         self._group: anyio.abc.TaskGroup | None = None
         self._idle = anyio.Event()
         self._idle.set()
 
     @property
     def in_flight(self) -> int:
-        return self.stats.in_flight
+        return len(self.running)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -40,34 +142,291 @@ class Executor:
             task_status.started()
             await anyio.sleep_forever()
 
+    # --- inbound: decide at once, never wait -----------------------------------------------------
+
     def submit(self, job: Job) -> None:
-        """A `job` frame: this build refuses (a refusal, not a serving failure) so the
-        coordinator routes it elsewhere."""
-        log.warning("job refused job_id=%s: this build does not run jobs", job.job_id)
-        self._answer(job.job_id, "out_of_capacity", "this agent build does not run jobs yet")
+        """A `job` frame from the coordinator."""
+        assert self._group is not None, "submit before run()"
+        job_id = job.job_id
+        if job_id in self.running:
+            log.warning("job already in flight, repeat ignored job_id=%s", printable(job_id))
+            return
+        now = self.clock()
+        if self.outbox.in_store(job_id):
+            self._group.start_soon(self._answer_repeat, job_id)
+            return
+        refusal = admit(
+            model_id=job.model_id,
+            fmt=job.format,
+            routes=self.hooks.routes(),
+            in_flight=len(self.running),
+            max_concurrent=self.hooks.max_concurrent(),
+            window_open=self.window.admit(now),
+            accepting=self.hooks.accepting(),
+        )
+        if refusal is not None:
+            self._group.start_soon(self._refuse, job, refusal)
+            return
+        running = Running(job, received_at=now, deadline=now + job.deadline_ms / 1000)
+        self.running[job_id] = running
+        self._idle = anyio.Event()
+        self.stats.job_started()
+        self._group.start_soon(self._run, running)
 
     def reject(self, job_id: str, reason: str) -> None:
-        """A `job` frame that could not be parsed but whose id could be read."""
-        log.warning("malformed job job_id=%s: %s", job_id, reason)
-        self._answer(job_id, "bad_request", reason)
+        """A `job` frame that could not be parsed but whose id could be read: `bad_request`, only
+        for a job_id that is new (a repeat of a known id gets its stored frame)."""
+        assert self._group is not None, "reject before run()"
+        if job_id in self.running:
+            return
+        if self.outbox.in_store(job_id):
+            self._group.start_soon(self._answer_repeat, job_id)
+            return
+        log.warning("malformed job job_id=%s: %s", printable(job_id), printable(reason))
+        self._group.start_soon(self._refuse_id, job_id, Refusal("bad_request", reason))
 
     def cancel(self, job_id: str) -> None:
-        log.debug("cancel for a job not in flight job_id=%s", job_id)
+        """`job_cancel`: abort upstream, answer `cancelled`. Unknown or finished ids: ignored."""
+        running = self.running.get(job_id)
+        if running is None:
+            log.debug("cancel for a job not in flight job_id=%s", printable(job_id))
+            return
+        running.stop("cancelled", "cancelled by the coordinator")
+
+    def connection_lost(self) -> None:
+        """The coordinator's socket is gone: every job in flight loses its client."""
+        for running in list(self.running.values()):
+            running.stop("connection_lost", "the coordinator connection dropped mid-job")
+            self.outbound.discard(running.job.job_id)
+
+    async def confirmed(self, job_ids: Sequence[str]) -> None:
+        """Terminal frames the coordinator has read (pong) or stored (job_ack)."""
+        await self.outbox.delivered(job_ids)
+
+    # --- the daemon's shutdown steps -------------------------------------------------------------
 
     async def wait_idle(self) -> None:
         """Returns once no job is in flight."""
-        while self.stats.in_flight:
-            idle = anyio.Event()
-            self.stats.on_idle = idle.set
-            await idle.wait()
+        while self.running:
+            await self._idle.wait()
 
     async def cancel_all(self) -> None:
-        """Cancel every job still running and wait for their terminal frames."""
+        """Stop every job still running and wait until each has its terminal frame."""
+        for running in list(self.running.values()):
+            running.stop("shutting_down", "the agent stopped before the job finished")
+        await self.wait_idle()
 
     async def flush(self) -> None:
-        """Make sure every terminal frame is in the outbox."""
+        """Every terminal frame is in the outbox once `finish` returned: nothing is buffered
+        elsewhere, so this only waits for jobs still writing theirs."""
+        await self.wait_idle()
 
-    def _answer(self, job_id: str, code: ErrorCode, message: str) -> None:
-        self.outbound.terminal(
-            job_id, encode(JobError(job_id=job_id, error_code=code, message=message))
+    async def report_orphans(self) -> int:
+        """After a restart: jobs accepted but never ended (the agent died) get `connection_lost`
+        with the bytes relayed as far as recorded. Their frames go out after the next auth_ok."""
+        orphans = await self.outbox.orphans()
+        for job_id, model_id, relayed in orphans:
+            frame = encode(
+                JobError(
+                    job_id=job_id,
+                    error_code="connection_lost",
+                    message="the agent stopped before the job finished",
+                    tokens_emitted=relayed,
+                )
+            )
+            await self.outbox.finish(job_id, frame, None)
+            log.warning(
+                "job left unfinished by an earlier run reported job_id=%s model=%s bytes=%d",
+                printable(job_id),
+                printable(model_id),
+                relayed,
+            )
+        return len(orphans)
+
+    # --- one job ---------------------------------------------------------------------------------
+
+    async def _run(self, running: Running) -> None:
+        job = running.job
+        outcome: Outcome | None = None
+        try:
+            await self.outbox.accept(job.job_id, job.model_id)
+            with running.scope:
+                running.scope.deadline = running.deadline + DEADLINE_GRACE_S
+                outcome = await self._serve(running)
+            if outcome is None:
+                code, message = running.stop_reason or ("backend_timeout", "deadline_ms passed")
+                outcome = Outcome(code, message)
+        except Exception as exc:  # a bug must cost one job, never the agent
+            log.exception("job failed internally job_id=%s", printable(job.job_id))
+            outcome = Outcome("internal", f"internal error ({type(exc).__name__})")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._end(running, outcome or Outcome("shutting_down", "agent stopped"))
+
+    async def _serve(self, running: Running) -> Outcome:
+        job = running.job
+        now = self.clock()
+        routes = order_routes(
+            self.hooks.routes().get(job.model_id, ()), job.format, self.load, now
         )
+        if not routes:
+            return Outcome("out_of_capacity", "every backend serving this model is at its limit")
+        last: RouteFailure | None = None
+        for route in routes:
+            try:
+                backend = self.hooks.registry().get(route.backend)
+            except KeyError:
+                continue  # removed by a reload since the last pass
+            running.route = route
+            self.load.started(route.backend)
+            try:
+                return await self._relay(running, backend.stream, route)
+            except StreamFailed as exc:
+                failure = exc.failure
+                if running.relayed:  # after the first byte there is no retry
+                    return Outcome(failure.code, failure.message)
+                last = failure
+                if failure.code != "bad_request":
+                    self.load.failed(route.backend, self.clock())
+                    self.hooks.backend_failed(route.backend)
+                if not failure.fallback:
+                    return Outcome(failure.code, failure.message)
+                log.info(
+                    "route failed before its first byte, trying the next job_id=%s backend=%s "
+                    "code=%s",
+                    printable(job.job_id),
+                    route.backend,
+                    failure.code,
+                )
+            finally:
+                self.load.ended(route.backend)
+        if last is None:
+            return Outcome("model_not_loaded", "no backend of this agent serves this model")
+        return Outcome(last.code, last.message)
+
+    async def _relay(self, running: Running, stream: StreamOpener, route: Route) -> Outcome:
+        job = running.job
+        job_id = job.job_id
+        meter = UsageMeter(job.format, job.request)
+        body = request_body(job.format, job.request, route.native_id)
+        next_progress = self.clock() + PROGRESS_EVERY_S
+        async with stream(job.format, body, running.deadline) as chunks:
+            async for data in chunks:
+                if running.first_byte_at is None:
+                    running.first_byte_at = self.clock()
+                meter.feed(data)
+                running.relayed += len(data)
+                if self.outbound.chunk(job_id, data) > BACKPRESSURE_BYTES:
+                    with anyio.move_on_after(SEND_STALL_S) as stalled:
+                        await self.outbound.sent_down_to(job_id, BACKPRESSURE_BYTES)
+                    if stalled.cancelled_caught:
+                        return Outcome("connection_lost", "frames could not be sent for 5 s")
+                counted = meter.output_so_far
+                if counted > running.counted_tokens:
+                    now = self.clock()
+                    self.window.add(now, counted - running.counted_tokens)
+                    running.counted_tokens = counted
+                    if now >= next_progress:
+                        next_progress = now + PROGRESS_EVERY_S
+                        await self.outbox.progress(job_id, running.relayed)
+        if meter.error is not None:
+            return Outcome("backend_error", f"error event mid-stream: {meter.error}")
+        if not meter.ended:
+            marker = "data: [DONE]" if job.format == "openai" else "message_stop"
+            return Outcome("backend_error", f"the stream ended before {marker}")
+        usage = meter.result()
+        self.load.succeeded(route.backend)
+        return Outcome(
+            None, "", input_tokens=usage.input, output_tokens=usage.output, estimated=usage.estimated
+        )
+
+    async def _end(self, running: Running, outcome: Outcome) -> None:
+        """The one terminal frame: outbox first (a billing record), then the wire."""
+        job = running.job
+        now = self.clock()
+        if outcome.error_code == "connection_lost":
+            self.outbound.discard(job.job_id)  # nobody will read those bytes
+        if outcome.error_code is None:
+            frame: JobDone | JobError = JobDone(
+                job_id=job.job_id,
+                tokens=TokenCounts(
+                    input=outcome.input_tokens,
+                    output=outcome.output_tokens,
+                    input_tokens=outcome.input_tokens,
+                    output_tokens=outcome.output_tokens,
+                ),
+                duration_ms=round((now - running.received_at) * 1000),
+                usage_source="estimated" if outcome.estimated else None,
+            )
+            actual = outcome.input_tokens + outcome.output_tokens
+            self.window.correct(now, running.counted_tokens, actual)
+        else:
+            frame = JobError(
+                job_id=job.job_id,
+                error_code=outcome.error_code,
+                message=outcome.message,
+                tokens_emitted=running.relayed,
+            )
+        route = running.route
+        ledger = LedgerEntry(
+            model=job.model_id,
+            backend=route.backend if route else "",
+            outcome=outcome.error_code or "job_done",
+            tokens_in=outcome.input_tokens,
+            tokens_out=outcome.output_tokens,
+            usage_source="estimated" if outcome.estimated else "reported",
+            input_per_1m=route.price.input_per_1m if route else 0,
+            output_per_1m=route.price.output_per_1m if route else 0,
+        )
+        try:
+            text = await self.outbox.finish(job.job_id, encode(frame), ledger)
+            self.outbound.terminal(job.job_id, text)
+        finally:
+            del self.running[job.job_id]
+            first = running.first_byte_at
+            self.stats.job_finished(
+                FinishedJob(
+                    at=now,
+                    time_to_first_byte_ms=(first - running.received_at) * 1000 if first else None,
+                    output_tokens=outcome.output_tokens,
+                    generation_s=now - first if first else 0.0,
+                    error_code=outcome.error_code,
+                )
+            )
+            if not self.running:
+                self._idle.set()
+        log.info(
+            "job ended job_id=%s model=%s backend=%s outcome=%s bytes=%d",
+            printable(job.job_id),
+            printable(job.model_id),
+            route.backend if route else "-",
+            outcome.error_code or "job_done",
+            running.relayed,
+        )
+
+    # --- refusals and repeats --------------------------------------------------------------------
+
+    async def _refuse(self, job: Job, refusal: Refusal) -> None:
+        log.info(
+            "job refused job_id=%s model=%s code=%s",
+            printable(job.job_id),
+            printable(job.model_id),
+            refusal.code,
+        )
+        await self._refuse_id(job.job_id, refusal, model_id=job.model_id)
+
+    async def _refuse_id(self, job_id: str, refusal: Refusal, model_id: str = "") -> None:
+        frame = encode(JobError(job_id=job_id, error_code=refusal.code, message=refusal.message))
+        ledger = LedgerEntry(model_id, "", refusal.code, 0, 0, "reported", 0, 0)
+        text = await self.outbox.finish(job_id, frame, ledger)
+        self.outbound.terminal(job_id, text)
+        self.stats.job_refused(FinishedJob(self.clock(), None, 0, 0.0, refusal.code))
+
+    async def _answer_repeat(self, job_id: str) -> None:
+        """A job_id that already ended: the same stored terminal frame again."""
+        frame = await self.outbox.stored_frame(job_id)
+        if frame is None:
+            log.warning("repeated job_id still in the store without a frame: ignored")
+            return
+        log.info("repeated job answered with its stored frame job_id=%s", printable(job_id))
+        self.outbound.terminal(job_id, frame)

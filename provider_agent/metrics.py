@@ -49,6 +49,10 @@ class JobStats:
             self.last_error_at = wall_clock or datetime.now(UTC)
             self.last_error_code = job.error_code
 
+    def job_refused(self, job: FinishedJob) -> None:
+        """A job answered with a refusal at once: counted in the window, never in flight."""
+        self._finished.append(job)
+
     def window(self, now: float) -> list[FinishedJob]:
         while self._finished and self._finished[0].at < now - WINDOW_S:
             self._finished.popleft()

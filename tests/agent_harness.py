@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import orjson
 from aiohttp import web
 
 from provider_agent.config import load
@@ -76,14 +78,31 @@ async def running_agent(
 
 @dataclass
 class FakeVllm:
+    """A vLLM look-alike: /health, /v1/models and a streaming /v1/chat/completions.
+
+    `gate`, when given, holds every stream after its tokens until it is set (a job in flight);
+    `status` other than 200 answers completions with that error; `bodies` are the completion
+    requests seen and `disconnects` counts streams the client closed before their end."""
+
     url: str
     models: list[str]
+    tokens: int = 3
+    gate: anyio.Event | None = None
+    status: int = 200
+    bodies: list[dict[str, object]] = field(default_factory=list)
+    streamed: list[bytes] = field(default_factory=list)
+    disconnects: int = 0
+    started: anyio.Event = field(default_factory=anyio.Event)
+
+
+def sse_chunk(payload: dict[str, object]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 @asynccontextmanager
-async def fake_vllm(*models: str) -> AsyncIterator[FakeVllm]:
-    """A loopback server that answers like vLLM's /health and /v1/models."""
-    state = FakeVllm("", list(models))
+async def fake_vllm(*models: str, tokens: int = 3) -> AsyncIterator[FakeVllm]:
+    """A loopback server that answers like vLLM's /health, /v1/models and completions."""
+    state = FakeVllm("", list(models), tokens=tokens)
 
     async def health(_: web.Request) -> web.Response:
         return web.Response()
@@ -92,9 +111,51 @@ async def fake_vllm(*models: str) -> AsyncIterator[FakeVllm]:
         data = [{"id": m, "object": "model", "max_model_len": 4096} for m in state.models]
         return web.json_response({"object": "list", "data": data})
 
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        state.bodies.append(body)
+        if state.status != 200:
+            return web.json_response(
+                {"error": {"message": "fake failure", "code": state.status}}, status=state.status
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        sent = bytearray()
+        try:
+
+            async def write(data: bytes) -> None:
+                sent.extend(data)
+                await response.write(data)
+
+            base = {"id": "cmpl-1", "object": "chat.completion.chunk", "model": body["model"]}
+            await write(
+                sse_chunk({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            )
+            state.started.set()
+            for i in range(state.tokens):
+                delta = {"index": 0, "delta": {"content": f"t{i} "}}
+                await write(sse_chunk({**base, "choices": [delta]}))
+            if state.gate is not None:
+                await state.gate.wait()
+            usage = {
+                "prompt_tokens": 7,
+                "completion_tokens": state.tokens,
+                "total_tokens": 7 + state.tokens,
+            }
+            await write(sse_chunk({**base, "choices": [], "usage": usage}))
+            await write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            state.disconnects += 1
+            raise
+        finally:
+            state.streamed.append(bytes(sent))
+        return response
+
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", listing)
+    app.router.add_post("/v1/chat/completions", completions)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -48,6 +48,7 @@ class Registry:
     """
 
     def __init__(self, config: Config, http: aiohttp.ClientSession) -> None:
+        self.http = http
         timeout_s = config.discovery.timeout_s
         self._adapters = {
             backend.label: make_backend(backend, http, timeout_s) for backend in config.backends
