@@ -199,7 +199,8 @@ class Outbox:
 
     def in_store(self, job_id: str) -> bool:
         """True when the store holds `job_id`: accepted (in flight or orphaned), or ended and its
-        frame still kept. No I/O: the ids are kept in memory (about 100 bytes each)."""
+        frame still kept. No I/O: the ids are kept in memory (about 130 bytes each).
+        Between expiry and the next `prune()` it may still say True; `stored_frame()` is exact."""
         return job_id in self._known
 
     async def accept(self, job_id: str, model_id: str) -> None:
@@ -208,6 +209,7 @@ class Outbox:
         now = self._now()
 
         def op(db: sqlite3.Connection) -> None:
+            _forget_expired(db, job_id, now)
             db.execute(
                 "INSERT OR IGNORE INTO jobs (job_id, model, accepted_ms) SELECT ?, ?, ?"
                 " WHERE NOT EXISTS (SELECT 1 FROM frames WHERE job_id = ?)",
@@ -239,6 +241,7 @@ class Outbox:
         now = self._now()
 
         def op(db: sqlite3.Connection) -> tuple[bool, str]:
+            _forget_expired(db, job_id, now)
             cursor = db.execute(
                 "INSERT OR IGNORE INTO frames (job_id, frame, finished_ms) VALUES (?, ?, ?)",
                 (job_id, frame, now),
@@ -408,13 +411,17 @@ class Outbox:
         return count, None if oldest is None else max(0.0, (now - oldest) / 1000)
 
     async def aclose(self) -> None:
-        """Write whatever is pending, then close the file. Idempotent."""
+        """Refuse new calls, write every call already handed over, then close the file."""
         if self._conn is None or self._closing:
             return
-        await self._run(lambda db: None)
         self._closing = True
-        connection, self._conn = self._conn, None
         with anyio.CancelScope(shield=True):
+            while self._queue or self._flush_done is not None:
+                if self._flush_done is None:
+                    await self._flush()
+                else:
+                    await self._flush_done.wait()
+            connection, self._conn = self._conn, None
             await anyio.to_thread.run_sync(connection.close)
 
     # -- the batching engine ---------------------------------------------------------------
@@ -484,6 +491,15 @@ class Outbox:
             call.result = result
             call.done = True
         return True
+
+
+def _forget_expired(db: sqlite3.Connection, job_id: str, now_ms: int) -> None:
+    """Drop `job_id`'s frame if it was delivered over 24 h ago: from then on the id is new
+    (protocol.md §4), whether or not `prune()` has run since."""
+    db.execute(
+        "DELETE FROM frames WHERE job_id = ? AND delivered_ms < ?",
+        (job_id, now_ms - DELIVERED_KEEP_S * 1000),
+    )
 
 
 # -- decisions: pure functions over plain data ----------------------------------------------

@@ -379,9 +379,9 @@ def _write_newer(path: Path) -> None:
 
 def _store_of_many_pages(path: Path) -> bytearray:
     async def fill() -> None:
-        async with await Outbox.open(path.parent) as outbox:
+        async with await Outbox.open(path.parent) as outbox, anyio.create_task_group() as tasks:
             for n in range(300):
-                await outbox.finish(f"j{n}", done(f"j{n}") + " " * 500, entry())
+                tasks.start_soon(outbox.finish, f"j{n}", done(f"j{n}") + " " * 500, entry())
 
     anyio.run(fill)
     data = bytearray(path.read_bytes())
@@ -600,3 +600,28 @@ def test_keep_days_of_a_config_with_or_without_the_section() -> None:
 
     assert keep_days_of(WithLedger()) == 30
     assert keep_days_of(object()) == 400
+
+
+async def test_an_id_is_new_again_once_its_delivered_frame_expired(tmp_path: Path) -> None:
+    clock = Clock()
+    async with await Outbox.open(tmp_path, clock=clock) as outbox:
+        await outbox.finish("j", done("j", 1, 1), entry())
+        await outbox.delivered(["j"])
+        clock.now += DAY + 1  # expired, and no prune has run
+        assert await outbox.stored_frame("j") is None
+        await outbox.accept("j", "m")
+        assert await outbox.orphans() == [("j", "m", 0)]
+        assert await outbox.finish("j", done("j", 2, 2), entry()) == done("j", 2, 2)
+        assert await outbox.undelivered() == [("j", done("j", 2, 2))]
+    assert [row[0] for row in ledger_rows(tmp_path)] == ["j", "j"]
+
+
+async def test_close_writes_every_call_already_handed_over(tmp_path: Path) -> None:
+    outbox = await Outbox.open(tmp_path)
+    async with anyio.create_task_group() as tasks:
+        for n in range(20):
+            tasks.start_soon(outbox.finish, f"j{n}", done(f"j{n}"), entry())
+        tasks.start_soon(outbox.aclose)
+    with pytest.raises(OutboxError, match="closed"):
+        await outbox.accept("late", "m")
+    assert len(ledger_rows(tmp_path)) == 20
