@@ -24,7 +24,7 @@ EX_FAILURE = 1
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
-_QUIET = frozenset({"validate", "discover", "identity", "init"})
+_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings"})
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--output", metavar="PATH", default="agent.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     command("identity", "load or create the identity key and print it")
+    earnings = command("earnings", "the local ledger of served jobs: totals, or rows as CSV")
+    earnings.add_argument("--since", metavar="DATE", help="first day, YYYY-MM-DD (UTC)")
+    earnings.add_argument("--until", metavar="DATE", help="day after the last, YYYY-MM-DD (UTC)")
+    earnings.add_argument("--by", choices=["day", "model", "backend"], default="day")
+    earnings.add_argument("--csv", action="store_true", help="every row as CSV, not totals")
     coordinator = command("dev-coordinator", "the reference coordinator, for local testing")
     coordinator.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
     return parser
@@ -108,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _discover(config, as_json=args.json)
     if command == "identity":
         return _identity(config)
+    if command == "earnings":
+        from provider_agent.ledger import earnings_command
+
+        return earnings_command(config.state.dir, args.since, args.until, args.by, as_csv=args.csv)
     raise AssertionError(command)
 
 

@@ -6,8 +6,10 @@
     ├── BackendError                a backend misbehaved: unreachable, bad status, garbage, too big
     │   ├── BackendAuthError        the backend refused our credentials (or none were found)
     │   └── StreamFailed            a job's upstream stream failed; carries its RouteFailure
-    └── CoordinatorError            the coordinator broke the protocol or refused us
-        └── AuthFailed              the coordinator said `auth_failed`
+    ├── CoordinatorError            the coordinator broke the protocol or refused us
+    │   └── AuthFailed              the coordinator said `auth_failed`
+    └── OutboxError                 the on-disk outbox/ledger is corrupt, unwritable or missing;
+                                    the daemon exits 1 rather than lose a billing record
 
 A backend's or the coordinator's failure is never the agent's death: callers catch these at the
 edge of the operation they belong to (one probe, one job, one session) and carry on.
@@ -63,3 +65,7 @@ class CoordinatorError(AgentError):
 
 class AuthFailed(CoordinatorError):
     """The coordinator refused the handshake with `auth_failed`."""
+
+
+class OutboxError(AgentError):
+    """The outbox store is unusable; `str()` is the one line an operator sees, naming the file."""
