@@ -31,7 +31,7 @@ from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
 from provider_agent.metrics import JobStats
 from provider_agent.outbound import Outbound
-from provider_agent.outbox import Outbox
+from provider_agent.outbox import Outbox, keep_days_of
 from provider_agent.protocol import Capabilities, Heartbeat
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
@@ -228,7 +228,7 @@ class Daemon:
         """The outbox under the state dir (`$STATE_DIRECTORY` wins, as under systemd)."""
         state = os.environ.get("STATE_DIRECTORY", "")
         directory = Path(state.split(":")[0]) if state else self.config.state.dir
-        return await Outbox.open(directory, keep_days=self.config.ledger.keep_days)
+        return await Outbox.open(directory, keep_days=keep_days_of(self.config))
 
     def _registry(self) -> Registry:
         assert self.registry is not None

@@ -206,7 +206,10 @@ class Executor:
     # --- the daemon's shutdown steps -------------------------------------------------------------
 
     async def wait_idle(self) -> None:
-        """Returns once no job is in flight."""
+        """Returns once no job is in flight (the drain step)."""
+        await self._until_idle()
+
+    async def _until_idle(self) -> None:
         while self.running:
             await self._idle.wait()
 
@@ -214,12 +217,12 @@ class Executor:
         """Stop every job still running and wait until each has its terminal frame."""
         for running in list(self.running.values()):
             running.stop("shutting_down", "the agent stopped before the job finished")
-        await self.wait_idle()
+        await self._until_idle()
 
     async def flush(self) -> None:
         """Every terminal frame is in the outbox once `finish` returned: nothing is buffered
         elsewhere, so this only waits for jobs still writing theirs."""
-        await self.wait_idle()
+        await self._until_idle()
 
     async def report_orphans(self) -> int:
         """After a restart: jobs accepted but never ended (the agent died) get `connection_lost`
@@ -266,9 +269,7 @@ class Executor:
     async def _serve(self, running: Running) -> Outcome:
         job = running.job
         now = self.clock()
-        routes = order_routes(
-            self.hooks.routes().get(job.model_id, ()), job.format, self.load, now
-        )
+        routes = order_routes(self.hooks.routes().get(job.model_id, ()), job.format, self.load, now)
         if not routes:
             return Outcome("out_of_capacity", "every backend serving this model is at its limit")
         last: RouteFailure | None = None
@@ -337,7 +338,11 @@ class Executor:
         usage = meter.result()
         self.load.succeeded(route.backend)
         return Outcome(
-            None, "", input_tokens=usage.input, output_tokens=usage.output, estimated=usage.estimated
+            None,
+            "",
+            input_tokens=usage.input,
+            output_tokens=usage.output,
+            estimated=usage.estimated,
         )
 
     async def _end(self, running: Running, outcome: Outcome) -> None:

@@ -10,6 +10,7 @@ from itertools import pairwise
 from pathlib import Path
 from statistics import mean
 
+import aiohttp
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -224,44 +225,77 @@ async def test_reload_with_a_new_coordinator_url_reconnects_there(tmp_path: Path
             await first.wait_for(lambda c: not c.connected())
 
 
+async def post_chat(url: str, model: str) -> tuple[int, bytes]:
+    """One streamed completion through the coordinator's OpenAI front: (status, body)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{url}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        ) as response,
+    ):
+        return response.status, await response.read()
+
+
 async def test_drain_waits_for_in_flight_jobs_and_a_second_stop_skips_it(
     coord: DevCoordinator, tmp_path: Path
 ) -> None:
-    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=600, heartbeat_interval_s=1)
-    async with running_agent(cfg) as daemon:
-        await coord.wait_for(lambda c: c.connected())
-        daemon.stats.job_started()  # one job in flight: the drain must wait for it
-        daemon.request_stop()
-        agent = await agent_where(
-            coord,
-            lambda a: a.capabilities is not None and a.capabilities.metadata.status == "draining",
+    async with fake_vllm("m") as backend, anyio.create_task_group() as clients:
+        backend.gate = anyio.Event()  # the job stays in flight until the gate opens
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(backend.url,),
+            drain_timeout_s=600,
+            heartbeat_interval_s=1,
         )
-        beats = agent.heartbeat_count
-        await agent_where(coord, lambda a: a.heartbeat_count >= beats + 2)  # keeps heartbeating
-        assert agent.last_heartbeat is not None and agent.last_heartbeat.queue_depth == 1
-        assert coord.connected() == [agent.provider_id]  # still draining, still connected
-        with anyio.fail_after(5):  # far below the 600 s budget: the second stop forces it
+        async with running_agent(cfg) as daemon:
+            await agent_where(coord, lambda a: a.capabilities is not None and a.capabilities.models)
+            clients.start_soon(post_chat, coord.http_url, "m")
+            await backend.started.wait()
             daemon.request_stop()
-            await coord.wait_for(lambda c: not c.connected())
+            agent = await agent_where(
+                coord,
+                lambda a: (
+                    a.capabilities is not None and a.capabilities.metadata.status == "draining"
+                ),
+            )
+            beats = agent.heartbeat_count
+            await agent_where(coord, lambda a: a.heartbeat_count >= beats + 2)  # keeps beating
+            assert agent.last_heartbeat is not None and agent.last_heartbeat.queue_depth == 1
+            assert coord.connected() == [agent.provider_id]  # still draining, still connected
+            with anyio.fail_after(5):  # far below the 600 s budget: the second stop forces it
+                daemon.request_stop()
+                await coord.wait_for(lambda c: not c.connected())
+        backend.gate.set()
     assert coord.attempts[-1].close_code == 1001
+    [record] = coord.finished.values()  # the cancelled job still got its one terminal frame
+    assert record.terminal is not None and record.terminal.type == "job_error"
+    assert record.terminal.error_code == "shutting_down" and record.terminal_count == 1
 
 
 async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_path: Path) -> None:
-    from provider_agent.metrics import FinishedJob
-
-    cfg = write_config(tmp_path, coord.ws_url, drain_timeout_s=600)
-    async with running_agent(cfg) as daemon:
-        await coord.wait_for(lambda c: c.connected())
-        daemon.stats.job_started()
-        daemon.request_stop()
-        await agent_where(
-            coord,
-            lambda a: a.capabilities is not None and a.capabilities.metadata.status == "draining",
-        )
-        with anyio.fail_after(5):
-            daemon.stats.job_finished(FinishedJob(anyio.current_time(), 10.0, 5, 0.1, None))
-            await coord.wait_for(lambda c: not c.connected())
+    async with fake_vllm("m") as backend, anyio.create_task_group() as clients:
+        backend.gate = anyio.Event()
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,), drain_timeout_s=600)
+        async with running_agent(cfg) as daemon:
+            await agent_where(coord, lambda a: a.capabilities is not None and a.capabilities.models)
+            clients.start_soon(post_chat, coord.http_url, "m")
+            await backend.started.wait()
+            daemon.request_stop()
+            await agent_where(
+                coord,
+                lambda a: (
+                    a.capabilities is not None and a.capabilities.metadata.status == "draining"
+                ),
+            )
+            assert coord.connected()
+            with anyio.fail_after(5):
+                backend.gate.set()
+                await coord.wait_for(lambda c: not c.connected())
     assert coord.attempts[-1].close_code == 1001
+    [record] = coord.finished.values()
+    assert record.terminal is not None and record.terminal.type == "job_done"
 
 
 async def test_an_oversize_inbound_frame_ends_only_that_session(
