@@ -34,7 +34,9 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from provider_agent.errors import ConfigError
-from provider_agent.protocol import WireFormat
+
+# Defined once, in protocol.py; re-exported (the `as`) for the modules that import it from here.
+from provider_agent.protocol import WireFormat as WireFormat  # noqa: PLC0414
 
 BackendKind = Literal["vllm", "llamacpp", "lmstudio", "ollama", "openrouter", "venice"]
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
