@@ -2,16 +2,20 @@
 
 Exit codes: 0 ok, 1 other failure, 78 (EX_CONFIG) for any configuration or identity error, so a
 systemd unit with `RestartPreventExitStatus=78` does not loop on a broken file.
+
+Output: stdout is guarded for every command. A reader that went away (`| head`) ends the command
+quietly (exit 0); any other failure to write it (`> /dev/full`) is one line on stderr, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from provider_agent import __version__
 
@@ -29,6 +33,7 @@ _QUIET = frozenset({"validate", "discover", "identity", "init", "earnings"})
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The global options, accepted before or after the subcommand."""
+    parser.add_argument("--version", action="version", version=f"provider-agent {__version__}")
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", metavar="PATH", default=default, help="path of agent.toml")
     parser.add_argument(
@@ -42,7 +47,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--allow-insecure",
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
-        help="accept a ws:// coordinator URL (testing only)",
+        help="accept a ws:// coordinator URL and http:// BYOK URLs (testing only)",
     )
 
 
@@ -51,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="provider-agent",
         description="Sell this machine's inference on the marketplace.",
     )
-    parser.add_argument("--version", action="version", version=f"provider-agent {__version__}")
     _global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -78,7 +82,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OutputError(Exception):
+    """Writing stdout failed; `closed` when the reader went away (EPIPE)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or "input/output error")
+        self.closed = isinstance(error, BrokenPipeError)
+
+
+class _GuardedOutput:
+    """stdout, with its write errors told apart from every other OSError a command may meet."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            raise _OutputError(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            raise _OutputError(exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    guarded = _GuardedOutput(sys.stdout)
+    sys.stdout = cast(TextIO, guarded)
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as stop:  # argparse: --version, --help, usage errors
+            code = stop.code if isinstance(stop.code, int) else EX_FAILURE
+        sys.stdout.flush()
+        return code
+    except _OutputError as exc:
+        _discard(guarded.stream)
+        if exc.closed:
+            return EX_OK
+        print(f"error: cannot write the output: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    finally:
+        sys.stdout = guarded.stream
+
+
+def _discard(stream: TextIO) -> None:
+    """Point stdout's descriptor at /dev/null, so the exit's own flush of what is still buffered
+    cannot fail again (Python would print "Exception ignored ..." for it)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (a test's capture): nothing to flush at exit
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from provider_agent import logs
     from provider_agent.errors import ConfigError, IdentityError
@@ -100,7 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "dev-coordinator":
         return _dev_coordinator(args.listen)
     if command == "init":
-        return _init(Path(args.output), args.force)
+        return _init(args.output, args.force)
     config_path = _config_path(args)
     if command == "run":
         from provider_agent.daemon import run_daemon
@@ -145,6 +210,12 @@ def _fail(args: argparse.Namespace, line: str) -> None:
 def _validate(config: Config) -> int:
     if not config.backends:
         print("warning: no [[backends]] configured: nothing will be offered", file=sys.stderr)
+    if config.coordinator.is_placeholder:
+        print(
+            "warning: coordinator.url is still a placeholder (a host reserved for examples, like "
+            "the `# CHANGE ME` one `init` writes): set the marketplace's wss:// address",
+            file=sys.stderr,
+        )
     print(f"ok: {len(config.backends)} backend(s)")
     return EX_OK
 
@@ -200,18 +271,32 @@ def _identity(config: Config) -> int:
     from provider_agent.identity import load_or_create
 
     identity = load_or_create(config.identity.key_path)
+    if identity.created:
+        print(
+            f"identity: created a new key at {identity.path} (mode 0600); back it up: "
+            "it is this provider's identity",
+            file=sys.stderr,
+        )
     print(f"public_key: {identity.public_key_b64}")
     print(f"provider_id: {identity.provider_id or 'none'}")
+    print(f"key_file: {identity.path}")
     return EX_OK
 
 
-def _init(output: Path, force: bool) -> int:
+def _init(output_option: str, force: bool) -> int:
     import anyio
 
-    from provider_agent.init_config import run_init
+    from provider_agent.init_config import OutputError, run_init
 
+    if not output_option.strip():
+        print("init: --output is empty: give the path of the file to write", file=sys.stderr)
+        return EX_FAILURE
+    output = Path(output_option)
     try:
         path, detected = anyio.run(run_init, output, force)
+    except OutputError as exc:
+        print(f"init: {exc}", file=sys.stderr)
+        return EX_FAILURE
     except FileExistsError:
         print(f"init: {output} exists; pass --force to overwrite it", file=sys.stderr)
         return EX_FAILURE

@@ -2,7 +2,8 @@
 
 The file holds the secret key, its public half (so a corrupted or swapped file is caught at
 load), a creation time and, once the coordinator assigned one, the `provider_id`. Every write is
-atomic (temp file in the same directory, fsync, rename), so a crash never leaves half a key.
+atomic (`provider_agent.atomic`), so a crash never leaves half a key. Every failure to create,
+read or rewrite the file is an IdentityError: one line, exit 78, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +21,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from provider_agent.atomic import write_atomic
 from provider_agent.errors import IdentityError
 
 log = logging.getLogger(__name__)
 FILE_VERSION = 1
+#: A real identity file is a few hundred bytes.
+_MAX_FILE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Identity:
     _key: Ed25519PrivateKey
     created_at: str
     provider_id: str | None = None
+    #: True when `load_or_create` made this key just now (the command line says so).
+    created: bool = False
 
     @property
     def public_key_b64(self) -> str:
@@ -50,7 +55,7 @@ class Identity:
         if provider_id == self.provider_id:
             return False
         self.provider_id = provider_id
-        _write_atomic(self.path, self._document())
+        _write(self.path, self._document(), "cannot save the provider_id")
         return True
 
     def _document(self) -> dict[str, Any]:
@@ -70,24 +75,69 @@ class Identity:
 def load_or_create(path: Path) -> Identity:
     """Load the identity at `path`, creating a new key there (0600, dir 0700) if none exists."""
     path = path.expanduser()
-    if path.exists():
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        pass  # create it below
+    except OSError as exc:
+        raise IdentityError(f"{path}: cannot reach the identity file ({_reason(exc)})") from None
+    else:
         return load(path)
     identity = Identity(
         path=path,
         _key=Ed25519PrivateKey.generate(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=True,
     )
-    _write_atomic(path, identity._document())
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IdentityError(
+            f"{path}: cannot create the identity key: cannot create its directory "
+            f"({_reason(exc)}); set [identity] key_path to a writable place"
+        ) from None
+    _write(path, identity._document(), "cannot create the identity key")
     log.info("identity created path=%s public_key=%s", path, identity.public_key_b64)
     return identity
 
 
 def load(path: Path) -> Identity:
-    """Load an existing identity; refuse a file whose public key does not match its secret."""
+    """Load an existing identity; refuse a file whose public key does not match its secret, and
+    one of a version this agent does not know (it would not know how to rewrite it either)."""
+    document = _read_document(path)
+    version = document.get("version")
+    if version != FILE_VERSION or isinstance(version, bool):
+        what = f"version {version}" if type(version) is int else "no known version"
+        raise IdentityError(
+            f"{path}: identity file has {what}; this agent reads version {FILE_VERSION} "
+            "(written by a newer or another program?): refusing to use or overwrite it"
+        )
+    secret_text, stored_public = document.get("secret_key"), document.get("public_key")
+    if not isinstance(secret_text, str) or not isinstance(stored_public, str):
+        raise IdentityError(f"{path}: corrupt identity file (secret_key or public_key missing)")
     try:
-        mode = path.stat().st_mode
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(secret_text, validate=True))
+    except ValueError:  # not base64, or not 32 bytes
+        raise IdentityError(
+            f"{path}: corrupt identity file (secret_key is not a base64 Ed25519 key)"
+        ) from None
+    provider_id = document.get("provider_id")
+    if provider_id is not None and not isinstance(provider_id, str):
+        raise IdentityError(f"{path}: corrupt identity file (provider_id is not a string)")
+    identity = Identity(path=path, _key=key, created_at=str(document.get("created_at", "")))
+    if identity.public_key_b64 != stored_public:
+        raise IdentityError(f"{path}: public key does not match the secret key; refusing to use it")
+    identity.provider_id = provider_id
+    return identity
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The file's JSON object; never echoes content (which could be the secret)."""
+    try:
+        with path.open("rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            data = handle.read(_MAX_FILE_BYTES + 1)
+    except OSError as exc:
         raise IdentityError(f"{path}: unreadable identity file ({_reason(exc)})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning(
@@ -95,48 +145,27 @@ def load(path: Path) -> Identity:
             path,
             stat.S_IMODE(mode),
         )
+    if len(data) > _MAX_FILE_BYTES:
+        raise IdentityError(f"{path}: not an identity file (far too large)")
     try:
-        secret = base64.b64decode(document["secret_key"], validate=True)
-        key = Ed25519PrivateKey.from_private_bytes(secret)
-        stored_public = str(document["public_key"])
-        provider_id = document.get("provider_id")
-        created_at = str(document.get("created_at", ""))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IdentityError(f"{path}: corrupt identity file ({_reason(exc)})") from None
-    identity = Identity(path=path, _key=key, created_at=created_at)
-    if identity.public_key_b64 != stored_public:
-        raise IdentityError(f"{path}: public key does not match the secret key; refusing to use it")
-    if provider_id is not None and not isinstance(provider_id, str):
-        raise IdentityError(f"{path}: corrupt identity file (provider_id is not a string)")
-    identity.provider_id = provider_id
-    return identity
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise IdentityError(f"{path}: corrupt identity file (not JSON)") from None
+    if not isinstance(document, dict):
+        raise IdentityError(f"{path}: corrupt identity file (not a JSON object)")
+    return document
 
 
-def _write_atomic(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _write(path: Path, document: dict[str, Any], what: str) -> None:
+    data = (json.dumps(document, indent=2) + "\n").encode()
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        write_atomic(path, data, mode=0o600)
+    except OSError as exc:
+        raise IdentityError(
+            f"{path}: {what} ({_reason(exc)}); set [identity] key_path to a writable place"
+        ) from None
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason that never echoes file content (which could be the secret)."""
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    if isinstance(exc, KeyError):
-        return f"missing {exc.args[0]}"
-    return type(exc).__name__
+def _reason(exc: OSError) -> str:
+    """The operating system's reason in words ("Permission denied", "Not a directory")."""
+    return exc.strerror or "input/output error"

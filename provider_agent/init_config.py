@@ -20,9 +20,7 @@ and a capped read, and nothing here raises for a backend's sake: an odd answer i
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,22 +34,20 @@ import tomlkit
 from tomlkit.items import AoT, Table
 
 from provider_agent import config
+from provider_agent.atomic import write_atomic
 from provider_agent.backends.base import (
     LISTING_CAP_BYTES,
     USER_AGENT,
     new_http_session,
     read_capped,
 )
-from provider_agent.config import BackendKind
+from provider_agent.config import PLACEHOLDER_COORDINATOR_URL, BackendKind
 from provider_agent.errors import BackendError
 
 #: The default port of each local kind, probed in this order (also the order of the results).
 DEFAULT_PORTS: Final[Mapping[str, int]] = MappingProxyType(
     {"vllm": 8000, "llamacpp": 8080, "lmstudio": 1234, "ollama": 11434}
 )
-#: Written when the coordinator's address is not known: `.invalid` never resolves, so an agent
-#: started on an unedited file fails loudly instead of talking to a stranger.
-PLACEHOLDER_COORDINATOR_URL: Final = "wss://coordinator.example.invalid/provider/connect"
 #: Body cap for `GET /`: llama.cpp serves its web UI there, which is no business of ours.
 _ROOT_CAP = 64 * 1024
 #: How many of a backend's models the generated file lists in a comment.
@@ -349,16 +345,30 @@ def render_config(
         "observability",
         _table(
             'HTTP endpoint for /metrics, /healthz, /readyz, /status, as "HOST:PORT"; "" disables.',
-            ("prometheus_addr", "127.0.0.1:9090", ""),
+            ("prometheus_addr", "127.0.0.1:9821", ""),
             ("log_level", "info", "error | warn | info | debug | trace"),
             ("log_format", "text", "text | json"),
         ),
     )
     doc.add(
+        "telemetry",
+        _table(
+            "GPU telemetry: auto reads NVML when present (silently absent otherwise).",
+            ("gpu", "auto", "auto | off"),
+        ),
+    )
+    doc.add(
+        "ledger",
+        _table(
+            "The local earnings record (`provider-agent earnings`).",
+            ("keep_days", 400, "older rows are pruned, 1-3650"),
+        ),
+    )
+    doc.add(
         "state",
         _table(
-            "Outbox and runtime state; $STATE_DIRECTORY (systemd) wins. Default:\n"
-            'dir = "~/.local/state/provider-agent"',
+            "Outbox, ledger and control socket; $STATE_DIRECTORY (systemd) wins; at most 90\n"
+            'bytes. Default: dir = "~/.local/state/provider-agent"',
             ("drain_timeout_s", 60, "SIGTERM waits this long for jobs in flight, 0-3600"),
         ),
     )
@@ -407,58 +417,36 @@ def _comments(container: Any, text: str) -> None:
 # --- writing --------------------------------------------------------------------------------------
 
 
+class OutputError(Exception):
+    """`--output` names a place `init` will not write to; `str()` is the operator's line."""
+
+
 def _writable_target(path: Path, force: bool) -> Path:
-    path = path.expanduser()
+    """Check `--output` before any probing: its directory exists (created parents would hide a
+    typo), it is not a directory, and without `force` nothing is there yet (FileExistsError)."""
+    try:
+        path = path.expanduser()
+    except RuntimeError:
+        raise OutputError(f"{path}: ~user names a user that does not exist") from None
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputError(f"{path}: the directory {parent} {what} (create it first)")
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory: name the file to write, e.g. {path}/agent.toml")
     if not force and (path.exists() or path.is_symlink()):
         raise FileExistsError(f"{path} exists (use --force to overwrite it)")
     return path
 
 
 def write_config(path: Path, text: str, force: bool) -> None:
-    """Write `text` to `path` atomically (temporary file, fsync, rename). Without `force` an
-    existing file is never replaced: FileExistsError."""
+    """Write `text` to `path` atomically. Without `force` an existing file is never replaced:
+    FileExistsError. The file gets the usual mode of a new file (0o666 less the umask)."""
     path = _writable_target(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never follow or reuse someone else's file; 0o666 minus the umask, like any new file.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if force:
-            os.replace(temporary, path)
-        else:
-            _publish_no_clobber(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _publish_no_clobber(temporary: Path, path: Path) -> None:
-    """Move into place unless `path` appeared meanwhile (a hard link fails if it exists)."""
-    try:
-        os.link(temporary, path)
+        write_atomic(path, text.encode(), mode=None, replace=force)
     except FileExistsError:
         raise FileExistsError(f"{path} exists (use --force to overwrite it)") from None
-    except OSError:  # no hard links on this filesystem: check, then rename
-        if path.exists():
-            raise FileExistsError(f"{path} exists (use --force to overwrite it)") from None
-        os.replace(temporary, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -6,15 +6,22 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from provider_agent import __version__
+from provider_agent.config import MAX_PRICE, MAX_PRIORITY, MAX_TOKENS_PER_MINUTE
 from provider_agent.protocol import Capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "agent.toml.example"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def cli(
@@ -102,6 +109,10 @@ def test_identity_is_created_then_stable(tmp_path: Path) -> None:
     assert first.returncode == 0 and first.stdout == second.stdout
     lines = first.stdout.splitlines()
     assert lines[0].startswith("public_key: ") and lines[1] == "provider_id: none"
+    key_file = tmp_path / "id" / "identity.key"
+    assert lines[2] == f"key_file: {key_file}"
+    assert f"created a new key at {key_file}" in first.stderr
+    assert "created" not in second.stderr
 
 
 def test_identity_mismatch_exits_78(tmp_path: Path) -> None:
@@ -134,6 +145,375 @@ def test_api_key_never_reaches_output(tmp_path: Path) -> None:
         tmp_path,
         '[[backends]]\nkind = "openrouter"\napi_key_env = "OR_KEY"\nurl = "http://127.0.0.1:9/api/v1"\n',
     )
-    result = cli("discover", "--config", str(path), "--log-level", "debug", env={"OR_KEY": secret})
-    assert result.returncode == 0
+    result = cli(
+        "discover",
+        "--config",
+        str(path),
+        "--log-level",
+        "debug",
+        "--allow-insecure",
+        env={"OR_KEY": secret},
+    )
+    assert result.returncode == 0, result.stderr
     assert secret not in result.stdout + result.stderr
+
+
+# --- global options, anywhere ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", "--version"],
+        ["discover", "--json", "--version"],
+        ["identity", "--version"],
+        ["init", "--version"],
+        ["run", "--version"],
+        ["dev-coordinator", "--version"],
+        ["--version", "validate"],
+    ],
+)
+def test_version_works_before_or_after_the_command(args: list[str]) -> None:
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"provider-agent {__version__}"
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_allow_insecure_and_log_level_work_after_the_command(tmp_path: Path, position: str) -> None:
+    path = minimal_config(tmp_path).read_text().replace("wss://coord.example", "ws://127.0.0.1:9")
+    (tmp_path / "ws.toml").write_text(path)
+    options = ["--allow-insecure", "--log-level", "error", "--config", str(tmp_path / "ws.toml")]
+    args = [*options, "validate"] if position == "before" else ["validate", *options]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert cli("validate", "--config", str(tmp_path / "ws.toml")).returncode == 78
+
+
+# --- where the config is looked for --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["validate", "discover", "identity", "run"])
+def test_missing_config_names_every_searched_place(tmp_path: Path, command: str) -> None:
+    result = cli(command, cwd=tmp_path, env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    assert result.returncode == 78
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("config error: agent.toml: no such file")
+    assert str(tmp_path / "xdg" / "provider-agent" / "agent.toml") in line
+    assert str(tmp_path / "agent.toml") in line
+    assert "--config" in line and "PROVIDER_AGENT_CONFIG" in line
+
+
+@pytest.mark.parametrize("command", ["validate", "discover", "identity", "run"])
+@pytest.mark.parametrize("empty", ["", " "])
+def test_empty_config_option_is_refused_not_searched(
+    tmp_path: Path, command: str, empty: str
+) -> None:
+    minimal_config(tmp_path)  # ./agent.toml exists: an empty --config must not fall back to it
+    result = cli(command, "--config", empty, cwd=tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.strip() == "config error: --config: is empty: give the path of agent.toml"
+
+
+# --- stdout: a closed pipe is quiet, a full disk one line ----------------------------------------
+
+OUTPUT_COMMANDS = [
+    ["validate"],
+    ["discover"],
+    ["discover", "--json"],
+    ["identity"],
+    ["--version"],
+    ["--help"],
+    ["validate", "--help"],
+]
+
+
+def _config_args(tmp_path: Path) -> list[str]:
+    path = minimal_config(tmp_path, '[[backends]]\nkind = "vllm"\nurl = "http://127.0.0.1:9"\n')
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS, ids=" ".join)
+def test_closed_stdout_is_a_quiet_exit(tmp_path: Path, command: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "provider_agent", *command, *_config_args(tmp_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    for noise in ("Traceback", "Broken pipe", "BrokenPipe", "Exception ignored", "error:"):
+        assert noise not in result.stderr
+
+
+@pytest.mark.parametrize("command", [*OUTPUT_COMMANDS, ["init"]], ids=" ".join)
+def test_full_disk_is_one_line_exit_1(tmp_path: Path, command: list[str]) -> None:
+    args = ["--output", str(tmp_path / "new.toml")] if command == ["init"] else []
+    if command != ["init"]:
+        args = _config_args(tmp_path)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "provider_agent", *command, *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: cannot write the output: No space left on device"
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert sum("cannot write the output" in line for line in lines) == 1
+
+
+# --- init --output -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "fragment"),
+    [
+        ("{t}/nonexistent/dir/x.toml", "does not exist"),
+        ("{t}/file/x.toml", "is not a directory"),
+        ("{t}", "is a directory"),
+        ("", "--output is empty"),
+    ],
+)
+def test_init_refuses_an_output_it_would_have_to_invent(
+    tmp_path: Path, output: str, fragment: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    result = cli("init", "--output", output.format(t=tmp_path))
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("init: ") and fragment in line
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_validate_warns_about_inits_placeholder_coordinator(tmp_path: Path) -> None:
+    out = tmp_path / "agent.toml"
+    assert cli("init", "--output", str(out)).returncode == 0
+    result = cli("validate", "--config", str(out))
+    assert result.returncode == 0 and result.stdout.startswith("ok: ")
+    assert "coordinator.url is still a placeholder" in result.stderr
+    real = minimal_config(tmp_path).read_text().replace("coord.example", "api.marketplace.net")
+    out.write_text(real)
+    assert "placeholder" not in cli("validate", "--config", str(out)).stderr
+
+
+# --- identity ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key_path",
+    [
+        "{t}/file/identity.key",
+        "{t}/file/deeper/identity.key",
+        "/dev/null/identity.key",
+        "/sys/identity.key",
+        "{t}/" + "n" * 300,
+    ],
+)
+def test_identity_that_cannot_be_created_exits_78_with_one_line(
+    tmp_path: Path, key_path: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    path = minimal_config(tmp_path)
+    text = path.read_text().replace(
+        str(tmp_path / "id" / "identity.key"), key_path.format(t=tmp_path)
+    )
+    path.write_text(text)
+    for command in ("identity", "run"):
+        result = cli(command, "--config", str(path))
+        assert result.returncode == 78, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("identity error: ") and "cannot" in line
+        assert "Traceback" not in result.stderr and "Errno" not in line
+
+
+def test_identity_with_unknown_version_exits_78(tmp_path: Path) -> None:
+    path = minimal_config(tmp_path)
+    assert cli("identity", "--config", str(path)).returncode == 0
+    key_file = tmp_path / "id" / "identity.key"
+    document = json.loads(key_file.read_text())
+    key_file.write_text(json.dumps({**document, "version": 9}))
+    result = cli("identity", "--config", str(path))
+    assert result.returncode == 78 and "version 9" in result.stderr
+    assert document["secret_key"] not in result.stderr
+
+
+# --- errors a person meets through the command line ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\xef\xbb\xbf[coordinator]\n", "byte-order mark"),
+        ("[coordinator]\n".encode("utf-16"), "UTF-16"),
+        ('[operator]\ndisplay_name = "Café"\n'.encode("latin-1"), "not UTF-8"),
+        (b"x = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'[coordinator]\nurl = "wss://a/b"\n[coordinator]\n', "duplicate table [coordinator]"),
+        (b'coordinator = "wss://a/b"\n', "coordinator: must be a table"),
+        (b'[coordinator]\nurl = "wss://host:99999"\n', "port"),
+        (b'[coordinator]\nurl = "wss:// "\n', "spaces"),
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_config_errors_through_the_command_line(
+    tmp_path: Path, content: bytes, fragment: str, command: str
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(content)
+    result = cli(command, "--config", str(path))
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {path}: ")
+    assert fragment in lines[0]
+    for python in ("Traceback", "instance of", "<class", "twice", "codec", "RecursionError"):
+        assert python not in lines[0]
+
+
+def test_byok_over_http_needs_allow_insecure_on_the_command_line(tmp_path: Path) -> None:
+    path = minimal_config(
+        tmp_path,
+        '[[backends]]\nkind = "venice"\napi_key_env = "V_KEY"\nurl = "http://127.0.0.1:9/api/v1"\n',
+    )
+    refused = cli("validate", "--config", str(path))
+    assert refused.returncode == 78
+    assert "--allow-insecure" in refused.stderr and "https://" in refused.stderr
+    assert cli("validate", "--config", str(path), "--allow-insecure").returncode == 0
+
+
+# --- what validate accepts, discover runs --------------------------------------------------------
+
+
+class _FakeBackends(BaseHTTPRequestHandler):
+    """vLLM at / and OpenRouter at /api/v1, answering with the recorded fixtures."""
+
+    ROUTES: ClassVar[dict[str, tuple[int, bytes]]] = {
+        "/health": (200, b""),
+        "/v1/models": (200, (FIXTURES / "vllm" / "models.json").read_bytes()),
+        "/api/v1/key": (200, (FIXTURES / "openrouter" / "key.json").read_bytes()),
+        "/api/v1/models": (200, (FIXTURES / "openrouter" / "models.json").read_bytes()),
+    }
+
+    def do_GET(self) -> None:
+        status, body = self.ROUTES.get(self.path.split("?")[0], (404, b"{}"))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads the agent's output, not the server's."""
+
+
+@pytest.fixture
+def fake_backends() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeBackends)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+VLLM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def _extreme_config(tmp_path: Path, url: str, *, high: bool) -> Path:
+    """Every number at the top (or the bottom) of its range, names at their longest."""
+    price = MAX_PRICE if high else 1
+    long_name = "n" * 256
+
+    def pick(top: Any, bottom: Any) -> Any:
+        return top if high else bottom
+
+    text = f"""
+[coordinator]
+url = "wss://api.marketplace.net/provider/connect"
+heartbeat_interval_s = {pick(300, 1)}
+[identity]
+key_path = "{tmp_path / "id.key"}"
+[discovery]
+interval_s = {pick(86400, 5)}
+timeout_s = {pick(60, 1)}
+[[backends]]
+kind = "vllm"
+url = "{url}"
+name = "{pick(long_name, "v")}"
+priority = {pick(MAX_PRIORITY, -MAX_PRIORITY)}
+max_concurrent = {pick(256, 1)}
+aliases = {{ "{VLLM_MODEL}" = "{pick("a" * 256, "a")}" }}
+[[backends]]
+kind = "openrouter"
+url = "{url}/api/v1"
+api_key_env = "H7_OR_KEY"
+markup = {pick(10, 0)}
+max_concurrent = {pick(256, 1)}
+[pricing]
+default_input_per_1m = {price}
+default_output_per_1m = {price}
+[pricing.models."{pick("a" * 256, "a")}"]
+input_per_1m = {pick(MAX_PRICE, 0)}
+output_per_1m = {pick(MAX_PRICE, 0)}
+[limits]
+max_concurrent = {pick(256, 1)}
+max_tokens_per_minute = {pick(MAX_TOKENS_PER_MINUTE, 1)}
+[telemetry]
+gpu = "{pick("auto", "off")}"
+[ledger]
+keep_days = {pick(3650, 1)}
+[state]
+dir = "{pick("/" + "s" * 89, "/s")}"
+drain_timeout_s = {pick(3600, 0)}
+"""
+    path = tmp_path / f"extreme-{pick('high', 'low')}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("high", [True, False], ids=["top-of-every-range", "bottom"])
+def test_discover_json_runs_on_every_bound_extreme(
+    tmp_path: Path, fake_backends: str, high: bool
+) -> None:
+    path = _extreme_config(tmp_path, fake_backends, high=high)
+    args = ["--config", str(path), "--allow-insecure"]
+    assert cli("validate", *args).returncode == 0
+    result = cli("discover", "--json", *args, env={"H7_OR_KEY": "sk-test"})
+    assert result.returncode == 0, result.stderr
+    message = Capabilities.model_validate_json(result.stdout)
+    offers = {offer.model_id: offer for offer in message.models}
+    assert message.limits.max_concurrent_total == (256 if high else 1)
+    assert message.limits.max_tokens_per_minute == (MAX_TOKENS_PER_MINUTE if high else 1)
+    price = MAX_PRICE if high else 1
+    assert (offers["sql-lora"].input_per_1m, offers["sql-lora"].output_per_1m) == (price, price)
+    if high:
+        assert offers["a" * 256].input_per_1m == MAX_PRICE
+    else:  # priced 0 in [pricing.models]: dropped with a word, as config.md says
+        assert "a" not in offers and "resolved price is 0" in result.stderr
+    assert len({o.backend for o in message.models}) == 2, result.stderr  # openrouter too
+    table = cli("discover", *args, env={"H7_OR_KEY": "sk-test"})
+    assert table.returncode == 0 and "Traceback" not in table.stderr
+
+
+# --- packaging -----------------------------------------------------------------------------------
+
+
+def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["license"] == "Apache-2.0"
+    requires = project["build-system"]["requires"]
+    assert any(r.replace(" ", "").startswith("setuptools>=77") for r in requires)

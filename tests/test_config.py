@@ -210,7 +210,7 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
         "tokens-per-minute-zero",
         doc(limits={"max_tokens_per_minute": 0}),
         "limits.max_tokens_per_minute",
-        ("greater than or equal to 1",),
+        ("between 1 and 1_000_000_000_000_000",),
     ),
     ("drain-negative", doc(state={"drain_timeout_s": -1}), "state.drain_timeout_s", ("0",)),
     ("drain-high", doc(state={"drain_timeout_s": 3601}), "state.drain_timeout_s", ("3600",)),
@@ -219,19 +219,19 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
         "default-input-zero",
         doc(pricing={"default_input_per_1m": 0}),
         "pricing.default_input_per_1m",
-        ("greater than 0",),
+        ("between 1 and",),
     ),
     (
         "default-output-zero",
         doc(pricing={"default_output_per_1m": 0}),
         "pricing.default_output_per_1m",
-        ("greater than 0",),
+        ("between 1 and",),
     ),
     (
         "default-input-negative",
         doc(pricing={"default_input_per_1m": -5}),
         "pricing.default_input_per_1m",
-        ("greater than 0",),
+        ("between 1 and",),
     ),
     (
         "model-price-negative",
@@ -250,7 +250,7 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
         "string-for-int",
         doc(limits={"max_concurrent": "8"}),
         "limits.max_concurrent",
-        ("valid integer",),
+        ("integer", "without quotes", "not a string in quotes"),
     ),
     ("bool-for-int", doc(limits={"max_concurrent": True}), "limits.max_concurrent", ("integer",)),
     (
@@ -263,7 +263,7 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
         "string-for-float",
         doc(discovery={"interval_s": "300"}),
         "discovery.interval_s",
-        ("valid number",),
+        ("number", "without quotes"),
     ),
     ("bool-priority", backends({**OLLAMA, "priority": True}), "backends[0].priority", ("integer",)),
     ("models-not-list", backends({**OLLAMA, "models": "llama3"}), "backends[0].models", ("list",)),
@@ -376,8 +376,13 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
         "backends[0].formats[0]",
         ("'openai'",),
     ),
-    ("formats-empty", backends({**OLLAMA, "formats": []}), "backends[0].formats", ("at least 1",)),
-    ("name-empty", backends({**OLLAMA, "name": ""}), "backends[0].name", ("at least 1",)),
+    (
+        "formats-empty",
+        backends({**OLLAMA, "formats": []}),
+        "backends[0].formats",
+        ("not be empty",),
+    ),
+    ("name-empty", backends({**OLLAMA, "name": ""}), "backends[0].name", ("not be empty",)),
     # duplicates
     (
         "duplicate-kind-url",
@@ -413,9 +418,12 @@ FAILING: list[tuple[str, str, str, tuple[str, ...]]] = [
     ),
     (
         "duplicate-default-name",
-        backends(OPENROUTER, {**OPENROUTER, "api_key_env": "OTHER_KEY"}),
+        backends(
+            {**OPENROUTER, "url": "https://eu.example/api/v1"},
+            {**OPENROUTER, "url": "https://eu.example/api/v1", "api_key_env": "OTHER_KEY"},
+        ),
         "backends[1].name",
-        ("duplicate", "'openrouter'", "set a distinct `name`"),
+        ("duplicate", "'openrouter:https://eu.example/api/v1'", "set a distinct `name`"),
     ),
     (
         "name-equals-other-default",
@@ -561,9 +569,17 @@ def test_not_duplicates() -> None:
     assert [b.label for b in cfg.backends] == [
         "vllm:http://127.0.0.1:8000",
         "llamacpp:http://127.0.0.1:8000",
-        "openrouter",
-        "venice",
+        "openrouter:SHARED",
+        "venice:SHARED",
         "or-second",
+    ]
+
+
+def test_two_keys_of_one_byok_kind_are_two_default_names() -> None:
+    cfg = config.parse(backends(OPENROUTER, {**OPENROUTER, "api_key_env": "OTHER_KEY"}))
+    assert [b.label for b in cfg.backends] == [
+        "openrouter:OPENROUTER_API_KEY",
+        "openrouter:OTHER_KEY",
     ]
 
 
@@ -596,8 +612,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cfg.pricing.models == {}
     assert cfg.limits.max_concurrent == 8
     assert cfg.limits.max_tokens_per_minute is None
-    assert cfg.observability.prometheus_addr == "127.0.0.1:9090"
-    assert cfg.observability.listen == ("127.0.0.1", 9090)
+    assert cfg.observability.prometheus_addr == "127.0.0.1:9821"
+    assert cfg.observability.listen == ("127.0.0.1", 9821)
+    assert cfg.telemetry.gpu == "auto"
+    assert cfg.ledger.keep_days == 400
     assert cfg.observability.log_level == "info"
     assert cfg.observability.log_format == "text"
     assert cfg.state.drain_timeout_s == 60
@@ -649,7 +667,7 @@ def test_label_defaults() -> None:
     )
     assert [b.label for b in cfg.backends] == [
         "ollama:http://127.0.0.1:11434",
-        "openrouter",
+        "openrouter:OPENROUTER_API_KEY",
         "venice:https://api.venice.ai/api/v1",
         "gpu0",
     ]
@@ -776,6 +794,7 @@ class TestResolvePath:
         assert config.resolve_path(None) == tmp_path / "env.toml"
 
     def test_xdg_when_it_exists(self, tmp_path: Path) -> None:
+        (tmp_path / "agent.toml").write_text(doc())
         assert config.resolve_path(None) == Path("agent.toml")
         xdg = self._xdg_file(tmp_path / "xdg")
         assert config.resolve_path(None) == xdg
@@ -784,13 +803,40 @@ class TestResolvePath:
         self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ) -> None:
         monkeypatch.delenv("XDG_CONFIG_HOME")
+        (tmp_path / "agent.toml").write_text(doc())
         assert config.resolve_path(None) == Path("agent.toml")
         path = self._xdg_file(tmp_path / "home" / ".config")
         assert config.resolve_path(None) == path
 
-    def test_cwd_last(self) -> None:
+    def test_cwd_last(self, tmp_path: Path) -> None:
+        (tmp_path / "agent.toml").write_text(doc())
         assert config.resolve_path(None) == Path("agent.toml")
-        assert config.resolve_path("") == Path("agent.toml")
+
+    def test_nothing_found_names_every_place_searched(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError) as caught:
+            config.resolve_path(None)
+        line = str(caught.value)
+        assert "no such file" in line and "\n" not in line
+        assert str(tmp_path / "xdg" / "provider-agent" / "agent.toml") in line
+        assert str(tmp_path / "agent.toml") in line
+        assert "--config" in line and config.CONFIG_ENV in line and "init" in line
+
+    def test_unset_xdg_is_named_as_dot_config(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.delenv("XDG_CONFIG_HOME")
+        with pytest.raises(ConfigError) as caught:
+            config.resolve_path(None)
+        assert "~/.config/provider-agent/agent.toml" in str(caught.value)
+        assert str(tmp_path / "home" / ".config" / "provider-agent" / "agent.toml") in str(
+            caught.value
+        )
+
+    @pytest.mark.parametrize("empty", ["", " ", "\t"])
+    def test_empty_config_option_is_refused(self, empty: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            config.resolve_path(empty)
+        assert str(caught.value) == "--config: is empty: give the path of agent.toml"
 
 
 # --- load() --------------------------------------------------------------------------------------
@@ -824,7 +870,7 @@ def test_load_passes_allow_insecure(tmp_path: Path) -> None:
     [
         (lambda p: None, "no such file"),
         (lambda p: p.mkdir(), "cannot read"),
-        (lambda p: p.write_bytes(b"[coordinator]\nurl = '\xff\xfe'\n"), "cannot read"),
+        (lambda p: p.write_bytes(b"[coordinator]\nurl = '\xff\xfe'\n"), "not UTF-8"),
     ],
     ids=["missing", "directory", "not-utf8"],
 )
@@ -909,3 +955,538 @@ def test_example_has_comments_for_every_section() -> None:
         found = re.search(rf"^{re.escape(header)}\n(.*)$", text, re.MULTILINE)
         assert found is not None, f"no {header} table"
         assert found[1].startswith("#"), f"{header} is not followed by a comment"
+
+
+# --- numbers: every one bounded, every one a TOML number ----------------------------------------
+
+MAX = config.MAX_PRICE
+#: (sections, key path, lowest accepted, highest accepted) for every number in the schema.
+NUMBERS: list[tuple[str, str, Any, Any]] = [
+    ("coordinator", "heartbeat_interval_s", 1, 300),
+    ("discovery", "interval_s", 5, 86400),
+    ("discovery", "timeout_s", 1, 60),
+    ("pricing", "default_input_per_1m", 1, MAX),
+    ("pricing", "default_output_per_1m", 1, MAX),
+    ("pricing.models.m", "input_per_1m", 0, MAX),
+    ("pricing.models.m", "output_per_1m", 0, MAX),
+    ("limits", "max_concurrent", 1, 256),
+    ("limits", "max_tokens_per_minute", 1, config.MAX_TOKENS_PER_MINUTE),
+    ("ledger", "keep_days", 1, 3650),
+    ("state", "drain_timeout_s", 0, 3600),
+    ("backends[0]", "max_concurrent", 1, 256),
+    ("backends[0]", "priority", -config.MAX_PRIORITY, config.MAX_PRIORITY),
+    ("backends[0]", "markup", 0, 10),
+]
+
+
+def with_number(section: str, key: str, value: Any) -> str:
+    """The minimal document with `section.key = value`, the value written as given (raw TOML)."""
+    tables = {
+        "coordinator": ['url = "wss://coord.example.net/provider/connect"'],
+        "pricing": ["default_input_per_1m = 300000", "default_output_per_1m = 600000"],
+    }
+    if section == "backends[0]":
+        tables["[backends]"] = ['kind = "openrouter"', 'api_key_env = "K"']
+    elif section == "pricing.models.m":
+        tables[section] = ["input_per_1m = 1", "output_per_1m = 1"]
+    table = tables.setdefault("[backends]" if section == "backends[0]" else section, [])
+    table[:] = [line for line in table if not line.startswith(f"{key} =")] + [f"{key} = {value}"]
+    return "".join(
+        f"[{name}]\n" + "".join(f"{line}\n" for line in body) for name, body in tables.items()
+    )
+
+
+def _read(cfg: config.Config, section: str, key: str) -> Any:
+    if section == "backends[0]":
+        return getattr(cfg.backends[0], key)
+    if section == "pricing.models.m":
+        return getattr(cfg.pricing.models["m"], key)
+    return getattr(getattr(cfg, section), key)
+
+
+def _key(section: str, key: str) -> str:
+    return f"{section}.{key}"
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high"), NUMBERS)
+def test_every_number_accepts_both_ends_of_its_range(
+    section: str, key: str, low: Any, high: Any
+) -> None:
+    for value in (low, high):
+        assert _read(config.parse(with_number(section, key, value)), section, key) == value
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high"), NUMBERS)
+def test_every_number_refuses_just_outside_and_far_outside(
+    section: str, key: str, low: Any, high: Any
+) -> None:
+    outside = [low - 1, high + 1, high * 10**12 + 1, "99999999999999999999999", "-inf", "inf"]
+    if section != "backends[0]" or key == "markup":
+        outside.append("nan")
+    for value in outside:
+        error = parse_error(with_number(section, key, value))
+        assert error.key == _key(section, key), (value, str(error))
+        assert len(str(error).splitlines()) == 1
+        if isinstance(value, int) or value.lstrip("-").isdigit():
+            assert "between" in error.message or "integer" in error.message, str(error)
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high"), NUMBERS)
+@pytest.mark.parametrize("written", ['"{v}"', "'{v}'", "true", "[{v}]", "1979-05-27"])
+def test_every_number_refuses_a_quoted_number_and_other_types(
+    section: str, key: str, low: Any, high: Any, written: str
+) -> None:
+    value = written.format(v=high)
+    error = parse_error(with_number(section, key, value))
+    assert error.key == _key(section, key)
+    assert "without quotes" in error.message or "integer" in error.message, str(error)
+    if written.startswith(("'", '"')):
+        assert "not a string in quotes" in error.message
+
+
+def test_quoted_markup_is_refused_like_every_other_number() -> None:
+    error = parse_error(backends({**OPENROUTER, "markup": "0.10"}))
+    assert error.key == "backends[0].markup"
+    assert error.message == "must be a number written without quotes, not a string in quotes"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [(s, k) for s, k, low, _ in NUMBERS if isinstance(low, int) and k != "markup"],
+)
+def test_float_for_an_integer_is_refused(section: str, key: str) -> None:
+    field = _read_field(section, key)
+    if field is int:
+        error = parse_error(with_number(section, key, "2.5"))
+        assert error.key == _key(section, key)
+        assert "whole number" in error.message
+
+
+def _read_field(section: str, key: str) -> Any:
+    model: Any = {
+        "backends[0]": config.BackendConfig,
+        "pricing.models.m": config.ModelPrice,
+    }.get(section) or config.Config.model_fields[section].annotation
+    annotation = model.model_fields[key].annotation
+    return int if "int" in str(annotation) else float
+
+
+# --- TOML that the parser cannot take ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 5000 + "]" * 5000,
+        "x = " + "{a = " * 3000 + "1" + "}" * 3000,
+        "[operator]\ndisplay_name = " + "[" * 100_000,
+        doc() + "\n[[backends]]\nkind = 'ollama'\nmodels = " + "[" * 4000 + "]" * 4000,
+        doc() + "\n[pricing.models.m]\ninput_per_1m = " + "[{a = " * 2000 + "1}]" * 2000,
+    ],
+    ids=["arrays", "inline-tables", "unterminated", "in-a-known-key", "mixed"],
+)
+def test_deep_nesting_is_a_one_line_config_error(text: str) -> None:
+    error = parse_error(text, file="deep.toml")
+    assert str(error).startswith("deep.toml: ")
+    assert "nested too deeply" in error.message or "TOML syntax error" in error.message
+    assert len(str(error).splitlines()) == 1
+
+
+def test_moderate_nesting_is_a_type_error_not_a_crash() -> None:
+    error = parse_error(backends({**OLLAMA, "models": [[[["x"]]]]}))
+    assert error.key == "backends[0].models[0]" and "string" in error.message
+
+
+# --- encodings -----------------------------------------------------------------------------------
+
+GOOD = backends(OLLAMA)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        (b"\xef\xbb\xbf" + GOOD.encode(), ("UTF-8 byte-order mark",)),
+        (GOOD.encode("utf-16"), ("UTF-16", "byte-order mark")),
+        (GOOD.encode("utf-16-be"), ("NUL bytes", "UTF-16")),
+        (GOOD.encode("utf-16-le"), ("NUL bytes", "UTF-16")),
+        (b"\xfe\xff" + GOOD.encode("utf-16-be"), ("UTF-16",)),
+        (GOOD.encode("utf-32"), ("UTF-32",)),
+        (
+            (GOOD + '[operator]\ndisplay_name = "Café"\n').encode("latin-1"),
+            ("not UTF-8", "0xe9", "Latin-1"),
+        ),
+        (
+            (GOOD + '[operator]\ndisplay_name = "‘quoted’"\n').encode("cp1252"),
+            ("not UTF-8", "0x91", "line 12, column 17"),
+        ),
+        (b"\x80" + GOOD.encode(), ("not UTF-8", "line 1, column 1")),
+    ],
+    ids=[
+        "utf8-bom",
+        "utf16-bom",
+        "utf16be",
+        "utf16le",
+        "utf16be-bom",
+        "utf32",
+        "latin1",
+        "cp1252",
+        "stray-byte",
+    ],
+)
+def test_wrong_encoding_says_what_is_wrong(
+    tmp_path: Path, data: bytes, fragments: tuple[str, ...]
+) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    line = str(caught.value)
+    assert line.startswith(f"{path}: ") and "save it as UTF-8" in line
+    for fragment in fragments:
+        assert fragment in line, line
+    assert "codec" not in line and "\n" not in line
+    assert caught.value.__cause__ is None
+
+
+def test_utf8_with_non_ascii_reads(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes((GOOD + '[operator]\ndisplay_name = "Café 模型"\n').encode())
+    assert config.load(path).operator.display_name == "Café 模型"
+
+
+@pytest.mark.parametrize(
+    "source", ["/dev/zero", "huge"], ids=["endless-device", "larger-than-1MiB"]
+)
+def test_huge_input_is_refused_without_reading_it_all(tmp_path: Path, source: str) -> None:
+    path = Path(source)
+    if source == "huge":
+        path = tmp_path / "agent.toml"
+        path.write_text(GOOD + "#" * (config.MAX_FILE_BYTES + 10))
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        config.load(path)
+
+
+# --- URLs ----------------------------------------------------------------------------------------
+
+BAD_URLS: list[tuple[str, str]] = [
+    ("{s}:// ", "spaces"),
+    ("{s}://host:99999", "port"),
+    ("{s}://host:0", "port"),
+    ("{s}://host:-1", "port"),
+    ("{s}://host:80x", "port"),
+    ("{s}://host:/", "port"),
+    ("{s}://[::1:8000", "IPv6"),
+    ("{s}://[zz::1]:80", "IPv6"),
+    ("{s}://::1:8000", "brackets"),
+    ("{s}://@", "user:password@"),
+    ("{s}://admin:s3cret@host:1", "user:password@"),
+    ("{s}://token@host", "user:password@"),
+    ("{s}://host:1/path?x=", "query"),
+    ("{s}://host:1/path?", "query"),
+    ("{s}://host:1/#frag", "fragment"),
+    ("{s}://", "no host"),
+    ("{s}://:8000", "no host"),
+    ("{s}:///path", "no host"),
+    ("{s}://a..b/", "host name"),
+    ("{s}://ho st/", "spaces"),
+    ("{s}://host\t/", "spaces"),
+    ("{s}://host/\x1b[31m", "control"),
+    ("{s}://" + "a" * 64 + ".example/", "host name"),
+    ("{s}//host", "like"),
+    ("host:8000", "like"),
+]
+
+
+@pytest.mark.parametrize(("template", "fragment"), BAD_URLS)
+@pytest.mark.parametrize("where", ["coordinator", "local", "byok"])
+def test_urls_are_parsed_not_prefix_matched(where: str, template: str, fragment: str) -> None:
+    scheme = {"coordinator": "wss", "local": "http", "byok": "https"}[where]
+    url = template.format(s=scheme)
+    if where == "coordinator":
+        text, key = coordinator(url=url), "coordinator.url"
+    elif where == "local":
+        text, key = backends({**OLLAMA, "url": url}), "backends[0].url"
+    else:
+        text, key = backends({**OPENROUTER, "url": url}), "backends[0].url"
+    error = parse_error(text, allow_insecure=True)
+    assert error.key == key, str(error)
+    assert fragment in error.message, str(error)
+    assert len(str(error).splitlines()) == 1
+    assert "s3cret" not in str(error)
+
+
+@pytest.mark.parametrize("url", ["http://admin:s3cret@127.0.0.1:11434", "https://k@host/"])
+def test_credentials_in_a_backend_url_point_at_api_key_env(url: str) -> None:
+    error = parse_error(backends({**OLLAMA, "url": url}))
+    assert "api_key_env" in error.message
+    assert "s3cret" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h:1/v1/models?x=",
+        "http://h:1/v1/models",
+        "http://h:1/V1",
+        "http://h:1/proxy/v1/",
+        "http://h:1/v1/?",
+    ],
+)
+def test_no_v1_rule_sees_through_paths_and_queries(url: str) -> None:
+    error = parse_error(backends({"kind": "vllm", "url": url}))
+    assert error.key == "backends[0].url"
+    assert "/v1" in error.message or "query" in error.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000",
+        "https://gpu.example.net",
+        "http://[::1]:11434",
+        "http://[fe80::1]:1/",
+        "http://localhost:65535/ollama",
+        "http://münchen.example:1",
+        "http://my_host.lan:8080",
+        "HTTP://HOST:1",
+    ],
+)
+def test_good_local_urls_pass(url: str) -> None:
+    assert config.parse(backends({**OLLAMA, "url": url})).backends[0].url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("kind", ["openrouter", "venice"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/api/v1", "HTTP://api.example/api/v1"])
+def test_byok_over_http_needs_allow_insecure(kind: str, url: str) -> None:
+    entry = {"kind": kind, "api_key_env": "K", "url": url}
+    error = parse_error(backends(entry))
+    assert error.key == "backends[0].url"
+    for fragment in ("https://", "--allow-insecure", "clear text"):
+        assert fragment in error.message
+    assert config.parse(backends(entry), allow_insecure=True).backends[0].url == url
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "file", "ws", "wss"])
+def test_backend_url_scheme_is_http_or_https(scheme: str) -> None:
+    error = parse_error(backends({**OLLAMA, "url": f"{scheme}://h:1"}), allow_insecure=True)
+    assert error.key == "backends[0].url" and "http://" in error.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "wss://api.example.net/provider/connect",
+        "wss://[::1]:8765/provider/connect",
+        "wss://host:65535",
+        "WSS://host/x",
+    ],
+)
+def test_good_coordinator_urls_pass(url: str) -> None:
+    assert config.parse(coordinator(url=url)).coordinator.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "placeholder"),
+    [
+        (config.PLACEHOLDER_COORDINATOR_URL, True),
+        ("wss://api.example.net/provider/connect", True),
+        ("wss://coord.example/x", True),
+        ("wss://EXAMPLE.COM/x", True),
+        ("wss://api.marketplace.net/provider/connect", False),
+        ("wss://example.community/x", False),
+        ("wss://[::1]:8765/provider/connect", False),
+    ],
+)
+def test_placeholder_coordinator_is_recognised(url: str, placeholder: bool) -> None:
+    assert config.parse(coordinator(url=url)).coordinator.is_placeholder is placeholder
+
+
+# --- strings that name things, and paths ---------------------------------------------------------
+
+BAD_NAMES: list[tuple[str, str]] = [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("a\nb", "control"),
+    ("a\x00b", "control"),
+    ("\x1b[31mred", "control"),
+    ("tab\there", "control"),
+    ("line\u2028sep", "control"),
+    ("x" * 257, "257 characters"),
+]
+
+
+def _name_doc(where: str, name: str) -> tuple[str, str]:
+    if where == "name":
+        return backends({**OLLAMA, "name": name}), "backends[0].name"
+    if where == "alias-target":
+        return backends({**OLLAMA, "aliases": {"llama3": name}}), "backends[0].aliases.llama3"
+    if where == "alias-key":
+        return backends({**OLLAMA, "aliases": {name: "x"}}), "backends[0].aliases"
+    if where == "models-entry":
+        return backends({**OLLAMA, "models": ["ok", name]}), "backends[0].models[1]"
+    price = {"input_per_1m": 1, "output_per_1m": 1}
+    return doc(pricing={"models": {name: price}}), "pricing.models"
+
+
+@pytest.mark.parametrize(("name", "fragment"), BAD_NAMES)
+@pytest.mark.parametrize(
+    "where", ["name", "alias-target", "alias-key", "models-entry", "price-key"]
+)
+def test_naming_strings_are_refused(where: str, name: str, fragment: str) -> None:
+    text, key = _name_doc(where, name)
+    error = parse_error(text)
+    assert error.key.startswith(key), str(error)
+    assert fragment in error.message, str(error)
+    assert len(str(error).splitlines()) == 1
+    assert "\x1b" not in str(error) and "\x00" not in str(error)
+
+
+@pytest.mark.parametrize("name", ["x" * 256, "模型/é", "llama3.1:70b", "a b"])
+@pytest.mark.parametrize(
+    "where", ["name", "alias-target", "alias-key", "models-entry", "price-key"]
+)
+def test_naming_strings_at_the_limit_pass(where: str, name: str) -> None:
+    text, _ = _name_doc(where, name)
+    config.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("", "empty"),
+        ("  ", "empty"),
+        ("a\x00b", "control"),
+        ("~no-such-user-h7/x", "does not exist"),
+        (5, "path in quotes"),
+        (["a"], "path in quotes"),
+    ],
+)
+@pytest.mark.parametrize("where", ["identity.key_path", "state.dir"])
+def test_paths_are_not_empty_nor_odd(where: str, value: Any, fragment: str) -> None:
+    section, _, key = where.partition(".")
+    sections: dict[str, Any] = {section: {key: value}}
+    error = parse_error(doc(**sections))
+    assert error.key == where
+    assert fragment in error.message, str(error)
+    assert "<class" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("length", "ok"), [(90, True), (91, False), (400, False)], ids=["90", "91", "400"]
+)
+def test_state_dir_fits_a_socket_path(
+    monkeypatch: pytest.MonkeyPatch, length: int, ok: bool
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    path = "/" + "d" * (length - 1)
+    if ok:
+        assert str(config.parse(doc(state={"dir": path})).state.dir) == path
+        return
+    error = parse_error(doc(state={"dir": path}))
+    assert error.key == "state.dir" and "at most 90" in error.message
+
+
+def test_state_dir_limit_counts_bytes_after_expansion(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("HOME", "/" + "h" * 80)
+    error = parse_error(doc(state={"dir": "~/state-dir"}))
+    assert "bytes" in error.message
+    monkeypatch.setenv("HOME", "/h")
+    assert config.parse(doc(state={"dir": "~/" + "é" * 40})).state.dir == Path("/h/" + "é" * 40)
+    error = parse_error(doc(state={"dir": "/" + "é" * 46}))  # 46 characters, 93 bytes
+    assert "93 bytes" in error.message
+
+
+# --- the new sections ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpu", ["auto", "off"])
+def test_telemetry_gpu(gpu: str) -> None:
+    assert config.parse(doc(telemetry={"gpu": gpu})).telemetry.gpu == gpu
+
+
+@pytest.mark.parametrize("gpu", ["on", "AUTO", "", True])
+def test_telemetry_gpu_refused(gpu: Any) -> None:
+    error = parse_error(doc(telemetry={"gpu": gpu}))
+    assert error.key == "telemetry.gpu" and "'auto'" in error.message and "'off'" in error.message
+
+
+@pytest.mark.parametrize("section", ["telemetry", "ledger"])
+def test_new_sections_reject_unknown_keys(section: str) -> None:
+    sections: dict[str, Any] = {section: {"nope": 1}}
+    assert parse_error(doc(**sections)).key == f"{section}.nope"
+
+
+# --- every error is an operator's sentence -------------------------------------------------------
+
+PYTHON_WORDING = (
+    "instance of",
+    "<class",
+    "Input should",
+    "Value error",
+    "pydantic",
+    "twice",
+    "('",
+    "codec",
+    "Traceback",
+    "Decimal(",
+    "errors.pydantic.dev",
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'coordinator = "wss://a/b"\n[pricing]\ndefault_input_per_1m = 1\n',
+        doc(identity={"key_path": 5}),
+        doc(state={"dir": True}),
+        '[coordinator]\nurl = "wss://a/b"\n[coordinator]\nurl = "wss://c/d"\n',
+        '[pricing.models."a"]\ninput_per_1m = 1\n[pricing.models."a"]\n',
+        doc(backends=["ollama"]),
+        doc(backends=[{**OLLAMA, "aliases": ["x"]}]),
+        doc(pricing={"models": "none"}),
+        doc(pricing={"models": {"m": 5}}),
+        doc(operator="me"),
+        doc(coordinator={"url": 5}),
+        doc(limits={"max_concurrent": 1.5}),
+        doc(observability={"log_level": 3}),
+        doc(backends=[{"kind": 1, "url": "http://h:1"}]),
+        doc(backends=[{**OLLAMA, "formats": "openai"}]),
+        doc(backends=[{**OPENROUTER, "markup": [1]}]),
+        doc(backends=[{**OPENROUTER, "markup": True}]),
+        doc(backends=[{**OLLAMA, "name": 7}]),
+        '[coordinator]\nurl = "wss://a/b"\nx = {a = 1}\nx.b = 2\n',
+        "a.b = 1\na.b.c = 2\n",
+        "[[a]]\n[a]\n",
+        'x = "\x1b"\n',
+        "x = 1979-13-40\n",
+    ],
+)
+def test_errors_are_written_for_a_person(text: str) -> None:
+    line = str(parse_error(text))
+    for python in PYTHON_WORDING:
+        assert python not in line, line
+    assert len(line.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[coordinator]\nurl = "wss://a/b"\n[coordinator]\n',
+            "agent.toml: TOML syntax error: duplicate table [coordinator] (at line 3, column 13)",
+        ),
+        (
+            doc(operator="me"),
+            "agent.toml: operator: must be a table (a [section] or { key = value })",
+        ),
+        (
+            doc(identity={"key_path": 5}),
+            "agent.toml: identity.key_path: must be a path in quotes, not a number",
+        ),
+    ],
+)
+def test_some_errors_word_for_word(text: str, expected: str) -> None:
+    assert str(parse_error(text)) == expected

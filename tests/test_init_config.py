@@ -16,9 +16,9 @@ from aiohttp import web
 
 from provider_agent import config, init_config
 from provider_agent.backends.base import USER_AGENT
+from provider_agent.config import PLACEHOLDER_COORDINATOR_URL
 from provider_agent.init_config import (
     DEFAULT_PORTS,
-    PLACEHOLDER_COORDINATOR_URL,
     Detected,
     detect_local_backends,
     render_config,
@@ -466,7 +466,8 @@ def test_render_parses(count: int) -> None:
     assert cfg.coordinator.url == PLACEHOLDER_COORDINATOR_URL
     assert cfg.pricing.default_input_per_1m > 0
     assert len(_comment_lines(text)) >= 25
-    for section in ("coordinator", "identity", "discovery", "pricing", "limits", "state"):
+    sections = ("coordinator", "identity", "discovery", "pricing", "limits", "telemetry", "ledger")
+    for section in (*sections, "state"):
         assert f"\n[{section}]\n#" in text, section
     assert "\n[observability]\n#" in text
     assert text.count("\n[[backends]]\n") == count
@@ -528,7 +529,7 @@ def _leftovers(directory: Path) -> list[str]:
 
 
 def test_write_new_file(tmp_path: Path) -> None:
-    path = tmp_path / "etc" / "provider-agent" / "agent.toml"
+    path = tmp_path / "agent.toml"
     old_umask = os.umask(0o027)
     try:
         write_config(path, "# hello\n", force=False)
@@ -537,6 +538,30 @@ def test_write_new_file(tmp_path: Path) -> None:
     assert path.read_text(encoding="utf-8") == "# hello\n"
     assert path.stat().st_mode & 0o777 == 0o640
     assert _leftovers(path.parent) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda t: t / "nonexistent" / "dir" / "x.toml", "does not exist"),
+        (lambda t: t / "missing" / "x.toml", "does not exist"),
+        (lambda t: (t / "file").write_text("x") and t / "file" / "x.toml", "is not a directory"),
+        (lambda t: (t / "d").mkdir() or t / "d", "is a directory"),
+        (lambda t: Path(""), "is a directory"),
+        (lambda t: Path("~no-such-user-h7/agent.toml"), "does not exist"),
+    ],
+    ids=["deep-missing", "missing", "parent-is-file", "output-is-dir", "dot", "unknown-user"],
+)
+@pytest.mark.parametrize("force", [False, True])
+def test_write_refuses_a_place_it_would_have_to_invent(
+    tmp_path: Path, make: Callable[[Path], Path], fragment: str, force: bool
+) -> None:
+    path = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(init_config.OutputError) as caught:
+        write_config(path, "# hello\n", force=force)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no directory created
 
 
 def test_write_refuses_existing_without_force(tmp_path: Path) -> None:
