@@ -60,6 +60,7 @@ async def test_auth_failed_backs_off_and_retries(coord: DevCoordinator, tmp_path
     outcomes = [a.outcome for a in coord.attempts]
     assert outcomes[:3] == ["auth_failed"] * 3
     assert len(coord.attempts) >= 4
+    coord.assert_no_violations()
 
 
 async def test_wrong_first_frame_is_a_pre_auth_failure_then_retry(tmp_path: Path) -> None:
@@ -93,6 +94,7 @@ async def test_capabilities_after_every_periodic_pass(
         passes_before = daemon.discovery.passes if daemon.discovery else 0
         await agent_where(coord, lambda a: a.capabilities_count >= 3, timeout=8)
         assert daemon.discovery is not None and daemon.discovery.passes > passes_before
+    coord.assert_no_violations()
 
 
 async def test_heartbeats_keep_cadence_and_validate(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -133,6 +135,7 @@ async def test_flapping_coordinator_makes_delays_grow(
     assert len(gaps) == 20
     assert mean(gaps[-5:]) > 2 * mean(gaps[:5])
     assert policy.ceiling_s() == 0.4  # escalated to the cap, not reset by the flaps
+    coord.assert_no_violations()
 
 
 async def test_backoff_resets_after_a_healthy_session(
@@ -147,6 +150,7 @@ async def test_backoff_resets_after_a_healthy_session(
     assert policy.failures <= 1
     attempts = list(coord.attempts)
     assert attempts[1].at - (attempts[0].ended_at or 0) < 1.0  # immediate, not ~5 s
+    coord.assert_no_violations()
 
 
 async def test_garbage_frames_never_end_the_session(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -176,6 +180,7 @@ async def test_garbage_frames_never_end_the_session(coord: DevCoordinator, tmp_p
     # the job frame with a readable id but a bad body got exactly one bad_request record
     assert coord.jobs["x"].terminal is not None
     assert coord.jobs["x"].terminal.error_code == "bad_request"  # type: ignore[union-attr]
+    coord.assert_no_violations()
 
 
 async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tasks(
@@ -194,6 +199,7 @@ async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tas
     assert coord.attempts[-1].close_code == 1001
     leftover = {t for t in asyncio.all_tasks() if t not in tasks_before}
     assert leftover == set(), leftover
+    coord.assert_no_violations()
 
 
 async def test_reload_with_a_new_coordinator_url_reconnects_there(tmp_path: Path) -> None:
@@ -230,6 +236,7 @@ async def test_drain_waits_for_in_flight_jobs_and_a_second_stop_skips_it(
             daemon.request_stop()
             await coord.wait_for(lambda c: not c.connected())
     assert coord.attempts[-1].close_code == 1001
+    coord.assert_no_violations()
 
 
 async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -248,6 +255,7 @@ async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_
             daemon.stats.job_finished(FinishedJob(anyio.current_time(), 10.0, 5, 0.1, None))
             await coord.wait_for(lambda c: not c.connected())
     assert coord.attempts[-1].close_code == 1001
+    coord.assert_no_violations()
 
 
 async def test_an_oversize_inbound_frame_ends_only_that_session(
@@ -258,6 +266,7 @@ async def test_an_oversize_inbound_frame_ends_only_that_session(
         await coord.send(agent.provider_id, "x" * (16 * 1024 * 1024 + 1))
         await coord.wait_for(lambda c: c.attempts[0].close_code == 1009)
         await agent_where(coord, lambda a: a.connections == 2 and a.connected, timeout=10)
+    coord.assert_no_violations()
 
 
 garbage_frames = st.one_of(

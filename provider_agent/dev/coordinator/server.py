@@ -90,11 +90,13 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise ValueError(f"--listen must be HOST:PORT (e.g. 127.0.0.1:8765), not {shown}")
     if not _PORT.fullmatch(port) or int(port) > 65535:
         raise ValueError(f"--listen {shown}: the port must be a number from 0 to 65535")
+    if not host.isprintable() or any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"--listen {shown}: {host!r} is not a host name or address")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"--listen {shown}: write an IPv6 address in brackets, e.g. [::1]:8765")
-    if not host or not host.isprintable() or any(c.isspace() or c in "[]/@" for c in host):
+    if not host or "[" in host or "]" in host:
         raise ValueError(f"--listen {shown}: {host!r} is not a host name or address")
     return host, int(port)
 
