@@ -311,16 +311,17 @@ def _init(output_option: str, force: bool) -> int:
 def _dev_coordinator(listen: str) -> int:
     import anyio
 
-    from provider_agent.dev.coordinator import serve
+    from provider_agent.dev.coordinator import parse_listen, serve
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        print(f"dev-coordinator: --listen must be HOST:PORT, not {listen!r}", file=sys.stderr)
-        return EX_FAILURE
     try:
-        anyio.run(serve, host.strip("[]"), int(port))
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        print(f"dev-coordinator: {exc}", file=sys.stderr)
+        return 2  # a usage error, as argparse's own
+    try:
+        anyio.run(serve, host, port)
     except KeyboardInterrupt:
-        pass
+        pass  # SIGINT before the signal handlers were installed: a requested stop all the same
     except OSError as exc:
         print(f"dev-coordinator: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
         return EX_FAILURE

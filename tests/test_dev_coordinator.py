@@ -5,15 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from aiohttp import ClientSession
+from anyio.abc import Process
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -38,6 +46,7 @@ from provider_agent.protocol import (
     TokenCounts,
     encode,
 )
+from tests.agent_harness import agent_where, running_agent, write_config
 
 SSE = [b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', b"data: [DONE]\n\n"]
 
@@ -661,3 +670,224 @@ async def test_shutdown_closes_agents_with_1001() -> None:
 async def test_wait_for_times_out(coord: DevCoordinator) -> None:
     with pytest.raises(TimeoutError):
         await coord.wait_for(lambda c: c.agents, timeout=0.05)
+
+
+# --- jobs without an HTTP client (for the executor's tests) -------------------------------------
+
+
+async def test_send_job_with_a_given_id_and_again_counts_terminals_raw_and_once(
+    coord: DevCoordinator,
+) -> None:
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with agent(coord) as fake:
+        pid = fake.provider_id
+        record = await coord.send_job(pid, "m", request, job_id="job-1", fmt="anthropic")
+        assert await fake.recv() == {
+            "type": "job",
+            "job_id": "job-1",
+            "model_id": "m",
+            "request": request,
+            "format": "anthropic",
+            "deadline_ms": 60000,
+        }
+        for chunk in SSE:
+            await fake.send(JobChunk(job_id="job-1", data=b64(chunk)))
+        await fake.send(job_done("job-1"))
+        assert await fake.recv() == {"type": "job_ack", "job_id": "job-1"}
+
+        again = await coord.send_job(pid, "m", request, job_id="job-1")
+        assert (await fake.recv())["job_id"] == "job-1"
+        await fake.send(job_done("job-1"))  # a finished job_id is answered with the same frame
+        assert await fake.recv() == {"type": "job_ack", "job_id": "job-1"}
+
+    assert again is record
+    assert (record.sent, record.chunk_frames, bytes(record.data or b"")) == (2, 2, b"".join(SSE))
+    assert (record.terminal_count, record.resends, coord.terminal_frames) == (2, 1, 2)
+    assert list(coord.finished) == ["job-1"]
+    assert coord.terminal_counts() == {"job-1": 2}
+    coord.assert_no_violations()
+
+
+async def test_send_job_picks_fresh_ids_and_needs_a_connected_agent(
+    coord: DevCoordinator,
+) -> None:
+    async with agent(coord) as fake:
+        first = await coord.send_job(fake.provider_id, "m", keep_data=False)
+        second = await coord.send_job(fake.provider_id, "m")
+        assert [(await fake.recv())["job_id"] for _ in range(2)] == [first.job_id, second.job_id]
+        assert first.job_id != second.job_id and first.data is None
+        pid = fake.provider_id
+    await coord.wait_for(lambda c: not c.connected())
+    with pytest.raises(LookupError, match="not connected"):
+        await coord.send_job(pid, "m")
+
+
+async def test_cancel_job_reaches_the_agent_it_was_sent_to(coord: DevCoordinator) -> None:
+    async with agent(coord) as bystander, agent(coord) as fake:
+        record = await coord.send_job(fake.provider_id, "m")
+        await fake.recv()
+        await coord.cancel_job(record.job_id)
+        assert await fake.recv() == {"type": "job_cancel", "job_id": record.job_id}
+        await coord.send(bystander.provider_id, '{"type":"marker"}')
+        assert await bystander.recv() == {"type": "marker"}  # nothing before it
+        with pytest.raises(LookupError, match="no job"):
+            await coord.cancel_job("never-sent")
+    await coord.wait_for(lambda c: not c.connected())
+    with pytest.raises(LookupError, match="not connected"):
+        await coord.cancel_job(record.job_id)
+
+
+async def test_tokens_emitted_must_be_the_bytes_relayed(coord: DevCoordinator) -> None:
+    async with agent(coord) as fake:
+        record = await coord.send_job(fake.provider_id, "m")
+        await fake.recv()
+        await fake.send(JobChunk(job_id=record.job_id, data=b64(b"12345")))
+        await fake.send(JobError(job_id=record.job_id, error_code="backend_error", message="x"))
+        await fake.recv()
+    assert [v.reason for v in coord.violations] == [
+        f"job_error.tokens_emitted is 0 but 5 bytes came in job_chunk frames: {record.job_id}"
+    ]
+
+
+async def test_an_oversize_chunk_is_a_violation_and_the_session_goes_on(
+    coord: DevCoordinator,
+) -> None:
+    async with agent(coord) as fake:
+        record = await coord.send_job(fake.provider_id, "m")
+        await fake.recv()
+        await fake.send(JobChunk(job_id=record.job_id, data=b64(b"x" * 800_000)))
+        await coord.send(fake.provider_id, '{"type":"marker"}')
+        assert await fake.recv() == {"type": "marker"}
+        assert coord.connected() == [fake.provider_id]
+    [violation] = coord.violations
+    assert "over the 1 MiB one frame may carry" in violation.reason
+
+
+async def test_without_acks_pings_are_still_answered(coord: DevCoordinator) -> None:
+    coord.ack_enabled = False
+    async with agent(coord) as fake:
+        await fake.send(job_done("j1"))
+        pong = await fake.ws.ping()
+        async with asyncio.timeout(5):
+            await pong
+        await coord.send(fake.provider_id, '{"type":"marker"}')
+        assert await fake.recv() == {"type": "marker"}  # no job_ack came before it
+    assert coord.finished["j1"].terminal_count == 1
+
+
+async def test_assert_no_violations_lists_what_was_seen(coord: DevCoordinator) -> None:
+    async with agent(coord) as fake:
+        await fake.send(heartbeat())
+        await coord.wait_for(lambda c: c.agents[fake.provider_id].heartbeat_count == 1)
+        coord.assert_no_violations()
+        await fake.send(heartbeat().model_copy(update={"p95_latency_ms": 1}))
+        await coord.wait_for(lambda c: c.violations)
+    with pytest.raises(AssertionError, match="1 contract problem") as failed:
+        coord.assert_no_violations()
+    assert "heartbeat.p95_latency_ms below p50_latency_ms" in str(failed.value)
+    assert fake.provider_id in str(failed.value)
+
+
+async def test_a_real_agent_answers_a_job_and_its_repeat_alike(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with running_agent(write_config(tmp_path, coord.ws_url)):
+        pid = (await agent_where(coord, lambda a: a.connected)).provider_id
+        record = await coord.send_job(pid, "no-such-model", job_id="job-x")
+        await coord.wait_for(lambda c: record.terminal_count == 1)
+        await coord.send_job(pid, "no-such-model", job_id="job-x")
+        await coord.wait_for(lambda c: record.terminal_count == 2)
+    assert isinstance(record.terminal, JobError)
+    assert list(coord.finished) == ["job-x"]
+    coord.assert_no_violations()
+
+
+# --- `provider-agent dev-coordinator` as a real process -----------------------------------------
+
+
+class CoordinatorProcess:
+    """`python -m provider_agent dev-coordinator` with its stderr collected line by line."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._new_line = anyio.Event()
+
+    async def collect(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for data in self.process.stderr:
+            buffer += data
+            *complete, buffer = buffer.split(b"\n")
+            self.lines += [line.decode(errors="replace") for line in complete]
+            self._new_line.set()
+            self._new_line = anyio.Event()
+
+    async def line_with(self, needle: str) -> str:
+        with anyio.fail_after(20):
+            while True:
+                found = next((line for line in self.lines if needle in line), None)
+                if found is not None:
+                    return found
+                await self._new_line.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_the_command_stops_on_a_signal_closes_1001_and_exits_0(
+    signum: signal.Signals,
+) -> None:
+    command = [sys.executable, "-m", "provider_agent", "dev-coordinator", "--listen", "127.0.0.1:0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    async with await anyio.open_process(command, env=env) as process:
+        running = CoordinatorProcess(process)
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(running.collect)
+                listening = await running.line_with("dev-coordinator listening")
+                ws_url = listening.split("ws_url=")[1].split()[0]
+                async with connect(ws_url, compression=None) as ws:
+                    assert orjson.loads(await ws.recv())["type"] == "auth_challenge"
+                    process.send_signal(signum)
+                    closed = await FakeAgent(ws, Ed25519PrivateKey.generate()).closed_code()
+                with anyio.fail_after(20):
+                    code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert closed == 1001
+    assert code == 0
+    assert not any("Traceback" in line for line in running.lines), running.lines
+    assert any(f"{signum.name} received, stopping" in line for line in running.lines)
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "provider_agent", "dev-coordinator", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:99999", "nonsense", ":80x", "", "[::1:80", "host\x1b[2J:80"]
+)
+def test_a_bad_listen_address_is_one_line_and_exit_2(listen: str) -> None:
+    result = run_command("--listen", listen)
+    assert result.returncode == 2
+    assert result.stderr.startswith("dev-coordinator: --listen")
+    assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_an_address_in_use_is_one_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_command("--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"dev-coordinator: cannot listen on 127.0.0.1:{port}: ")
+    assert result.stderr.count("\n") == 1

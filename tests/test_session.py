@@ -62,6 +62,7 @@ async def test_auth_failed_backs_off_and_retries(coord: DevCoordinator, tmp_path
     outcomes = [a.outcome for a in coord.attempts]
     assert outcomes[:3] == ["auth_failed"] * 3
     assert len(coord.attempts) >= 4
+    coord.assert_no_violations()
 
 
 async def test_wrong_first_frame_is_a_pre_auth_failure_then_retry(tmp_path: Path) -> None:
@@ -95,6 +96,7 @@ async def test_capabilities_after_every_periodic_pass(
         passes_before = daemon.discovery.passes if daemon.discovery else 0
         await agent_where(coord, lambda a: a.capabilities_count >= 3, timeout=8)
         assert daemon.discovery is not None and daemon.discovery.passes > passes_before
+    coord.assert_no_violations()
 
 
 async def test_heartbeats_keep_cadence_and_validate(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -135,6 +137,7 @@ async def test_flapping_coordinator_makes_delays_grow(
     assert len(gaps) == 20
     assert mean(gaps[-5:]) > 2 * mean(gaps[:5])
     assert policy.ceiling_s() == 0.4  # escalated to the cap, not reset by the flaps
+    coord.assert_no_violations()
 
 
 async def test_planned_coordinator_restarts_neither_escalate_nor_wait_long(
@@ -162,6 +165,7 @@ async def test_backoff_resets_after_a_healthy_session(
     assert policy.failures <= 1
     attempts = list(coord.attempts)
     assert attempts[1].at - (attempts[0].ended_at or 0) < 1.0  # immediate, not ~5 s
+    coord.assert_no_violations()
 
 
 async def test_garbage_frames_never_end_the_session(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -191,6 +195,7 @@ async def test_garbage_frames_never_end_the_session(coord: DevCoordinator, tmp_p
     # the job frame with a readable id but a bad body got exactly one bad_request record
     assert coord.jobs["x"].terminal is not None
     assert coord.jobs["x"].terminal.error_code == "bad_request"  # type: ignore[union-attr]
+    coord.assert_no_violations()
 
 
 async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tasks(
@@ -209,6 +214,7 @@ async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tas
     assert coord.attempts[-1].close_code == 1001
     leftover = {t for t in asyncio.all_tasks() if t not in tasks_before}
     assert leftover == set(), leftover
+    coord.assert_no_violations()
 
 
 async def test_reload_with_a_new_coordinator_url_reconnects_there(tmp_path: Path) -> None:
@@ -272,6 +278,7 @@ async def test_drain_waits_for_in_flight_jobs_and_a_second_stop_skips_it(
     [record] = coord.finished.values()  # the cancelled job still got its one terminal frame
     assert record.terminal is not None and record.terminal.type == "job_error"
     assert record.terminal.error_code == "shutting_down" and record.terminal_count == 1
+    coord.assert_no_violations()
 
 
 async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_path: Path) -> None:
@@ -296,6 +303,7 @@ async def test_drain_ends_when_the_last_job_finishes(coord: DevCoordinator, tmp_
     assert coord.attempts[-1].close_code == 1001
     [record] = coord.finished.values()
     assert record.terminal is not None and record.terminal.type == "job_done"
+    coord.assert_no_violations()
 
 
 async def test_an_oversize_inbound_frame_ends_only_that_session(
@@ -306,6 +314,7 @@ async def test_an_oversize_inbound_frame_ends_only_that_session(
         await coord.send(agent.provider_id, "x" * (16 * 1024 * 1024 + 1))
         await coord.wait_for(lambda c: c.attempts[0].close_code == 1009)
         await agent_where(coord, lambda a: a.connections == 2 and a.connected, timeout=10)
+    coord.assert_no_violations()
 
 
 garbage_frames = st.one_of(
