@@ -579,7 +579,7 @@ async def test_registry_holds_one_adapter_per_configured_backend_by_label() -> N
     async with new_http_session(4) as http:
         registry = Registry(config, http)
         labels = [backend.name for backend in registry]
-        assert labels == ["vllm:http://127.0.0.1:8000", "box", "openrouter"]
+        assert labels == ["vllm:http://127.0.0.1:8000", "box", "openrouter:PA_TEST_STREAM_KEY"]
         assert len(registry) == 3 and "box" in registry and "nope" not in registry
         box = registry.get("box")
         assert box.config.kind == "ollama" and box.http is http and box.timeout_s == 7
