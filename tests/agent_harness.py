@@ -93,6 +93,7 @@ class FakeVllm:
     streamed: list[bytes] = field(default_factory=list)
     disconnects: int = 0
     started: anyio.Event = field(default_factory=anyio.Event)
+    disconnected: anyio.Event = field(default_factory=anyio.Event)
 
 
 def sse_chunk(payload: dict[str, object]) -> bytes:
@@ -147,6 +148,7 @@ async def fake_vllm(*models: str, tokens: int = 3) -> AsyncIterator[FakeVllm]:
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             state.disconnects += 1
+            state.disconnected.set()
             raise
         finally:
             state.streamed.append(bytes(sent))
@@ -156,7 +158,8 @@ async def fake_vllm(*models: str, tokens: int = 3) -> AsyncIterator[FakeVllm]:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", listing)
     app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    # handler_cancellation: a client that goes away cancels its stream, so a test sees it at once
+    runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"

@@ -189,3 +189,36 @@ async def test_a_stop_during_the_first_discovery_pass_ends_it_at_once(
     assert elapsed < 3.0, f"stop took {elapsed:.2f}s with a 20 s pass in progress"
     assert not any("agent started" in line for line in agent.lines)
     assert not coord.attempts  # it never dialled
+
+
+async def test_sigkill_with_a_job_in_flight_reports_connection_lost_after_restart(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    from provider_agent.protocol import JobError
+    from tests.agent_harness import fake_vllm
+
+    async with fake_vllm("m") as backend:
+        backend.gate = anyio.Event()  # the job is still streaming when the agent dies
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with agent_process(cfg, "--allow-insecure") as agent:
+            record = await agent_where(
+                coord, lambda a: a.capabilities is not None and a.capabilities.models, timeout=20
+            )
+            await coord.send_job(record.provider_id, "m", {"messages": []}, job_id="killed-job")
+            await coord.wait_for(lambda c: c.jobs["killed-job"].bytes_relayed > 0, timeout=20)
+            agent.process.kill()
+            await agent.process.wait()
+        assert coord.jobs["killed-job"].terminal is None
+        async with agent_process(cfg, "--allow-insecure") as agent:
+            job = await coord.wait_for(
+                lambda c: c.jobs["killed-job"] if c.jobs["killed-job"].terminal else None,
+                timeout=20,
+            )
+            agent.signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert await agent.process.wait() == 0
+        backend.gate.set()
+    assert isinstance(job.terminal, JobError) and job.terminal.error_code == "connection_lost"
+    assert job.terminal_count == 1
+    assert len(backend.bodies) == 1  # never run again
+    coord.assert_no_violations()

@@ -583,7 +583,9 @@ async def test_registry_holds_one_adapter_per_configured_backend_by_label() -> N
         assert len(registry) == 3 and "box" in registry and "nope" not in registry
         box = registry.get("box")
         assert box.config.kind == "ollama" and box.http is http and box.timeout_s == 7
-        assert registry.get("openrouter:PA_TEST_STREAM_KEY").base_url == "https://openrouter.ai/api/v1"
+        assert (
+            registry.get("openrouter:PA_TEST_STREAM_KEY").base_url == "https://openrouter.ai/api/v1"
+        )
         with pytest.raises(KeyError, match="no configured backend is named 'nope'"):
             registry.get("nope")
         rebuilt = Registry.build(config, http)

@@ -1,0 +1,345 @@
+"""Serving jobs end to end: the reference coordinator → the agent → loopback backends.
+
+Every test ends asserting the coordinator saw no contract problem and, where jobs ran, that each
+job got exactly one terminal frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from provider_agent.dev.coordinator import DevCoordinator, JobRecord
+from provider_agent.protocol import JobDone, JobError
+from tests.agent_harness import agent_where, fake_vllm, running_agent, write_config
+
+REQUEST = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
+
+
+@pytest.fixture
+async def coord() -> AsyncIterator[DevCoordinator]:
+    async with DevCoordinator(host="127.0.0.1", port=0) as coordinator:
+        yield coordinator
+
+
+async def serving(coord: DevCoordinator, model: str = "m") -> str:
+    """Wait until the agent advertises `model`; its provider_id."""
+    agent = await agent_where(
+        coord,
+        lambda a: (
+            a.capabilities is not None and any(o.model_id == model for o in a.capabilities.models)
+        ),
+    )
+    return agent.provider_id
+
+
+async def finished(coord: DevCoordinator, job_id: str, timeout: float = 10) -> JobRecord:  # noqa: ASYNC109
+    return await coord.wait_for(
+        lambda c: c.jobs[job_id] if c.jobs[job_id].terminal is not None else None, timeout
+    )
+
+
+async def test_bytes_relayed_verbatim_and_job_done_carries_the_backends_usage(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m", tokens=20) as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST)
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobDone)
+    assert record.data == backend.streamed[0]  # every upstream byte, in order, unaltered
+    assert record.terminal.tokens.input == 7 and record.terminal.tokens.output == 20
+    assert record.terminal.usage_source is None  # reported by the backend, not estimated
+    sent = backend.bodies[0]
+    assert sent["stream"] is True and sent["model"] == "m"
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == REQUEST["messages"] and sent["max_tokens"] == 8
+    coord.assert_no_violations()
+
+
+@pytest.mark.parametrize("failure", ["refused", 500, 404, 429, 503])
+async def test_fallback_before_the_first_byte_gives_one_job_done(
+    coord: DevCoordinator, tmp_path: Path, failure: str | int
+) -> None:
+    async with AsyncExitStack() as stack, fake_vllm("m") as good:
+        bad = await stack.enter_async_context(fake_vllm("m"))
+        if failure != "refused":
+            bad.status = int(failure)
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(bad.url, good.url))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            if failure == "refused":
+                await stack.aclose()  # discovered, then gone: connections are refused
+            job = await coord.send_job(pid, "m", REQUEST)
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobDone), record.terminal
+    assert record.terminal_count == 1
+    assert len(bad.bodies) == (0 if failure == "refused" else 1) and len(good.bodies) == 1
+    coord.assert_no_violations()
+
+
+async def test_every_route_failing_ends_with_the_last_failures_code(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as one, fake_vllm("m") as two:
+        one.status, two.status = 500, 404
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(one.url, two.url))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST)
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobError)
+    assert record.terminal.error_code == "model_not_loaded"  # 404 was the last failure
+    assert record.terminal.tokens_emitted == 0 and record.terminal_count == 1
+    coord.assert_no_violations()
+
+
+async def test_bad_request_does_not_fall_back(coord: DevCoordinator, tmp_path: Path) -> None:
+    async with fake_vllm("m") as one, fake_vllm("m") as two:
+        one.status = 400
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(one.url, two.url))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST)
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobError) and record.terminal.error_code == "bad_request"
+    assert not two.bodies  # the client's mistake is not retried elsewhere
+    coord.assert_no_violations()
+
+
+async def test_least_loaded_route_among_equal_priority(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as one, fake_vllm("m") as two:
+        one.gate = anyio.Event()
+        two.gate = anyio.Event()
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(one.url, two.url))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            first = await coord.send_job(pid, "m", REQUEST)
+            await one.started.wait()  # the first job holds backend one
+            second = await coord.send_job(pid, "m", REQUEST)
+            await two.started.wait()  # so the second goes to the idle backend two
+            one.gate.set()
+            two.gate.set()
+            await finished(coord, first.job_id)
+            await finished(coord, second.job_id)
+    assert len(one.bodies) == 1 and len(two.bodies) == 1
+    coord.assert_no_violations()
+
+
+async def test_out_of_capacity_at_once_never_queued(coord: DevCoordinator, tmp_path: Path) -> None:
+    async with fake_vllm("m") as backend:
+        backend.gate = anyio.Event()
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(backend.url,),
+            extra="[limits]\nmax_concurrent = 1\n",
+        )
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            first = await coord.send_job(pid, "m", REQUEST)
+            await backend.started.wait()
+            second = await coord.send_job(pid, "m", REQUEST)
+            refused = await finished(coord, second.job_id)
+            assert isinstance(refused.terminal, JobError)
+            assert refused.terminal.error_code == "out_of_capacity"
+            assert coord.jobs[first.job_id].terminal is None  # the first still runs
+            backend.gate.set()
+            done = await finished(coord, first.job_id)
+    assert isinstance(done.terminal, JobDone) and len(backend.bodies) == 1
+    coord.assert_no_violations()
+
+
+@pytest.mark.parametrize(
+    ("model", "fmt", "code"),
+    [("nope", "openai", "model_not_loaded"), ("m", "anthropic", "unsupported_format")],
+)
+async def test_refusals_for_unknown_models_and_formats(
+    coord: DevCoordinator, tmp_path: Path, model: str, fmt: str, code: str
+) -> None:
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, model, REQUEST, fmt=fmt)  # type: ignore[arg-type]
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobError) and record.terminal.error_code == code
+    assert not backend.bodies
+
+
+async def test_rate_limited_once_the_token_window_is_spent(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m", tokens=10) as backend:
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(backend.url,),
+            extra="[limits]\nmax_tokens_per_minute = 5\n",
+        )
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            first = await finished(coord, (await coord.send_job(pid, "m", REQUEST)).job_id)
+            second = await finished(coord, (await coord.send_job(pid, "m", REQUEST)).job_id)
+    assert isinstance(first.terminal, JobDone)  # the window was open when it arrived
+    assert isinstance(second.terminal, JobError)
+    assert second.terminal.error_code == "rate_limited"
+    coord.assert_no_violations()
+
+
+async def test_cancel_aborts_upstream_and_answers_cancelled_once(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as backend:
+        backend.gate = anyio.Event()
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST)
+            await backend.started.wait()
+            await coord.wait_for(lambda c: c.jobs[job.job_id].bytes_relayed > 0)
+            await coord.cancel_job(job.job_id)
+            await coord.cancel_job(job.job_id)  # idempotent
+            record = await finished(coord, job.job_id)
+            with anyio.fail_after(5):
+                await backend.disconnected.wait()  # the backend saw the connection close
+    assert isinstance(record.terminal, JobError) and record.terminal.error_code == "cancelled"
+    assert record.terminal.tokens_emitted == record.bytes_relayed > 0
+    assert record.terminal_count == 1
+    coord.assert_no_violations()
+
+
+async def test_deadline_aborts_upstream_with_backend_timeout(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as backend:
+        backend.gate = anyio.Event()  # never opened: the stream outlives its deadline
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST, deadline_ms=300)
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobError)
+    assert record.terminal.error_code == "backend_timeout"
+    assert record.terminal.tokens_emitted == record.bytes_relayed > 0
+    coord.assert_no_violations()
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        (b'data: {"error":{"message":"CUDA error: out of memory"}}\n\n', "CUDA error"),
+        (b"", "ended before data: [DONE]"),
+    ],
+)
+async def test_error_event_or_eof_without_done_after_bytes_is_backend_error(
+    coord: DevCoordinator, tmp_path: Path, tail: bytes, expected: str
+) -> None:
+    from aiohttp import web
+
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' + tail
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m", "object": "model"}]})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST)
+            record = await finished(coord, job.job_id)
+    finally:
+        await runner.cleanup()
+    assert isinstance(record.terminal, JobError)
+    assert record.terminal.error_code == "backend_error"
+    assert expected in record.terminal.message
+    assert record.data == body and record.terminal.tokens_emitted == len(body)
+    coord.assert_no_violations()
+
+
+async def test_a_repeated_job_id_gets_the_same_frame_and_never_runs_twice(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST, job_id="job-repeat-1")
+            first = await finished(coord, job.job_id)
+            assert first.terminal is not None
+            stored = first.terminal.model_dump()
+            await coord.send_job(pid, "m", REQUEST, job_id="job-repeat-1")
+            await coord.wait_for(lambda c: c.jobs["job-repeat-1"].terminal_count >= 2)
+    assert len(backend.bodies) == 1  # executed once
+    record = coord.jobs["job-repeat-1"]
+    assert record.terminal is not None and record.terminal.model_dump() == stored
+    coord.assert_no_violations()  # a repeat that differed would be a violation
+
+
+async def test_a_malformed_job_gets_bad_request_once(coord: DevCoordinator, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, coord.ws_url)
+    async with running_agent(cfg):
+        pid = (await agent_where(coord, lambda a: a.connected)).provider_id
+        bad = orjson.dumps({"type": "job", "job_id": "bad-1", "model_id": "m", "request": 7})
+        await coord.send(pid, bad.decode())
+        await coord.wait_for(lambda c: "bad-1" in c.jobs and c.jobs["bad-1"].terminal is not None)
+        await coord.send(pid, bad.decode())
+        await coord.wait_for(lambda c: c.jobs["bad-1"].terminal_count >= 2)
+    terminal = coord.jobs["bad-1"].terminal
+    assert isinstance(terminal, JobError) and terminal.error_code == "bad_request"
+
+
+async def test_coordinator_killed_right_after_a_job_resends_its_frame_after_reconnect(
+    tmp_path: Path,
+) -> None:
+    async with fake_vllm("m") as backend, DevCoordinator(host="127.0.0.1", port=0) as coord:
+        port = coord.port
+        coord.ack_enabled = False
+        coord.pong_enabled = False  # nothing confirms: the frame stays in the outbox
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            job = await coord.send_job(pid, "m", REQUEST, job_id="job-survives")
+            first = await finished(coord, job.job_id)
+            assert isinstance(first.terminal, JobDone)
+            await coord.aclose()  # the coordinator dies with the frame unconfirmed
+            async with DevCoordinator(host="127.0.0.1", port=port) as again:
+                resent = await again.wait_for(
+                    lambda c: (
+                        c.jobs.get("job-survives")
+                        if c.jobs.get("job-survives") and c.jobs["job-survives"].terminal
+                        else None
+                    ),
+                    timeout=15,
+                )
+                assert resent.terminal is not None
+                assert resent.terminal.model_dump() == first.terminal.model_dump()
+                assert resent.terminal_count == 1
+    assert len(backend.bodies) == 1
