@@ -187,6 +187,7 @@ class Survey:
     """What is there now, and what should be."""
 
     target: Target
+    executable: Path
     unit_wanted: str
     unit_now: str | None
     config_dir: DirState | None
@@ -239,6 +240,7 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         active = host.run(["systemctl", "is-active", "--quiet", SERVICE]).returncode == 0
     return Survey(
         target=target,
+        executable=executable,
         unit_wanted=unit_wanted,
         unit_now=unit_now,
         config_dir=_dir_state(target.config_dir),
@@ -313,6 +315,19 @@ class Plan:
 def plan_install(s: Survey, *, start: bool) -> Plan:
     """The actions that take the machine from `s` to an installed (and, with `start`, running)
     service; none when it already is."""
+    files = _plan_files(s)
+    if not s.target.manage:
+        files.notes.append(
+            "--root: ran no systemctl; on the target system: systemctl daemon-reload && "
+            f"systemctl enable --now {SERVICE} (and the group: groupadd --system {CONFIG_GROUP})"
+        )
+        return files
+    service = _plan_service(s, start=start)
+    return Plan(files.actions + service.actions, files.notes + service.notes)
+
+
+def _plan_files(s: Survey) -> Plan:
+    """The group, the config directory, the config, the unit."""
     t = s.target
     actions: list[Action] = []
     notes: list[str] = []
@@ -351,13 +366,15 @@ def plan_install(s: Survey, *, start: bool) -> Plan:
     if s.unit_now != s.unit_wanted:
         verb = "write" if s.unit_now is None else "replace the changed"
         actions.append(Action("unit", f"{verb} {UNIT_DIR / UNIT_NAME}", t.unit, s.unit_wanted))
-    if not t.manage:
-        notes.append(
-            "--root: ran no systemctl; on the target system: systemctl daemon-reload && "
-            f"systemctl enable --now {SERVICE} (and the group: groupadd --system {CONFIG_GROUP})"
-        )
-        return Plan(actions, notes)
+    return Plan(actions, notes)
 
+
+def _plan_service(s: Survey, *, start: bool) -> Plan:
+    """systemctl: reload the manager after a unit change, enable (and start) a fresh install,
+    restart a running service whose unit changed."""
+    t = s.target
+    actions: list[Action] = []
+    notes: list[str] = []
     unit_changed = s.unit_now != s.unit_wanted
     if unit_changed:
         actions.append(_systemctl("daemon-reload"))
@@ -380,7 +397,8 @@ def plan_install(s: Survey, *, start: bool) -> Plan:
         else:
             why = "enabled but not running; to start it:"
         notes.append(f"not started: {why} systemctl start {SERVICE}")
-    notes.append(f"logs: journalctl -u {SERVICE} -f; state: provider-agent status")
+    notes.append(f"logs: journalctl -u {SERVICE} -f")
+    notes.append(f"the running agent: sudo {s.executable} --config {t.config} status")
     return Plan(actions, notes)
 
 
