@@ -129,6 +129,8 @@ class Host:
     detect: Callable[[], list[Detected]] = _detect_local_backends
     #: What the service's user must reach to run `executable` (checked when managing the system).
     installation: Callable[[Path], list[Path]] = installation_paths
+    #: Whether systemd runs this machine (sd_booted(3): /run/systemd/system exists).
+    booted: Callable[[], bool] = lambda: os.path.isdir("/run/systemd/system")
 
 
 def this_executable() -> Path:
@@ -196,7 +198,6 @@ class Survey:
     config_summary: str  # "2 backend(s)", for the report
     placeholder_url: bool  # the config still points at init's placeholder coordinator
     key_path: PurePosixPath
-    state_dir: PurePosixPath
     group: int | None  # the config group's gid (None: absent, or not looked up with --root)
     enabled: bool
     active: bool
@@ -209,6 +210,11 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         raise ServiceError(
             "service install needs root: run it with sudo (or pass --root DIR to install the "
             "files under a directory)"
+        )
+    if target.manage and not host.booted():
+        raise ServiceError(
+            "systemd is not running on this machine (no /run/systemd/system): pass --root DIR "
+            "to write the files only"
         )
     _check_unit_safe("the provider-agent executable", executable)
     _check_unit_safe("the config path", Path(target.config))
@@ -249,7 +255,6 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         config_summary=f"{count} backend(s)",
         placeholder_url=placeholder,
         key_path=PurePosixPath(loaded.identity.key_path),
-        state_dir=PurePosixPath(loaded.state.dir),
         group=group,
         enabled=enabled,
         active=active,
@@ -534,6 +539,10 @@ def uninstall(target: Target, host: Host) -> Report:
     """`service uninstall`: stop, disable, remove the unit; say where the kept files are."""
     if target.manage and host.euid != 0:
         raise ServiceError("service uninstall needs root: run it with sudo (or pass --root DIR)")
+    if target.manage and not host.booted():
+        raise ServiceError(
+            "systemd is not running on this machine (no /run/systemd/system): pass --root DIR"
+        )
     unit_text = _read_text(target.unit)
     enabled_or_active = False
     if target.manage:

@@ -107,6 +107,7 @@ class FakeSystem:
             chown=self.chown,
             detect=lambda: list(detected),
             installation=lambda _: [],
+            booted=lambda: True,
         )
 
 
@@ -320,6 +321,16 @@ def test_not_root_without_root_dir_is_refused_in_one_line(tmp_path: Path) -> Non
     with pytest.raises(ServiceError, match="needs root"):
         uninstall(Target(root=tmp_path, manage=True), host)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_machine_without_systemd_is_refused_before_anything(tmp_path: Path) -> None:
+    system = FakeSystem()
+    host = system.host()
+    host.booted = lambda: False
+    for command in (install, uninstall):
+        with pytest.raises(ServiceError, match="systemd is not running on this machine"):
+            command(managed_target(tmp_path), host)
+    assert system.calls == [] and list(tmp_path.iterdir()) == []
 
 
 def test_not_root_on_the_command_line_exits_1() -> None:
