@@ -10,6 +10,7 @@ at debug level, later ones are not (a dead socket would otherwise log every watc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
@@ -21,6 +22,8 @@ log = logging.getLogger("provider_agent.systemd")
 
 #: systemd reads a notification into a buffer of this size; a longer STATUS would be cut.
 _STATUS_MAX_CHARS: Final = 1000
+#: More than a day of extra time is a bug in the caller, not a drain.
+_EXTEND_MAX_S: Final = 86_400
 #: A newline inside STATUS= would start a new assignment; control characters go too.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -76,7 +79,10 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         """Ask for `seconds` more before systemd's start/stop timeout fires (sent while draining,
         so a drain_timeout_s above the unit's TimeoutStopSec is honoured)."""
-        usec = max(1, round(seconds * 1_000_000))
+        if not math.isfinite(seconds):
+            log.debug("EXTEND_TIMEOUT_USEC not sent: %r seconds", seconds)
+            return
+        usec = round(min(max(seconds, 0.000001), _EXTEND_MAX_S) * 1_000_000)
         self._send(f"EXTEND_TIMEOUT_USEC={usec}")
 
     def watchdog(self) -> None:
