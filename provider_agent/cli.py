@@ -28,7 +28,7 @@ EX_FAILURE = 1
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
-_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings"})
+_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings", "service"})
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     earnings.add_argument("--until", metavar="DATE", help="day after the last, YYYY-MM-DD (UTC)")
     earnings.add_argument("--by", choices=["day", "model", "backend"], default="day")
     earnings.add_argument("--csv", action="store_true", help="every row as CSV, not totals")
+    _service_parser(command("service", "install or remove this installation as a systemd service"))
     coordinator = command("dev-coordinator", "the reference coordinator, for local testing")
     coordinator.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
     return parser
@@ -110,6 +111,27 @@ class _GuardedOutput:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def _service_parser(service: argparse.ArgumentParser) -> None:
+    actions = service.add_subparsers(dest="service_command", metavar="ACTION", required=True)
+    install = actions.add_parser(
+        "install",
+        help="write the systemd unit and /etc/provider-agent, validate, enable and start",
+        description="Install this installation as the systemd service provider-agent "
+        "(--config defaults to /etc/provider-agent/agent.toml).",
+    )
+    _global_options(install, suppress=True)
+    install.add_argument("--root", metavar="DIR", help="install under DIR; run no systemctl")
+    install.add_argument("--no-start", action="store_true", help="enable, but do not start")
+    install.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    uninstall = actions.add_parser(
+        "uninstall",
+        help="stop, disable and remove the service; keep config, identity and state",
+        description="Stop (draining) and disable the service and remove its unit.",
+    )
+    _global_options(uninstall, suppress=True)
+    uninstall.add_argument("--root", metavar="DIR", help="remove under DIR; run no systemctl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +188,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _dev_coordinator(args.listen)
     if command == "init":
         return _init(args.output, args.force)
+    if command == "service":
+        return _service(args)
     config_path = _config_path(args)
     if command == "run":
         from provider_agent.daemon import run_daemon
@@ -305,6 +329,24 @@ def _init(output_option: str, force: bool) -> int:
         return EX_FAILURE
     found = ", ".join(f"{d.kind} at {d.url}" for d in detected) or "no local backend"
     print(f"wrote {path} ({found}); edit [coordinator] url and [pricing], then `validate`")
+    return EX_OK
+
+
+def _service(args: argparse.Namespace) -> int:
+    from provider_agent import service
+
+    target = service.target_for(args.config, args.root)
+    try:
+        if args.service_command == "install":
+            report = service.install(
+                target, service.Host(), start=not args.no_start, dry_run=args.dry_run
+            )
+        else:
+            report = service.uninstall(target, service.Host())
+    except service.ServiceError as exc:
+        print(f"service {args.service_command}: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    print("\n".join(report.lines))
     return EX_OK
 
 

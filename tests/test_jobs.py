@@ -54,7 +54,7 @@ async def test_bytes_relayed_verbatim_and_job_done_carries_the_backends_usage(
             job = await coord.send_job(pid, "m", REQUEST)
             record = await finished(coord, job.job_id)
     assert isinstance(record.terminal, JobDone)
-    assert record.data == backend.streamed[0]  # every upstream byte, in order, unaltered
+    assert bytes(record.data or b"") == backend.streamed[0]  # every upstream byte, in order, unaltered
     assert record.terminal.tokens.input == 7 and record.terminal.tokens.output == 20
     assert record.terminal.usage_source is None  # reported by the backend, not estimated
     sent = backend.bodies[0]
@@ -280,7 +280,7 @@ async def test_error_event_or_eof_without_done_after_bytes_is_backend_error(
     assert isinstance(record.terminal, JobError)
     assert record.terminal.error_code == "backend_error"
     assert expected in record.terminal.message
-    assert record.data == body and record.terminal.tokens_emitted == len(body)
+    assert bytes(record.data or b"") == body and record.terminal.tokens_emitted == len(body)
     coord.assert_no_violations()
 
 
