@@ -35,7 +35,8 @@ from provider_agent.outbox import Outbox, keep_days_of
 from provider_agent.protocol import Capabilities, Heartbeat
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
-from provider_agent.session_state import Inbound, ReconnectPolicy
+from provider_agent.session_state import Inbound, ReconnectPolicy, State
+from provider_agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Daemon:
         self._force = anyio.Event()
         self._pass_wanted = anyio.Event()
         self._startup: anyio.CancelScope | None = None
+        self.notifier = Notifier.from_env()
 
     # --- what the session asks for ---------------------------------------------------------------
 
@@ -135,8 +137,15 @@ class Daemon:
         """Re-read the config file; apply it if valid, else keep running on the old one."""
         if self.config_path is None:
             return False
+        self.notifier.reloading()
         try:
-            new = load(self.config_path, allow_insecure=self.allow_insecure)
+            return await self._reload(self.config_path)
+        finally:
+            self.notifier.ready()
+
+    async def _reload(self, config_path: Path) -> bool:
+        try:
+            new = load(config_path, allow_insecure=self.allow_insecure)
             identity = (
                 load_or_create(new.identity.key_path)
                 if new.identity.key_path != self.config.identity.key_path
@@ -216,7 +225,11 @@ class Daemon:
                 group.start_soon(self._supervised, "outbox pruning", self._prune_loop)
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
+                if self.notifier.watchdog_interval_s is not None:
+                    group.start_soon(self._watchdog, self.notifier.watchdog_interval_s)
                 self.started.set()
+                self.notifier.ready()
+                self._notify_status()
                 log.info("agent started version=%s", __version__)
                 await self._stop.wait()
                 await self._shutdown(session_done)
@@ -233,6 +246,32 @@ class Daemon:
     def _registry(self) -> Registry:
         assert self.registry is not None
         return self.registry
+
+    def _notify_status(self) -> None:
+        """systemd's one-line STATUS=: session state and what is advertised."""
+        state = self.session.state.value if self.session is not None else "starting"
+        models = len(self.catalog.routes) if self.catalog is not None else 0
+        in_flight = self.jobs.in_flight if hasattr(self, "jobs") else 0
+        self.notifier.status(
+            f"session {state}; {models} model(s) advertised; {in_flight} in flight"
+        )
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 only while the loop turns and the session makes progress (authenticated or
+        waiting out a backoff); a stuck loop or a wedged handshake lets systemd restart us."""
+        stuck_since: float | None = None
+        while True:
+            await anyio.sleep(interval_s)
+            assert self.session is not None
+            state = self.session.state
+            now = self.clock()
+            if state in (State.AUTHENTICATED, State.IDLE, State.STOPPED):
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = now
+            if stuck_since is None or now - stuck_since < 2 * interval_s:
+                self.notifier.watchdog()
+            self._notify_status()
 
     async def _prune_loop(self) -> None:
         assert self.outbox is not None
@@ -273,6 +312,7 @@ class Daemon:
         self.catalog = result.catalog
         if self.session is not None:
             self.session.push(self.capabilities())
+        self._notify_status()
 
     def _on_inbound(self, inbound: Inbound) -> None:
         """Called by the session's reader: hands off, never waits."""
@@ -343,6 +383,9 @@ class Daemon:
 
     async def _announce_draining(self) -> None:
         assert self.session is not None
+        self.notifier.stopping()
+        budget = self.config.state.drain_timeout_s + sum(vars(self.budgets).values())
+        self.notifier.extend_timeout(budget)
         self.draining = True
         self.session.push(self.capabilities())
 

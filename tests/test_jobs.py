@@ -54,7 +54,9 @@ async def test_bytes_relayed_verbatim_and_job_done_carries_the_backends_usage(
             job = await coord.send_job(pid, "m", REQUEST)
             record = await finished(coord, job.job_id)
     assert isinstance(record.terminal, JobDone)
-    assert bytes(record.data or b"") == backend.streamed[0]  # every upstream byte, in order, unaltered
+    assert (
+        bytes(record.data or b"") == backend.streamed[0]
+    )  # every upstream byte, in order, unaltered
     assert record.terminal.tokens.input == 7 and record.terminal.tokens.output == 20
     assert record.terminal.usage_source is None  # reported by the backend, not estimated
     sent = backend.bodies[0]

@@ -433,3 +433,36 @@ async def test_a_second_stop_cuts_the_drain_wait_short(
             await coord.wait_for(lambda c: not c.connected())
     assert any("cut short by a second signal" in r.getMessage() for r in caplog.records)
     assert coord.attempts[-1].close_code == 1001
+
+
+async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_stopping(
+    coord: DevCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        cfg = write_config(tmp_path, coord.ws_url)
+        async with running_agent(cfg) as daemon:
+            await coord.wait_for(lambda c: c.connected())
+            assert await daemon.reload() is True
+        messages: list[str] = []
+        while True:
+            try:
+                messages.append(server.recv(4096).decode())
+            except BlockingIOError:
+                break
+    kinds = [m.split("=", 1)[0] for m in messages if not m.startswith("STATUS=")]
+    assert kinds[:1] == ["READY"]
+    assert any(m.startswith("STATUS=session") for m in messages)
+    reloading = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
+    assert "MONOTONIC_USEC=" in messages[reloading]
+    assert "READY=1" in messages[reloading + 1 :][0] or any(
+        m.startswith("READY=1") for m in messages[reloading + 1 :]
+    )
+    stopping = next(i for i, m in enumerate(messages) if m.startswith("STOPPING=1"))
+    assert stopping > reloading
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[stopping:])
