@@ -143,3 +143,41 @@ def test_discover_advertises_the_model(llamacpp_url: str, tmp_path: Path) -> Non
     assert (model["input_per_1m"], model["output_per_1m"]) == (300000, 600000)
     assert model["formats"] == ["openai"]  # not the C++ server: no /props, so no /v1/messages
     assert "context_window" not in model  # the server reports none, so none is advertised
+
+
+async def test_a_job_streams_through_the_agent_and_job_done_carries_usage(
+    llamacpp_url: str, tmp_path: Path
+) -> None:
+    """The whole loop: an OpenAI client → the reference coordinator → the agent → the real
+    server, tokens streamed back, and one job_done whose usage the agent had to estimate."""
+    import aiohttp
+
+    from provider_agent.dev.coordinator import DevCoordinator
+    from provider_agent.protocol import JobDone
+    from tests.agent_harness import agent_where, running_agent, write_config
+
+    async with DevCoordinator(host="127.0.0.1", port=0) as coord:
+        extra = f'[[backends]]\nkind = "llamacpp"\nurl = {json.dumps(llamacpp_url)}\n'
+        cfg = write_config(tmp_path, coord.ws_url, extra=extra)
+        async with running_agent(cfg):
+            await agent_where(
+                coord, lambda a: a.capabilities is not None and a.capabilities.models, timeout=30
+            )
+            request = {k: v for k, v in STREAM_REQUEST.items() if k != "stream_options"}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{coord.http_url}/v1/chat/completions", json=request) as response,
+            ):
+                assert response.status == 200
+                body = await response.read()
+            [record] = coord.finished.values()
+    chunks = _chunks(body)
+    content = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
+    )
+    assert content  # tokens from the real model came through
+    assert isinstance(record.terminal, JobDone)
+    assert record.terminal.usage_source == "estimated"  # this server never reports usage
+    assert record.terminal.tokens.output >= 1 and record.terminal.tokens.input >= 1
+    assert record.terminal_count == 1
+    coord.assert_no_violations()
