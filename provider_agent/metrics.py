@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -31,8 +30,6 @@ class JobStats:
 
     def __init__(self) -> None:
         self.in_flight = 0
-        #: Called whenever the last in-flight job finishes (the drain waits on it).
-        self.on_idle: Callable[[], None] | None = None
         self._finished: deque[FinishedJob] = deque()
         self.last_error_at: datetime | None = None
         self.last_error_code: str | None = None
@@ -42,8 +39,6 @@ class JobStats:
 
     def job_finished(self, job: FinishedJob, wall_clock: datetime | None = None) -> None:
         self.in_flight = max(0, self.in_flight - 1)
-        if self.in_flight == 0 and self.on_idle is not None:
-            self.on_idle()
         self._finished.append(job)
         if job.error_code in SERVING_FAILURES:
             self.last_error_at = wall_clock or datetime.now(UTC)

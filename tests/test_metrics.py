@@ -54,16 +54,13 @@ def test_serving_failures_count_and_set_last_error() -> None:
     assert beat.last_error_at == "2026-11-23T12:00:00Z"
 
 
-def test_idle_callback_fires_when_the_last_job_ends() -> None:
+def test_refusals_count_in_the_window_but_never_in_flight() -> None:
     stats = JobStats()
-    calls: list[int] = []
-    stats.on_idle = lambda: calls.append(stats.in_flight)
     stats.job_started()
-    stats.job_started()
-    stats.job_finished(done(1.0, 10))
-    assert calls == []
-    stats.job_finished(done(2.0, 10))
-    assert calls == [0]
+    stats.job_refused(FinishedJob(1.0, None, 0, 0.0, "out_of_capacity"))
+    beat = stats.heartbeat(now=2.0)
+    assert beat.queue_depth == 1
+    assert beat.error_rate_60s == 0.0  # a refusal is no serving failure
 
 
 def test_percentile_nearest_rank() -> None:
