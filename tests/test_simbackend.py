@@ -37,6 +37,8 @@ from provider_agent.discovery import BackendReport, run_pass
 
 FIXTURES = Path(__file__).parent / "fixtures"
 COMMENT = ":comment"
+#: As fast as possible (back-to-back writes), and paced (the shared timer's writes).
+RATES = [0, 1000]
 KEY = "sim-secret-key-123"
 KEY_ENV = "SIM_BACKEND_TEST_KEY"
 CHAT_PATH = {
@@ -482,11 +484,12 @@ OPENAI_STREAMS = {
 }
 
 
+@pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("kind", KINDS)
 async def test_openai_streams_parse_like_the_fixtures(
-    http: aiohttp.ClientSession, kind: str
+    http: aiohttp.ClientSession, kind: str, rate: float
 ) -> None:
-    async with SimBackend(kind, tokens=5, tokens_per_s=0) as sim:
+    async with SimBackend(kind, tokens=5, tokens_per_s=rate) as sim:
         status, raw, headers = await post(
             http, sim.url + CHAT_PATH[kind], chat_body(sim.models[0].name, **usage_options())
         )
@@ -502,6 +505,25 @@ async def test_openai_streams_parse_like_the_fixtures(
     if kind == "llamacpp":
         timings = next(d["timings"] for _, d in events if isinstance(d, dict) and "timings" in d)
         assert timings["predicted_n"] == 5
+
+
+@pytest.mark.parametrize("rate", RATES)
+async def test_an_http_1_0_client_gets_an_unchunked_stream(rate: float) -> None:
+    async with SimBackend("vllm", tokens=4, tokens_per_s=rate) as sim:
+        reader, writer = await asyncio.open_connection(sim.host, sim.port)
+        body = orjson.dumps(chat_body(sim.models[0].name))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        answer = await reader.read()  # the server closes when done
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert b"chunked" not in head.lower()
+    events = parse_sse(payload)
+    assert events[-1][1] == "[DONE]"
+    assert text_of(events) == "".join(WORDS[:4])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -606,12 +628,13 @@ DONE_AFTER_ERROR = {
 }
 
 
+@pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("kind", KINDS)
 async def test_error_event_mid_stream_is_the_kinds_own(
-    http: aiohttp.ClientSession, kind: str
+    http: aiohttp.ClientSession, kind: str, rate: float
 ) -> None:
     async with SimBackend(
-        kind, tokens=10, tokens_per_s=0, fault=Fault(kind="error", after_tokens=1)
+        kind, tokens=10, tokens_per_s=rate, fault=Fault(kind="error", after_tokens=1)
     ) as sim:
         status, raw, _ = await post(http, sim.url + CHAT_PATH[kind], chat_body(sim.models[0].name))
     assert status == 200
@@ -662,12 +685,14 @@ async def read_until_broken(response: aiohttp.ClientResponse) -> tuple[bytes, Ba
     return received, None
 
 
+@pytest.mark.parametrize("rate", RATES)
 @pytest.mark.parametrize("kind", ["vllm", "ollama", "openrouter"])
 async def test_die_cuts_the_connection_after_n_tokens(
-    http: aiohttp.ClientSession, kind: str
+    http: aiohttp.ClientSession, kind: str, rate: float
 ) -> None:
+    fault = Fault(kind="die", after_tokens=3)
     async with (
-        SimBackend(kind, tokens=10, tokens_per_s=0, fault=Fault(kind="die", after_tokens=3)) as sim,
+        SimBackend(kind, tokens=10, tokens_per_s=rate, fault=fault) as sim,
         http.post(sim.url + CHAT_PATH[kind], json=chat_body(sim.models[0].name)) as response,
     ):
         assert response.status == 200
@@ -745,6 +770,23 @@ async def test_a_hung_request_ends_when_the_sim_stops(http: aiohttp.ClientSessio
     assert not sim.requests[0].disconnected
 
 
+async def test_stopping_the_sim_cuts_its_streams(http: aiohttp.ClientSession) -> None:
+    sim = SimBackend("vllm", tokens=100_000, tokens_per_s=100)
+    await sim.start()
+    try:
+        async with http.post(
+            sim.url + "/v1/chat/completions", json=chat_body(sim.models[0].name)
+        ) as response:
+            await response.content.readuntil(b"\n\n")
+            await sim.aclose()
+            _, error = await read_until_broken(response)
+    finally:
+        await sim.aclose()
+    assert error is not None
+    assert (sim.requests[0].outcome, sim.requests[0].disconnected) == ("stopped", False)
+    assert sim.active == 0
+
+
 async def test_refuse_resets_connections_then_clears(http: aiohttp.ClientSession) -> None:
     async with SimBackend("vllm", tokens=1, fault=Fault(kind="refuse", count=2)) as sim:
         reader, writer = await asyncio.open_connection(sim.host, sim.port)
@@ -776,6 +818,7 @@ async def test_kill_closes_the_port_and_cuts_streams_restart_reopens_it(
         assert error is not None
         with pytest.raises(aiohttp.ClientConnectorError):
             await get(http, sim.url + "/health")
+        assert (sim.requests[0].outcome, sim.requests[0].disconnected) == ("killed", False)
         await sim.restart()
         assert sim.port == port
         assert (await get(http, sim.url + "/health"))[0] == 200
@@ -795,8 +838,11 @@ async def test_a_client_that_goes_away_mid_stream_is_recorded(http: aiohttp.Clie
     assert sum(sim.completed.values()) == 0
 
 
-async def test_ttft_and_the_first_write_timestamps(http: aiohttp.ClientSession) -> None:
-    async with SimBackend("llamacpp", tokens=2, tokens_per_s=0, ttft_s=0.1) as sim:
+@pytest.mark.parametrize("rate", RATES)
+async def test_ttft_and_the_first_write_timestamps(
+    http: aiohttp.ClientSession, rate: float
+) -> None:
+    async with SimBackend("llamacpp", tokens=2, tokens_per_s=rate, ttft_s=0.1) as sim:
         before_wall = time.time()
         await post(http, sim.url + "/v1/chat/completions", chat_body("x"))
     (record,) = sim.completions

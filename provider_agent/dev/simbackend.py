@@ -52,6 +52,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
+import itertools
 import math
 import os
 import signal
@@ -69,7 +71,7 @@ from typing import Any, Final, Literal, Self, TypeVar
 
 import anyio
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -182,7 +184,8 @@ class SimRequest:
     key: str | None = None
     fault: Fault | None = None
     status: int | None = None
-    #: `open`, `ok`, `error_event`, `died`, `hung`, `reset`, `disconnected`, `stopped`.
+    #: `open`, `ok`, `error_event`, `died`, `hung`, `disconnected`, `killed` (by `kill()`),
+    #: `stopped` (the simulator stopped first).
     outcome: str = "open"
     tokens_sent: int = 0
     #: The client went away before the simulator was done (an aborted upstream request).
@@ -685,6 +688,103 @@ class _Reset(asyncio.Protocol):
 
 
 Handler = Callable[[web.Request, SimRequest], Awaitable[web.StreamResponse]]
+#: Tokens due this close together are written in the same tick.
+_PACER_SLACK_S: Final = 0.0005
+
+
+class _PacedStream:
+    """A stream paced by `_Pacer`: its tokens pre-framed for the transport."""
+
+    __slots__ = ("chunks", "done", "due", "first", "interval", "rec", "stop_at", "transport")
+
+    def __init__(
+        self,
+        transport: asyncio.BaseTransport,
+        rec: SimRequest,
+        frames: StreamFrames,
+        *,
+        stop_at: int,
+        interval: float,
+        chunked: bool,
+    ) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+
+        def frame(data: bytes) -> bytes:  # what aiohttp's chunked writer would send
+            return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
+
+        self.transport = transport
+        self.rec = rec
+        self.first = frame(frames.first)
+        self.chunks = tuple(frame(t) for t in frames.tokens)
+        self.stop_at = stop_at
+        self.interval = interval
+        self.due = 0.0
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+
+class _Pacer:
+    """Writes every paced stream's due token from one timer callback: a token costs one
+    transport write, not a sleep, a task wake-up and a coroutine per stream (256 streams at
+    40 tokens/s are 10,000 writes a second). The stream's task waits for the verdict: True when
+    all its tokens are out, False when the connection went away."""
+
+    def __init__(self, on_first_write: Callable[[SimRequest], None]) -> None:
+        self._heap: list[tuple[float, int, _PacedStream]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_first = on_first_write
+
+    def run(self, stream: _PacedStream) -> asyncio.Future[bool]:
+        stream.due = asyncio.get_running_loop().time()
+        heapq.heappush(self._heap, (stream.due, next(self._order), stream))
+        self._arm()
+        return stream.done
+
+    def _arm(self) -> None:
+        if not self._heap:
+            return
+        due = self._heap[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(due, self._tick)
+
+    def _write_next(self, stream: _PacedStream) -> bool:
+        """Write the stream's next token; True when it was its last."""
+        rec = stream.rec
+        sent = rec.tokens_sent
+        if sent == 0:
+            if rec.first_write_monotonic is None:
+                self._on_first(rec)
+            stream.transport.write(stream.first)
+        else:
+            stream.transport.write(stream.chunks[sent % len(WORDS)])
+        rec.tokens_sent = sent + 1
+        return sent + 1 >= stream.stop_at
+
+    def _tick(self) -> None:
+        self._timer = None
+        heap = self._heap
+        horizon = asyncio.get_running_loop().time() + _PACER_SLACK_S
+        while heap and heap[0][0] <= horizon:
+            stream = heapq.heappop(heap)[2]
+            if stream.done.done():  # its task was cancelled: the client went away
+                continue
+            if stream.transport.is_closing():
+                stream.done.set_result(False)
+                continue
+            try:
+                finished = self._write_next(stream)
+            except Exception as exc:  # that stream's handler raises it; the others go on
+                stream.done.set_exception(exc)
+                continue
+            if finished:
+                stream.done.set_result(True)
+            else:
+                stream.due += stream.interval
+                heapq.heappush(heap, (stream.due, next(self._order), stream))
+        self._arm()
 
 
 @dataclass(frozen=True)
@@ -762,6 +862,7 @@ class SimBackend:
         self._server: asyncio.Server | None = None
         self._closing = False
         self._cost_usd = 0.0
+        self._pacer = _Pacer(self._first_write)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -802,18 +903,25 @@ class SimBackend:
         self._closing = True
         self._stopping.set()
         self._close_port()
+        self._abort_connections()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def kill(self) -> None:
         """Like a crashed server: the port closes and every open connection is reset."""
+        for rec in self.requests:
+            if rec.outcome in ("open", "hung"):
+                rec.outcome = "killed"
         self._close_port()
+        self._abort_connections()
+        await asyncio.sleep(0)  # let the aborted connections' handlers see it
+
+    def _abort_connections(self) -> None:
         if self._runner is not None and self._runner.server is not None:
             for handler in self._runner.server.connections:
                 if handler.transport is not None:
                     handler.transport.abort()
-        await asyncio.sleep(0)  # let the aborted connections' handlers see it
 
     async def restart(self) -> None:
         """Listen again on the same port after `kill()`."""
@@ -928,8 +1036,9 @@ class SimBackend:
             rec.fault = fault
             response = await self._answer(request, rec, route, fault)
         except asyncio.CancelledError:
-            rec.outcome = "stopped" if self._closing else "disconnected"
-            rec.disconnected = not self._closing
+            if rec.outcome == "hung":
+                rec.outcome = "open"
+            self._gone(rec)
             raise
         finally:
             rec.finished_monotonic = time.monotonic()
@@ -1767,9 +1876,12 @@ class SimBackend:
         )
         if self.kind == "openrouter":
             response.headers["X-Generation-Id"] = "gen-" + uuid.uuid4().hex[:20]
+        chunked = request.version >= HttpVersion11
+        if chunked:
+            response.enable_chunked_encoding()
+        cut = fault is not None and fault.kind in ("die", "error")
+        stop_at = min(fault.after_tokens, job.n_tokens) if cut and fault else job.n_tokens
         loop = asyncio.get_running_loop()
-        cut_at = fault.after_tokens if fault is not None and fault.kind in ("die", "error") else -1
-        n = job.n_tokens
         self.active += 1
         try:
             await response.prepare(request)
@@ -1778,40 +1890,55 @@ class SimBackend:
                 await response.write(frames.preamble)
             if self.ttft_s:
                 await asyncio.sleep(self.ttft_s)
-            interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
             started = loop.time()
-            write = response.write
-            tokens = frames.tokens
-            width = len(tokens)
-            for i in range(n):
-                if i == cut_at:
-                    return await self._cut(request, response, rec, frames, fault)
-                if i == 0:
-                    if rec.first_write_monotonic is None:
-                        self._first_write(rec)
-                    await write(frames.first)
-                else:
-                    await write(tokens[i % width])
-                rec.tokens_sent = i + 1
-                if interval:
-                    delay = started + (i + 1) * interval - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                elif i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                    await asyncio.sleep(0)
-            if cut_at >= n:
+            if stop_at and self.tokens_per_s and request.transport is not None:
+                paced = _PacedStream(
+                    request.transport,
+                    rec,
+                    frames,
+                    stop_at=stop_at,
+                    interval=1 / self.tokens_per_s,
+                    chunked=chunked,
+                )
+                if not await self._pacer.run(paced):
+                    self._gone(rec)
+                    return response
+            else:
+                await self._write_all(response, rec, frames, stop_at)
+            if cut:
                 return await self._cut(request, response, rec, frames, fault)
-            await write(frames.closing(n, job.truncated, loop.time() - started))
+            await response.write(frames.closing(stop_at, job.truncated, loop.time() - started))
             await response.write_eof()
         except ConnectionResetError:
-            rec.outcome = "stopped" if self._closing else "disconnected"
-            rec.disconnected = not self._closing
+            self._gone(rec)
             return response
         finally:
             self.active -= 1
         assert rec.key is not None
         self.completed[rec.key] += 1
         return response
+
+    async def _write_all(
+        self, response: web.StreamResponse, rec: SimRequest, frames: StreamFrames, count: int
+    ) -> None:
+        """As fast as possible: back-to-back writes, yielding now and then."""
+        tokens = frames.tokens
+        for i in range(count):
+            if i == 0:
+                if rec.first_write_monotonic is None:
+                    self._first_write(rec)
+                await response.write(frames.first)
+            else:
+                await response.write(tokens[i % len(WORDS)])
+            rec.tokens_sent = i + 1
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+
+    def _gone(self, rec: SimRequest) -> None:
+        """The connection went away under a stream: the client's doing, unless the sim's."""
+        if rec.outcome == "open":
+            rec.outcome = "stopped" if self._closing else "disconnected"
+            rec.disconnected = not self._closing
 
     def _first_write(self, rec: SimRequest) -> None:
         rec.first_write_monotonic = time.monotonic()
