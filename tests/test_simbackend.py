@@ -991,6 +991,8 @@ def test_parse_listen() -> None:
         "a\x00:80",
         "h:8O",
         "[::1]",
+        "h:\uff18\uff10",  # fullwidth digits
+        "h:\u00b2",
     ):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
