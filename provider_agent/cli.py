@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _service_parser(command("service", "install or remove this installation as a systemd service"))
     coordinator = command("dev-coordinator", "the reference coordinator, for local testing")
     coordinator.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
+    _sim_backend_options(command("sim-backend", "a simulated backend, for tests and demos"))
     return parser
 
 
@@ -134,6 +135,46 @@ def _service_parser(service: argparse.ArgumentParser) -> None:
     uninstall.add_argument("--root", metavar="DIR", help="remove under DIR; run no systemctl")
 
 
+#: `sim-backend --kind` choices (provider_agent.dev.simbackend.KINDS; kept here so that building
+#: the parser imports nothing heavy).
+SIM_KINDS = ("vllm", "llamacpp", "lmstudio", "ollama", "openrouter", "venice")
+
+
+def _sim_backend_options(sim: argparse.ArgumentParser) -> None:
+    sim.add_argument("--kind", required=True, choices=SIM_KINDS)
+    sim.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="default 127.0.0.1 on the real server's port (8000, 8080, 1234, 11434); "
+        "any free port for openrouter/venice",
+    )
+    sim.add_argument(
+        "--model",
+        metavar="NAME[=CTX]",
+        action="append",
+        help="a served model and its context window (repeat for more)",
+    )
+    sim.add_argument("--context", type=int, default=8192, metavar="N", help="default window")
+    sim.add_argument("--tokens", type=int, default=16, metavar="N", help="tokens per response")
+    sim.add_argument(
+        "--tokens-per-s", type=float, default=40.0, metavar="R", help="0: as fast as possible"
+    )
+    sim.add_argument("--ttft-ms", type=float, default=0.0, metavar="MS", help="time to 1st token")
+    sim.add_argument(
+        "--fault",
+        metavar="KIND[:ARG]",
+        help="refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading",
+    )
+    sim.add_argument("--fault-count", type=int, metavar="N", help="only the next N requests")
+    sim.add_argument("--fault-scope", choices=["completions", "all"], default="completions")
+    sim.add_argument(
+        "--api-key-env", metavar="NAME", help="require the key held in this environment variable"
+    )
+    sim.add_argument("--price-in", default="0.5", metavar="USD", help="per 1M tokens (BYOK)")
+    sim.add_argument("--price-out", default="1.5", metavar="USD", help="per 1M tokens (BYOK)")
+    sim.add_argument("--no-anthropic", action="store_true", help="no /v1/messages")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     guarded = _GuardedOutput(sys.stdout)
     sys.stdout = cast(TextIO, guarded)
@@ -186,6 +227,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     command = args.command or "run"
     if command == "dev-coordinator":
         return _dev_coordinator(args.listen)
+    if command == "sim-backend":
+        from provider_agent.dev.simbackend import run_command
+
+        return run_command(args)
     if command == "init":
         return _init(args.output, args.force)
     if command == "service":
