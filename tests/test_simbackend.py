@@ -395,7 +395,8 @@ async def discover(sim: SimBackend, timeout_s: int = 5) -> BackendReport:
         '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
         f"[discovery]\ntimeout_s = {timeout_s}\n"
         f'[[backends]]\nkind = "{sim.kind}"\nurl = "{sim.base_url}"\n{key}'
-        "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
+        "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n",
+        allow_insecure=True,  # the simulator speaks plain http on loopback
     )
     async with new_http_session(8) as http:
         result = await run_pass(config, http)
