@@ -13,8 +13,10 @@ import pytest
 from aiohttp import web
 
 from provider_agent.backends.base import new_http_session
+from provider_agent.backends.ollama import SHOW_CONCURRENCY
 from provider_agent.config import Config, parse
 from provider_agent.discovery import Discovery, run_pass
+from tests.conftest import FakeServer
 
 PRICING = "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
 
@@ -155,3 +157,75 @@ async def test_a_cancelled_pass_does_not_strand_waiters(farm: VllmFarm) -> None:
             await anyio.wait_all_tasks_blocked()
             farm.release.set()
     assert len(waiter_result) == 1 and len(waiter_result[0].catalog.routes) == 1
+
+
+# --- a slow part of a listing does not drop the backend ------------------------------------------
+
+
+@dataclass
+class ShowLoad:
+    in_flight: int = 0
+    peak: int = 0
+
+
+def slow_ollama(server: FakeServer, count: int, show_delay_s: float) -> ShowLoad:
+    """An Ollama with `count` models whose `/api/show` takes `show_delay_s` each."""
+    names = [f"model-{i:03d}:latest" for i in range(count)]
+    server.reply("GET", "/", "Ollama is running")
+    server.reply("GET", "/api/version", {"version": "0.12.6"})
+    server.reply("GET", "/api/tags", {"models": [{"name": n, "model": n} for n in names]})
+    server.reply("GET", "/api/ps", {"models": []})
+    load = ShowLoad()
+
+    async def show(request: web.Request) -> web.Response:
+        load.in_flight += 1
+        load.peak = max(load.peak, load.in_flight)
+        try:
+            await asyncio.sleep(show_delay_s)
+        finally:
+            load.in_flight -= 1
+        return web.json_response(
+            {"model_info": {"general.architecture": "llama", "llama.context_length": 8192}}
+        )
+
+    server.reply("POST", "/api/show", show)
+    return load
+
+
+def ollama_config(url: str, timeout_s: int) -> Config:
+    return parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f"[discovery]\ntimeout_s = {timeout_s}\n"
+        f'[[backends]]\nkind = "ollama"\nurl = "{url}"\n{PRICING}'
+    )
+
+
+async def test_ollama_with_200_slow_models_advertises_all_of_them(
+    fake_server: FakeServer,
+) -> None:
+    load = slow_ollama(fake_server, 200, show_delay_s=0.1)
+    cfg = ollama_config(fake_server.url, timeout_s=3)
+    started = time.perf_counter()
+    async with new_http_session(8) as http:
+        result = await run_pass(cfg, http)
+    assert time.perf_counter() - started < cfg.discovery.timeout_s + 1
+    [report] = result.reports
+    assert report.ok, report.error
+    assert len(result.catalog.capabilities.models) == 200
+    assert 1 <= load.peak <= SHOW_CONCURRENCY
+
+
+async def test_ollama_show_that_never_answers_still_lists_every_model(
+    fake_server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow_ollama(fake_server, 30, show_delay_s=3600)
+    cfg = ollama_config(fake_server.url, timeout_s=1)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        async with new_http_session(8) as http:
+            result = await run_pass(cfg, http)
+    assert time.perf_counter() - started < cfg.discovery.timeout_s + 1
+    offers = result.catalog.capabilities.models
+    assert len(offers) == 30
+    assert all(o.context_window is None for o in offers)
+    assert any("answered for 0 of 30 models" in r.getMessage() for r in caplog.records)

@@ -107,9 +107,10 @@ class LlamaCppBackend(Backend):
             async with limiter:
                 windows[index] = props_context(await self._props(models[index].native_id))
 
-        async with anyio.create_task_group() as group:
-            for index in missing:
-                group.start_soon(fetch, index)
+        with anyio.move_on_after(self.detail_budget_s()):  # the models matter more than details
+            async with anyio.create_task_group() as group:
+                for index in missing:
+                    group.start_soon(fetch, index)
         return [_with_context(m, windows.get(i)) for i, m in enumerate(models)]
 
     async def detect_formats(self) -> frozenset[WireFormat]:
