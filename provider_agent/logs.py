@@ -1,7 +1,8 @@
 """Logging set-up: one line per event, text for a terminal or JSON for journald/Loki.
 
-Modules log with `logging.getLogger(__name__)` and key=value fields in the message; nothing
-here knows about secrets because no secret is ever passed to a log call.
+Modules log with `logging.getLogger(__name__)` and key=value fields in the message; no secret is
+ever passed to a log call, and the one library that would log them (websockets' frame trace at
+debug) is held at INFO.
 """
 
 from __future__ import annotations
@@ -54,5 +55,8 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(LEVELS.get(level, logging.INFO))
     # Third-party chatter stays quiet unless the operator asked for debug.
     quiet = logging.WARNING if root.level > logging.DEBUG else logging.DEBUG
-    for name in ("websockets", "aiohttp.access", "asyncio"):
+    for name in ("aiohttp.access", "asyncio"):
         logging.getLogger(name).setLevel(quiet)
+    # The websocket library's debug output is a frame trace: it would print the auth frame
+    # (enrollment code) and every job's content. Never below INFO, at any level we are given.
+    logging.getLogger("websockets").setLevel(max(quiet, logging.INFO))
