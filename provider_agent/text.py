@@ -34,13 +34,19 @@ def model_id_problem(value: str) -> str | None:
     return None
 
 
-def printable(value: object, limit: int = DEFAULT_LIMIT) -> str:
+def printable(value: object, limit: int | None = DEFAULT_LIMIT) -> str:
     """`value` as one safe line: control and other unprintable characters as Python escapes
     (`\\x1b`, `\\r`, `\\x00`, `\\u202e`), the credentials of any URL in it (`user:pass@`) cut
-    out, and at most `limit` characters, ending with how many were cut. Applying it again changes
-    nothing (backslashes are left alone), so a caller need not know whether text was already
-    made safe."""
-    text = _USERINFO.sub("", str(value))
+    out, and at most `limit` characters (None: no cut), ending with how many were cut. Applying
+    it again changes nothing (backslashes are left alone), so a caller need not know whether
+    text was already made safe."""
+    text = str(value)
+    if "@" in text:
+        text = _USERINFO.sub("", text)
+    if (limit is None or len(text) <= limit) and text.isprintable():
+        return text
+    if limit is None:
+        return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
     pieces = [ch if ch.isprintable() else _escape(ch) for ch in text[: limit + 1]]
     if len(text) <= limit and sum(map(len, pieces)) <= limit:
         return "".join(pieces)

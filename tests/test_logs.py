@@ -82,3 +82,31 @@ async def test_debug_logs_never_carry_the_enrollment_code(
     assert not [line for line in collect.lines if code in line]
     assert logging.DEBUG in collect.levels  # the debug output was on
     assert logging.getLogger("websockets.client").getEffectiveLevel() == logging.INFO
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.usefixtures("restore_logging")
+def test_no_raw_control_character_or_credential_reaches_a_log_line(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.setup("debug", fmt)
+    log = logging.getLogger("provider_agent.test")
+    log.warning("reason=%s", "\x1b[2J\x1b[31mred\r\n12:00:00 INFO forged\x00\x07\u202e")
+    log.info("dialing wss://user:hunter2@coord.example/provider/connect")
+    try:
+        raise ValueError("bad\x1b[0m\rvalue")
+    except ValueError:
+        log.exception("failed")
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "hunter2" not in err and "\x1b" not in err and "\r" not in err and "\x00" not in err
+    assert all(line.isprintable() for line in lines)
+    if fmt == "text":
+        assert "reason=\\x1b[2J\\x1b[31mred\\r\\n12:00:00 INFO forged\\x00\\x07\\u202e" in err
+        assert "dialing wss://coord.example/provider/connect" in err
+        assert lines[-1] == "ValueError: bad\\x1b[0m\\rvalue"  # the traceback keeps its lines
+    else:
+        entries = [json.loads(line) for line in lines]
+        assert len(entries) == 3 and "\\x1b" in entries[0]["msg"]
+        assert entries[2]["exc"].splitlines()[-1] == "ValueError: bad\\x1b[0m\\rvalue"
+        assert all(line.isprintable() for line in entries[2]["exc"].splitlines())

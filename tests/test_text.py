@@ -122,3 +122,8 @@ def test_old_imports_from_backends_base_keep_working() -> None:
     assert base.ModelInfo is listing.ModelInfo
     assert base.UpstreamPrice is listing.UpstreamPrice
     assert base.Health is listing.Health
+
+
+def test_printable_without_a_limit_escapes_but_never_cuts() -> None:
+    assert printable("a\x1b" * 1000, None) == "a\\x1b" * 1000
+    assert printable("z" * 100_000, None) == "z" * 100_000
