@@ -285,13 +285,13 @@ def _error_detail(body: bytes) -> str:
     """A short excerpt of an error body for a log line, escaped (a backend's bytes never reach a
     terminal or a log raw) and cut."""
     text = body[: ERROR_EXCERPT_CHARS * 4].decode("utf-8", "replace").strip()
-    return f": {printable(text, ERROR_EXCERPT_CHARS)}" if text else ""
+    return f": {printable(text, limit=ERROR_EXCERPT_CHARS)}" if text else ""
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
-    return f"{type(exc).__name__}: {printable(exc)}" if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {printable(str(exc))}" if str(exc) else type(exc).__name__
 
 
 def _path_of(url: str) -> str:
