@@ -309,31 +309,86 @@ def _discover(config: Config, *, as_json: bool) -> int:
 
 
 def render_discovery(result: PassResult) -> str:
-    """The readable `discover` table: one block per backend, then the advertised models."""
-    lines = ["BACKEND                        KIND        HEALTH  LATENCY  MODELS  FORMATS"]
+    """The readable `discover` table: the backends, then the advertised models. Columns fit
+    their content (a backend's name keeps its port); text from outside is escaped. LISTED is
+    what a backend reported, ADVERTISED how many advertised models it serves."""
+    from provider_agent.text import printable
+
+    serving: dict[str, int] = {}
+    for routes in result.catalog.routes.values():
+        for name in {route.backend for route in routes}:
+            serving[name] = serving.get(name, 0) + 1
+    backend_rows: list[list[str]] = []
+    errors: dict[int, str] = {}
     for report in result.reports:
-        health = "ok" if report.ok else "FAIL"
-        formats = ",".join(sorted(report.formats)) or "-"
-        lines.append(
-            f"{report.name[:30]:<30} {report.kind:<11} {health:<7} "
-            f"{report.health.latency_ms:>6.0f}ms {len(report.models):>6}  {formats}"
-        )
         if report.error:
-            lines.append(f"    error: {report.error}")
+            errors[len(backend_rows)] = f"    error: {printable(report.error, 500)}"
+        backend_rows.append(
+            [
+                printable(report.name, 300),
+                report.kind,
+                "ok" if report.ok else "FAIL",
+                f"{report.health.latency_ms:.0f}ms",
+                str(len(report.models)),
+                str(serving.get(report.name, 0)),
+                ",".join(sorted(report.formats)) or "-",
+            ]
+        )
+    lines = _columns(
+        ["BACKEND", "KIND", "HEALTH", "LATENCY", "LISTED", "ADVERTISED", "FORMATS"],
+        backend_rows,
+        right=(3, 4, 5),
+        after=errors,
+    )
     if not result.reports:
         lines.append("(no backends configured)")
-    lines += ["", "MODEL                                    BACKEND     CONTEXT  IN/1M     OUT/1M"]
-    for offer in result.catalog.capabilities.models:
-        context = str(offer.context_window) if offer.context_window is not None else "?"
-        lines.append(
-            f"{offer.model_id[:40]:<40} {offer.backend:<11} {context:>7}  "
-            f"{offer.input_per_1m:<9} {offer.output_per_1m:<9} {','.join(offer.formats)}"
-        )
-    if not result.catalog.capabilities.models:
+    lines.append("")
+    offers = result.catalog.capabilities.models
+    model_rows = [
+        [
+            printable(offer.model_id, 300),
+            offer.backend,
+            str(offer.context_window) if offer.context_window is not None else "?",
+            str(offer.input_per_1m),
+            str(offer.output_per_1m),
+            ",".join(offer.formats),
+        ]
+        for offer in offers
+    ]
+    lines += _columns(
+        ["MODEL", "BACKEND", "CONTEXT", "IN/1M", "OUT/1M", "FORMATS"], model_rows, right=(2, 3, 4)
+    )
+    if not offers:
         lines.append("(no model advertised)")
     lines.append("")
     lines.append("prices: USDC micro-units per 1M tokens")
     return "\n".join(lines)
+
+
+def _columns(
+    headers: list[str],
+    rows: list[list[str]],
+    *,
+    right: Sequence[int] = (),
+    after: dict[int, str] | None = None,
+) -> list[str]:
+    """A header and rows with each column as wide as its widest cell (`right`: right-aligned
+    columns); `after[i]` is a line printed under row i."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ]
+        return "  ".join(padded).rstrip()
+
+    out = [line(headers)]
+    for index, row in enumerate(rows):
+        out.append(line(row))
+        if after and index in after:
+            out.append(after[index])
+    return out
 
 
 def _identity(config: Config) -> int:

@@ -17,12 +17,16 @@ import aiohttp
 import anyio
 
 from provider_agent.backends import make_backend
-from provider_agent.backends.base import Backend, Health, ModelInfo
+from provider_agent.backends.base import Backend
 from provider_agent.catalog import BackendSeen, Catalog, build
 from provider_agent.config import Config, WireFormat
 from provider_agent.errors import BackendError
+from provider_agent.listing import Health, ModelInfo
+from provider_agent.text import printable
 
 log = logging.getLogger(__name__)
+#: A warning quotes at most this much of a reason (a 256-character model id and a name fit).
+LOG_TEXT_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class PassResult:
 
 
 async def probe(backend: Backend, budget_s: float) -> BackendReport:
-    """Health, then models and formats, all within `budget_s`. Never raises."""
+    """Health, then formats, then models, all within `budget_s`. Never raises. The listing comes
+    last so that an adapter with optional per-model details (Ollama's `/api/show`) can spend
+    what is left of the budget on them and still answer with the models it knows."""
     started = time.perf_counter()
     health = Health(False, 0.0, None)
     with anyio.move_on_after(budget_s) as scope:
@@ -57,13 +63,14 @@ async def probe(backend: Backend, budget_s: float) -> BackendReport:
             health = await backend.health()
             if not health.ok:
                 return _failed(backend, health, health.error or "unhealthy")
-            models = tuple(await backend.list_models())
             formats = await backend.formats()
+            models = tuple(await backend.list_models())
         except BackendError as exc:
             return _failed(backend, health, str(exc))
         except Exception as exc:  # a backend's garbage must never kill the pass
-            log.debug("probe of %s raised", backend.name, exc_info=True)
-            return _failed(backend, health, f"unexpected answer ({type(exc).__name__}: {exc})")
+            log.debug("probe of %s raised", printable(backend.name), exc_info=True)
+            why = f"unexpected answer ({type(exc).__name__}: {printable(exc)})"
+            return _failed(backend, health, why)
         return BackendReport(backend.name, backend.config.kind, health, models, formats)
     assert scope.cancelled_caught
     elapsed = round((time.perf_counter() - started) * 1000, 1)
@@ -95,7 +102,11 @@ async def run_pass(config: Config, http: aiohttp.ClientSession) -> PassResult:
     done = tuple(r for r in reports if r is not None)
     for report in done:
         if not report.ok:
-            log.warning("backend left out backend=%s reason=%s", report.name, report.error)
+            log.warning(
+                "backend left out backend=%s reason=%s",
+                printable(report.name),
+                printable(report.error, LOG_TEXT_LIMIT),
+            )
     seen = [
         BackendSeen(index, config.backends[index], report.models, report.formats)
         for index, report in enumerate(done)
@@ -103,7 +114,7 @@ async def run_pass(config: Config, http: aiohttp.ClientSession) -> PassResult:
     ]
     catalog = build(config, seen)
     for reason in catalog.dropped:
-        log.warning("model left out: %s", reason)
+        log.warning("model left out: %s", printable(reason, LOG_TEXT_LIMIT))
     duration = round((time.perf_counter() - started) * 1000, 1)
     log.info(
         "discovery pass done backends_ok=%d/%d models=%d duration_ms=%s",

@@ -1,7 +1,8 @@
 """Logging set-up: one line per event, text for a terminal or JSON for journald/Loki.
 
-Modules log with `logging.getLogger(__name__)` and key=value fields in the message; nothing
-here knows about secrets because no secret is ever passed to a log call.
+Modules log with `logging.getLogger(__name__)` and key=value fields in the message; no secret is
+ever passed to a log call, and the one library that would log them (websockets' frame trace at
+debug) is held at INFO.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
+
+from provider_agent.text import printable
 
 TRACE = 5
 LEVELS = {
@@ -22,19 +26,42 @@ LEVELS = {
 }
 
 
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, one line per event whatever the message holds: control
+    characters (from a backend, a coordinator's reason) are escaped and URL credentials cut out
+    (`text.printable`); a traceback keeps its line breaks and nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.message = printable(record.message, None)
+        return super().formatMessage(safe)
+
+    def formatException(self, ei: Any) -> str:
+        return _safe_lines(super().formatException(ei))
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (+ exception text when present)."""
+    """One JSON object per line: time, level, logger, message (+ exception text when present),
+    the message made safe as in `TextFormatter`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": printable(record.getMessage(), None),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = _safe_lines(self.formatException(record.exc_info))
         return orjson.dumps(entry).decode()
+
+
+def _safe_lines(text: str) -> str:
+    """A traceback with each line made safe and the line breaks kept."""
+    return "\n".join(printable(line, None) for line in text.split("\n"))
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
@@ -44,9 +71,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -54,5 +79,8 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(LEVELS.get(level, logging.INFO))
     # Third-party chatter stays quiet unless the operator asked for debug.
     quiet = logging.WARNING if root.level > logging.DEBUG else logging.DEBUG
-    for name in ("websockets", "aiohttp.access", "asyncio"):
+    for name in ("aiohttp.access", "asyncio"):
         logging.getLogger(name).setLevel(quiet)
+    # The websocket library's debug output is a frame trace: it would print the auth frame
+    # (enrollment code) and every job's content. Never below INFO, at any level we are given.
+    logging.getLogger("websockets").setLevel(max(quiet, logging.INFO))

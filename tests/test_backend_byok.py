@@ -287,3 +287,120 @@ def test_venice_parse_skips_non_text() -> None:
     ids = [m.native_id for m in parse_venice(venice_listing())]
     assert "flux-dev" not in ids
     assert len(ids) == 4
+
+
+# --- absurd upstream prices: that one model's problem --------------------------------------------
+
+OPENROUTER_ABSURD = {
+    "huge/1e30": "1e30",
+    "huge/exponent": "1E+5000000",
+    "huge/max-exponent": "1E+999999999999999999",
+    "nan/price": "NaN",
+    "inf/price": "Infinity",
+    "variable/router": "-1",
+    "garbage/price": "12abc",
+    "long/digits": "9" * 5000,
+}
+
+
+@pytest.mark.parametrize("value", OPENROUTER_ABSURD.values(), ids=lambda v: v[:20])
+def test_openrouter_price_parser_never_raises(value: str) -> None:
+    price = openrouter_price({"prompt": value, "completion": "0.000001"})
+    assert price is None or price.input_usd_per_1m > 10**6
+
+
+@pytest.mark.usefixtures("with_key")
+async def test_openrouter_absurd_prices_drop_only_their_models(
+    fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    from provider_agent.catalog import BackendSeen, build
+    from provider_agent.config import parse
+    from provider_agent.protocol import encode
+
+    data = [
+        {"id": model_id, "pricing": {"prompt": value, "completion": "0.000001"}}
+        for model_id, value in OPENROUTER_ABSURD.items()
+    ]
+    data.append({"id": "fair/model", "pricing": {"prompt": "0.00000013", "completion": "4e-7"}})
+    fake_server.reply("GET", "/api/v1/models", {"data": data})
+    backend = byok("openrouter", f"{fake_server.url}/api/v1", http_session)
+    models = await backend.list_models()
+    assert len(models) == len(data)
+
+    config = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f'[[backends]]\nkind = "openrouter"\napi_key_env = "{KEY_ENV}"\n'
+        "[pricing]\ndefault_input_per_1m = 1\ndefault_output_per_1m = 1\n"
+    )
+    catalog = build(config, [BackendSeen(0, config.backends[0], models, frozenset({"openai"}))])
+    [offer] = catalog.capabilities.models
+    assert offer.model_id == "fair/model"
+    assert (offer.input_per_1m, offer.output_per_1m) == (130000, 400000)
+    assert len(catalog.dropped) == len(OPENROUTER_ABSURD)
+    for model_id in OPENROUTER_ABSURD:
+        [reason] = [d for d in catalog.dropped if d.startswith(f"{model_id} via ")]
+        assert len(reason) < 200
+    encode(catalog.capabilities)
+
+
+VENICE_ABSURD_BODY = b"""{"object": "list", "data": [
+ {"id": "huge-exponent", "type": "text",
+  "model_spec": {"pricing": {"input": {"usd": 1E+5000000}, "output": {"usd": 1}}}},
+ {"id": "huge-1e30", "type": "text",
+  "model_spec": {"pricing": {"input": {"usd": 1e30}, "output": {"usd": 1}}}},
+ {"id": "long-integer", "type": "text", "model_spec": {"availableContextTokens": 4096,
+  "pricing": {"input": {"usd": 99999999999999999999999999999999999999}, "output": {"usd": 1}}}},
+ {"id": "negative", "type": "text",
+  "model_spec": {"pricing": {"input": {"usd": -1}, "output": {"usd": 1}}}},
+ {"id": "not-a-number", "type": "text",
+  "model_spec": {"pricing": {"input": {"usd": NaN}, "output": {"usd": Infinity}}}},
+ {"id": "fair", "type": "text", "model_spec": {"availableContextTokens": 131072,
+  "pricing": {"input": {"usd": 0.7}, "output": {"usd": 2.8}}}}
+]}"""
+
+
+@pytest.mark.usefixtures("with_key")
+async def test_venice_absurd_json_numbers_drop_only_their_models(
+    fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    from provider_agent.catalog import BackendSeen, build
+    from provider_agent.config import parse
+    from provider_agent.protocol import encode
+
+    fake_server.reply("GET", "/api/v1/models", VENICE_ABSURD_BODY)
+    backend = byok("venice", f"{fake_server.url}/api/v1", http_session)
+    assert (await backend.health()).ok
+    models = await backend.list_models()
+    assert [m.native_id for m in models][-1] == "fair" and len(models) == 6
+    fair = models[-1]
+    assert fair.upstream_price == UpstreamPrice(Decimal("0.7"), Decimal("2.8"))
+    assert models[2].context_window == 4096
+    config = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f'[[backends]]\nkind = "venice"\napi_key_env = "{KEY_ENV}"\n'
+        "[pricing]\ndefault_input_per_1m = 1\ndefault_output_per_1m = 1\n"
+    )
+    catalog = build(config, [BackendSeen(0, config.backends[0], models, frozenset({"openai"}))])
+    assert [o.model_id for o in catalog.capabilities.models] == ["fair"]
+    for model_id in ("huge-exponent", "huge-1e30", "long-integer"):
+        assert any(d.startswith(f"{model_id} via ") and "is above" in d for d in catalog.dropped)
+    for model_id in ("negative", "not-a-number"):
+        assert any(d.startswith(f"{model_id} via ") and "unknown" in d for d in catalog.dropped)
+    encode(catalog.capabilities)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b"{not json", b"\xff\xfe", b"", b'{"data": [1E+]}'],
+    ids=["deep", "broken", "bad-utf8", "empty", "bad-number"],
+)
+@pytest.mark.usefixtures("with_key")
+async def test_venice_garbage_is_a_backend_error_not_a_crash(
+    body: bytes, fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    from provider_agent.errors import BackendError
+
+    fake_server.reply("GET", "/api/v1/models", body)
+    backend = byok("venice", f"{fake_server.url}/api/v1", http_session)
+    with pytest.raises(BackendError, match="not JSON"):
+        await backend.list_models()

@@ -3,6 +3,7 @@ mode, `/props` fingerprinting for Anthropic."""
 
 from __future__ import annotations
 
+import anyio
 import orjson
 import pytest
 from aiohttp import ClientSession, web
@@ -183,6 +184,27 @@ async def test_router_mode_props_per_loaded_model(
     ]
     asked = [seen.query for seen in fake_server.seen("GET", "/props")]
     assert asked == [{"model": "ggml-org/gemma-3-4b-it-GGUF:Q4_K_M"}]
+
+
+async def test_router_mode_props_that_hang_leave_the_models_listed(
+    fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    fake_server.fixture("GET", "/v1/models", "llamacpp/router-models.json")
+    never = anyio.Event()
+
+    async def props(_: web.Request) -> web.Response:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    fake_server.reply("GET", "/props", props)
+    backend = llamacpp(fake_server.url, http_session)
+    with anyio.fail_after(1):  # the caller's deadline, shorter than the request timeout
+        models = await backend.list_models()
+    assert [(m.native_id, m.context_window) for m in models] == [
+        ("ggml-org/gemma-3-4b-it-GGUF:Q4_K_M", None),
+        ("Qwen3-8B-Q4_K_M", None),
+    ]
+    never.set()
 
 
 async def test_llama_cpp_python_server(

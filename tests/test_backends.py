@@ -169,3 +169,44 @@ async def test_every_request_names_the_agent_and_its_version(
     assert [m.native_id for m in await backend.list_models()] == ["m"]
     agents = {r.headers.get("User-Agent") for r in fake_server.requests}
     assert agents == {USER_AGENT} and USER_AGENT.startswith("provider-agent/")
+
+
+HOSTILE_BODIES = [
+    b"\x1b[2J\x1b[31mEVIL\x1b[0m\r\n12:00:00 INFO forged\x00\x07",
+    b"\xff\xfe\x00\x1b garbage bytes \x9b31m",
+    "bidi \u202e reversed \u2028 line".encode(),
+    b"http://admin:s3cret@10.0.0.1:8000 refused",
+    b"y" * 100_000,
+]
+
+
+def assert_one_safe_line(text: str) -> None:
+    assert text.isprintable(), repr(text[:200])
+    assert len(text) < 400
+    assert "s3cret" not in text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("body", HOSTILE_BODIES, ids=["ansi", "bytes", "bidi", "creds", "huge"])
+async def test_error_bodies_are_escaped_and_cut(
+    kind: str, body: bytes, fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    fake_server.reply("*", "*", body, status=500, content_type="text/plain")
+    backend = build(kind, fake_server.url, http_session)
+    health = await backend.health()
+    assert not health.ok and health.error is not None
+    assert "500" in health.error
+    assert_one_safe_line(health.error)
+    with pytest.raises(BackendError) as caught:
+        await backend.list_models()
+    assert_one_safe_line(str(caught.value))
+
+
+@pytest.mark.parametrize("message", ["\x1b[31mLoading\r\nmodel\x00", "z" * 10_000])
+async def test_llamacpp_loading_reason_is_escaped(
+    message: str, fake_server: FakeServer, http_session: ClientSession
+) -> None:
+    fake_server.reply("GET", "/health", {"error": {"code": 503, "message": message}}, status=503)
+    health = await build("llamacpp", fake_server.url, http_session).health()
+    assert health.error is not None and health.error.startswith("GET /health: HTTP 503")
+    assert_one_safe_line(health.error)

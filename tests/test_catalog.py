@@ -181,7 +181,10 @@ def test_byok_explicit_price_wins_over_upstream() -> None:
     assert catalog.capabilities.models[0].input_per_1m == 7
 
 
-@pytest.mark.parametrize("upstream", [None, usd("-1", "-1"), usd("0", "0")])
+@pytest.mark.parametrize(
+    "upstream",
+    [None, usd("-1", "-1"), usd("0", "0"), usd("NaN", "1"), usd("1", "sNaN"), usd("1", "-Inf")],
+)
 def test_byok_models_without_a_usable_price_are_dropped(upstream: UpstreamPrice | None) -> None:
     cfg = config(OPENROUTER)
     catalog = build(cfg, [seen(cfg, 0, ModelInfo("x/y", upstream_price=upstream))])
@@ -305,3 +308,157 @@ def test_capabilities_always_validate(reported: list[tuple[int, ModelInfo]]) -> 
         assert 1 <= offer.max_concurrent <= cfg.limits.max_concurrent
         routes = catalog.routes[offer.model_id]
         assert all(r.price.input_per_1m <= offer.input_per_1m for r in routes)
+
+
+# --- hostile model ids ---------------------------------------------------------------------------
+
+HOSTILE = ["", " ", "a\nb", "nul\x00", "\x1b[2J\x1b[31mred", "x" * 100_000, "rtl\u202e"]
+VALID_UNICODE = ["模型-7b", "mistral-é", "emoji-🦙", "qwen 7b"]
+
+
+def test_hostile_ids_are_dropped_with_one_warning_per_backend() -> None:
+    cfg = config(TWO_LOCAL)
+    catalog = build(
+        cfg,
+        [
+            seen(cfg, 0, *(ModelInfo(m) for m in [*HOSTILE, *VALID_UNICODE])),
+            seen(cfg, 1, ModelInfo("ok"), ModelInfo("bad\r")),
+        ],
+    )
+    assert [o.model_id for o in catalog.capabilities.models] == sorted([*VALID_UNICODE, "ok"])
+    ollama = [d for d in catalog.dropped if "ollama:" in d]
+    vllm = [d for d in catalog.dropped if "vllm:" in d]
+    assert len(ollama) == 1 and len(vllm) == 1
+    assert ollama[0].startswith("7 model ids listed by ollama:http://127.0.0.1:11434")
+    for why in ("1 empty", "1 only whitespace", "3 with control characters", "1 over 256"):
+        assert why in ollama[0]
+    assert "1 with unprintable characters" in ollama[0]
+    assert vllm[0].startswith("1 model id listed by vllm:")
+    for line in catalog.dropped:
+        assert line.isprintable() and len(line) < 600
+    encode(catalog.capabilities)  # the message still encodes
+
+
+def test_a_hostile_alias_target_is_not_advertised_either() -> None:
+    # config validation refuses such aliases; the catalog holds the line on its own too
+    cfg = config(TWO_LOCAL)
+    backend = cfg.backends[0].model_copy(update={"aliases": {"m": "evil\x1b[0m"}})
+    catalog = build(cfg, [BackendSeen(0, backend, [ModelInfo("m")], frozenset({"openai"}))])
+    assert catalog.routes == {}
+    assert len(catalog.dropped) == 1 and "with control characters" in catalog.dropped[0]
+
+
+@given(st.lists(st.text(max_size=300), max_size=20))
+def test_only_acceptable_ids_are_ever_advertised(ids: list[str]) -> None:
+    from provider_agent.text import model_id_problem
+
+    cfg = config(TWO_LOCAL)
+    catalog = build(cfg, [seen(cfg, 0, *(ModelInfo(i) for i in ids))])
+    advertised = [o.model_id for o in catalog.capabilities.models]
+    assert advertised == sorted({i for i in ids if model_id_problem(i) is None})
+    assert len(catalog.dropped) == (1 if len(set(ids)) > len(advertised) else 0)
+
+
+# --- allow-list entries the backend does not serve -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allow", "listed", "advertised", "warnings"),
+    [
+        (["Llama3:8b"], ["llama3:8b"], [], ["'Llama3:8b' is not served", "it lists 'llama3:8b'"]),
+        (["gone", "here"], ["here"], ["here"], ["'gone' is not served by vllm:http://h:1"]),
+        (["a", "b"], [], [], ["'a' is not served", "'b' is not served"]),
+        (["a"], ["a", "b"], ["a"], []),
+        (["emb"], [ModelInfo("emb", chat=False)], [], ["emb via vllm:http://h:1: not a chat"]),
+        (["cold"], [ModelInfo("cold", loaded=False)], [], ["cold via vllm:http://h:1: not loaded"]),
+    ],
+)
+def test_allow_list_entries_not_served_are_named(
+    allow: list[str],
+    listed: list[str | ModelInfo],
+    advertised: list[str],
+    warnings: list[str],
+) -> None:
+    entries = ", ".join(f'"{a}"' for a in allow)
+    cfg = config(f'[[backends]]\nkind = "vllm"\nurl = "http://h:1"\nmodels = [{entries}]\n')
+    models = [m if isinstance(m, ModelInfo) else ModelInfo(m) for m in listed]
+    catalog = build(cfg, [seen(cfg, 0, *models)])
+    assert [o.model_id for o in catalog.capabilities.models] == advertised
+    text = "\n".join(catalog.dropped)
+    for part in warnings:
+        assert part in text
+    if not warnings:
+        assert catalog.dropped == ()
+
+
+def test_a_model_listed_twice_is_one_route() -> None:
+    cfg = config('[[backends]]\nkind = "vllm"\nurl = "http://h:1"\nmax_concurrent = 2\n')
+    catalog = build(cfg, [seen(cfg, 0, ModelInfo("m"), ModelInfo("m"))])
+    assert len(catalog.routes["m"]) == 1
+    assert catalog.capabilities.models[0].max_concurrent == 2
+
+
+# --- absurd upstream prices are one model's problem ----------------------------------------------
+
+ABSURD_USD_PER_1M = [
+    "1E+30",
+    "1E+5000000",
+    "1E+999999999999999999",
+    "Infinity",
+    "1000000001",
+    "9" * 5000,
+]
+
+
+@pytest.mark.parametrize("absurd", ABSURD_USD_PER_1M, ids=lambda v: v[:24])
+def test_absurd_upstream_price_drops_that_model_only(absurd: str) -> None:
+    cfg = config(OPENROUTER)
+    catalog = build(
+        cfg,
+        [
+            seen(
+                cfg,
+                0,
+                ModelInfo("dear/model", upstream_price=usd(absurd, "1")),
+                ModelInfo("fair/model", upstream_price=usd("0.13", "0.4")),
+            )
+        ],
+    )
+    assert [o.model_id for o in catalog.capabilities.models] == ["fair/model"]
+    [reason] = catalog.dropped
+    assert reason.startswith("dear/model via openrouter") and ": upstream price (input " in reason
+    assert "above 1000000000000000 micro-units" in reason and len(reason) < 200
+    encode(catalog.capabilities)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        # exactly at the bound after markup ×1.1: 909090909.0909… USD → ceil → 10^15 micro
+        ("909090909.0909090909", 1_000_000_000_000_000),
+        ("909090909.090909091", None),  # just above
+        ("1E-5000000", 1),  # absurdly small rounds up to one micro-unit, never to 0
+    ],
+)
+def test_price_bound_is_exact(upstream: str, expected: int | None) -> None:
+    cfg = config(OPENROUTER)
+    catalog = build(cfg, [seen(cfg, 0, ModelInfo("m", upstream_price=usd(upstream, "1")))])
+    offers = catalog.capabilities.models
+    assert [o.input_per_1m for o in offers] == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize(
+    "value", ["1E+30", "1E+5000000", "Infinity", "-Infinity", "NaN", "sNaN", "-1E+9999999", "-1"]
+)
+def test_usd_to_micro_refuses_what_cannot_be_a_price_without_raising(value: str) -> None:
+    assert usd_to_micro(Decimal(value)) is None
+
+
+def test_configured_price_above_the_bound_is_dropped_not_encoded() -> None:
+    cfg = config(TWO_LOCAL)
+    pricing = cfg.pricing.model_copy(update={"default_input_per_1m": 99999999999999999999999})
+    huge = cfg.model_copy(update={"pricing": pricing})
+    catalog = build(huge, [seen(huge, 0, ModelInfo("m"))])
+    assert catalog.routes == {}
+    assert "price above 1000000000000000" in catalog.dropped[0]
+    encode(catalog.capabilities)

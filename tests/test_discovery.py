@@ -13,8 +13,10 @@ import pytest
 from aiohttp import web
 
 from provider_agent.backends.base import new_http_session
+from provider_agent.backends.ollama import SHOW_CONCURRENCY
 from provider_agent.config import Config, parse
 from provider_agent.discovery import Discovery, run_pass
+from tests.conftest import FakeServer
 
 PRICING = "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
 
@@ -155,3 +157,175 @@ async def test_a_cancelled_pass_does_not_strand_waiters(farm: VllmFarm) -> None:
             await anyio.wait_all_tasks_blocked()
             farm.release.set()
     assert len(waiter_result) == 1 and len(waiter_result[0].catalog.routes) == 1
+
+
+# --- a slow part of a listing does not drop the backend ------------------------------------------
+
+
+@dataclass
+class ShowLoad:
+    in_flight: int = 0
+    peak: int = 0
+
+
+def slow_ollama(server: FakeServer, count: int, show_delay_s: float) -> ShowLoad:
+    """An Ollama with `count` models whose `/api/show` takes `show_delay_s` each."""
+    names = [f"model-{i:03d}:latest" for i in range(count)]
+    server.reply("GET", "/", "Ollama is running")
+    server.reply("GET", "/api/version", {"version": "0.12.6"})
+    server.reply("GET", "/api/tags", {"models": [{"name": n, "model": n} for n in names]})
+    server.reply("GET", "/api/ps", {"models": []})
+    load = ShowLoad()
+
+    async def show(request: web.Request) -> web.Response:
+        load.in_flight += 1
+        load.peak = max(load.peak, load.in_flight)
+        try:
+            await asyncio.sleep(show_delay_s)
+        finally:
+            load.in_flight -= 1
+        return web.json_response(
+            {"model_info": {"general.architecture": "llama", "llama.context_length": 8192}}
+        )
+
+    server.reply("POST", "/api/show", show)
+    return load
+
+
+def ollama_config(url: str, timeout_s: int) -> Config:
+    return parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f"[discovery]\ntimeout_s = {timeout_s}\n"
+        f'[[backends]]\nkind = "ollama"\nurl = "{url}"\n{PRICING}'
+    )
+
+
+async def test_ollama_with_200_slow_models_advertises_all_of_them(
+    fake_server: FakeServer,
+) -> None:
+    load = slow_ollama(fake_server, 200, show_delay_s=0.1)
+    cfg = ollama_config(fake_server.url, timeout_s=3)
+    started = time.perf_counter()
+    async with new_http_session(8) as http:
+        result = await run_pass(cfg, http)
+    assert time.perf_counter() - started < cfg.discovery.timeout_s + 1
+    [report] = result.reports
+    assert report.ok, report.error
+    assert len(result.catalog.capabilities.models) == 200
+    assert 1 <= load.peak <= SHOW_CONCURRENCY
+
+
+async def test_ollama_show_that_never_answers_still_lists_every_model(
+    fake_server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow_ollama(fake_server, 30, show_delay_s=3600)
+    cfg = ollama_config(fake_server.url, timeout_s=1)
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        async with new_http_session(8) as http:
+            result = await run_pass(cfg, http)
+    assert time.perf_counter() - started < cfg.discovery.timeout_s + 1
+    offers = result.catalog.capabilities.models
+    assert len(offers) == 30
+    assert all(o.context_window is None for o in offers)
+    assert any("answered for 0 of 30 models" in r.getMessage() for r in caplog.records)
+
+
+# --- text from backends is escaped before it is logged or printed --------------------------------
+
+EVIL_BODY = b"\x1b[2J\x1b[31mEVIL\r\n12:00:00 INFO forged line\x00\x07" + b"x" * 5000
+HOSTILE_IDS = ["", " ", "a\nb", "nul\x00", "\x1b]0;title\x07", "z" * 100_000, "ok-\u202e", "good"]
+
+
+def hostile_backends(server: FakeServer) -> Config:
+    """Three vLLM look-alikes on one server: hostile ids (`/ids`), a failing health with a
+    hostile body (`/evil`), and `/ids` again behind a URL carrying credentials."""
+    listing = {"data": [{"id": i} for i in HOSTILE_IDS]}
+    server.reply("GET", "/ids/health", b"")
+    server.reply("GET", "/ids/v1/models", listing)
+    server.reply("GET", "/evil/health", EVIL_BODY, status=500, content_type="text/plain")
+    cfg = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n[discovery]\ntimeout_s = 5\n'
+        f'[[backends]]\nkind = "vllm"\nurl = "{server.url}/ids"\n'
+        f'[[backends]]\nkind = "vllm"\nurl = "{server.url}/evil"\n{PRICING}'
+    )
+    # Config validation refuses credentials in URLs; build the entry past it, as a check that
+    # discovery itself never shows them either.
+    with_credentials = server.url.replace("http://", "http://admin:s3cret@") + "/ids"
+    third = cfg.backends[0].model_copy(update={"url": with_credentials})
+    return cfg.model_copy(update={"backends": [*cfg.backends, third]})
+
+
+def assert_safe(text: str) -> None:
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), repr(text[:200])
+    assert "\u202e" not in text
+    assert "s3cret" not in text and "admin:" not in text
+
+
+async def test_backend_text_is_escaped_in_logs_and_the_table(
+    fake_server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from provider_agent.cli import render_discovery
+
+    cfg = hostile_backends(fake_server)
+    with caplog.at_level(logging.DEBUG):
+        async with new_http_session(8) as http:
+            result = await run_pass(cfg, http)
+    messages = [r.getMessage() for r in caplog.records]
+    for message in messages:
+        assert_safe(message)
+        assert len(message) <= 1200
+    left_out = [m for m in messages if "backend left out" in m]
+    assert len(left_out) == 1 and "\\x1b[2J\\x1b[31mEVIL\\r\\n" in left_out[0]
+    id_warnings = [m for m in messages if "cannot be advertised" in m]
+    assert len(id_warnings) == 2  # one per backend that listed them, per pass
+    assert all(m.startswith("model left out: 7 model ids listed by") for m in id_warnings)
+
+    assert [o.model_id for o in result.catalog.capabilities.models] == ["good"]
+    table = render_discovery(result)
+    for line in table.splitlines():
+        assert_safe(line)
+        assert len(line) <= 700
+    port = fake_server.url.rsplit(":", 1)[1]
+    assert f"vllm:http://127.0.0.1:{port}/ids " in table  # the whole name, port included
+    assert f"vllm:http://127.0.0.1:{port}/ids" in table.split("error:")[0]
+
+
+def test_table_columns_fit_names_and_counts_agree_with_the_offer() -> None:
+    from provider_agent.catalog import BackendSeen, build
+    from provider_agent.cli import render_discovery
+    from provider_agent.discovery import BackendReport, PassResult
+    from provider_agent.listing import Health, ModelInfo
+
+    long_url = "http://very-long-hostname.internal.example.com:18000"
+    cfg = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f'[[backends]]\nkind = "vllm"\nurl = "{long_url}"\nmodels = ["a", "Gone"]\n'
+        '[[backends]]\nkind = "ollama"\nurl = "http://o:1"\n' + PRICING
+    )
+    listed = [
+        (ModelInfo("a", 4096), ModelInfo("b"), ModelInfo("\x1b[1m")),
+        (ModelInfo("a"), ModelInfo("c", chat=False), ModelInfo("d")),
+    ]
+    seen = [
+        BackendSeen(i, b, models, frozenset({"openai"}))
+        for i, (b, models) in enumerate(zip(cfg.backends, listed, strict=True))
+    ]
+    catalog = build(cfg, seen)
+    reports = tuple(
+        BackendReport(b.label, b.kind, Health(True, 3.0), models, frozenset({"openai"}))
+        for b, models in zip(cfg.backends, listed, strict=True)
+    )
+    table = render_discovery(PassResult(catalog, reports, 5.0))
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "BACKEND", "KIND", "HEALTH", "LATENCY", "LISTED", "ADVERTISED", "FORMATS"
+    ]  # fmt: skip
+    assert lines[1].split() == [f"vllm:{long_url}", "vllm", "ok", "3ms", "3", "1", "openai"]
+    assert lines[2].split() == ["ollama:http://o:1", "ollama", "ok", "3ms", "3", "2", "openai"]
+    header = next(line for line in lines if line.startswith("MODEL"))
+    assert header.split() == ["MODEL", "BACKEND", "CONTEXT", "IN/1M", "OUT/1M", "FORMATS"]
+    rows = lines[lines.index(header) + 1 : lines.index(header) + 3]
+    assert [r.split()[:3] for r in rows] == [["a", "vllm", "4096"], ["d", "ollama", "?"]]
+    assert len(catalog.capabilities.models) == 2
+    assert any("'Gone' is not served" in d for d in catalog.dropped)

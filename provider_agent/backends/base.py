@@ -11,21 +11,38 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
+import anyio
 import orjson
 
 from provider_agent import __version__
 from provider_agent.backends.stream import RefusedStream, UpstreamStream
 from provider_agent.config import BackendConfig, WireFormat
 from provider_agent.errors import BackendAuthError, BackendError
-from provider_agent.upstream import RouteFailure, printable
+from provider_agent.listing import Health, ModelInfo, UpstreamPrice
+from provider_agent.text import printable
+from provider_agent.upstream import RouteFailure
+
+#: `Health`, `ModelInfo` and `UpstreamPrice` live in the I/O-free `listing` module; they are
+#: re-exported here for the adapters and older imports.
+__all__ = [
+    "LISTING_CAP_BYTES",
+    "USER_AGENT",
+    "Backend",
+    "Health",
+    "ModelInfo",
+    "UpstreamPrice",
+    "new_http_session",
+    "openai_entries",
+    "positive_int",
+    "read_api_key",
+    "read_capped",
+]
 
 LISTING_CAP_BYTES = 8 * 1024 * 1024
 USER_AGENT = f"provider-agent/{__version__}"
@@ -33,34 +50,10 @@ USER_AGENT = f"provider-agent/{__version__}"
 POOL_HEADROOM = 32
 #: The Messages API version sent with `anthropic` jobs.
 ANTHROPIC_VERSION = "2023-06-01"
-
-
-@dataclass(frozen=True)
-class UpstreamPrice:
-    """A BYOK provider's list price, in USD per 1M tokens (exact decimals)."""
-
-    input_usd_per_1m: Decimal
-    output_usd_per_1m: Decimal
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """One model as a backend reports it, in the backend's own terms."""
-
-    native_id: str
-    context_window: int | None = None
-    chat: bool = True
-    #: A job for it can be served now: resident, or loaded on first request by the server itself
-    #: (Ollama). LM Studio's "not-loaded" and llama.cpp router's "unloaded" models are not.
-    loaded: bool = True
-    upstream_price: UpstreamPrice | None = None
-
-
-@dataclass(frozen=True)
-class Health:
-    ok: bool
-    latency_ms: float
-    error: str | None = None
+#: At most this much of the discovery budget is kept back to answer after per-model details.
+DETAIL_MARGIN_MAX_S = 0.5
+#: How much of an error body a message quotes.
+ERROR_EXCERPT_CHARS = 200
 
 
 def new_http_session(max_concurrent: int) -> aiohttp.ClientSession:
@@ -180,14 +173,22 @@ class Backend:
         return self.parse_json(status, body, f"POST {_path_of(url)}")
 
     @staticmethod
-    def parse_json(status: int, body: bytes, what: str, *, ok_only: bool = True) -> Any:
+    def parse_json(
+        status: int,
+        body: bytes,
+        what: str,
+        *,
+        ok_only: bool = True,
+        loads: Callable[[bytes], Any] = orjson.loads,
+    ) -> Any:
+        """The JSON of an answer; `loads=listing.exact_json` keeps numbers exact."""
         if status in (401, 403):
             raise BackendAuthError(f"{what}: HTTP {status} (credentials rejected)")
         if ok_only and not 200 <= status < 300:
             raise BackendError(f"{what}: HTTP {status}{_error_detail(body)}")
         try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
+            return loads(body)
+        except ValueError:  # orjson.JSONDecodeError and json's errors are ValueErrors
             raise BackendError(f"{what}: response is not JSON") from None
 
     # --- discovery -------------------------------------------------------------------------------
@@ -212,6 +213,13 @@ class Backend:
         """Models from `GET /v1/models` (OpenAI listing). Subclasses add context windows etc."""
         listing = await self.get_json(self.api_url("/models"))
         return [ModelInfo(native_id=entry["id"]) for entry in openai_entries(listing)]
+
+    def detail_budget_s(self) -> float:
+        """Seconds this adapter may spend on optional per-model details (Ollama's `/api/show`,
+        llama.cpp router's `/props`) before the caller's deadline, keeping a margin to answer
+        with the models it already knows; infinite when the caller set no deadline."""
+        margin = min(DETAIL_MARGIN_MAX_S, self.timeout_s / 10)
+        return anyio.current_effective_deadline() - anyio.current_time() - margin
 
     async def detect_formats(self) -> frozenset[WireFormat]:
         """Wire formats the server is known to speak beyond `openai`; default: openai only."""
@@ -296,15 +304,16 @@ def positive_int(value: Any) -> int | None:
 
 
 def _error_detail(body: bytes) -> str:
-    """A short, safe excerpt of an error body for a log line."""
-    text = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
-    return f": {text}" if text else ""
+    """A short excerpt of an error body for a log line, escaped (a backend's bytes never reach a
+    terminal or a log raw) and cut."""
+    text = body[: ERROR_EXCERPT_CHARS * 4].decode("utf-8", "replace").strip()
+    return f": {printable(text, limit=ERROR_EXCERPT_CHARS)}" if text else ""
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect ({exc.os_error.strerror or exc.os_error})"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {printable(str(exc))}" if str(exc) else type(exc).__name__
 
 
 def _path_of(url: str) -> str:

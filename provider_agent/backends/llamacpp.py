@@ -20,6 +20,7 @@ import orjson
 from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
 from provider_agent.config import WireFormat
 from provider_agent.errors import BackendError
+from provider_agent.text import printable
 
 #: `/props` requests in flight at once in router mode (one per loaded model lacking `meta.n_ctx`).
 _PROPS_CONCURRENCY = 4
@@ -107,9 +108,10 @@ class LlamaCppBackend(Backend):
             async with limiter:
                 windows[index] = props_context(await self._props(models[index].native_id))
 
-        async with anyio.create_task_group() as group:
-            for index in missing:
-                group.start_soon(fetch, index)
+        with anyio.move_on_after(self.detail_budget_s()):  # the models matter more than details
+            async with anyio.create_task_group() as group:
+                for index in missing:
+                    group.start_soon(fetch, index)
         return [_with_context(m, windows.get(i)) for i, m in enumerate(models)]
 
     async def detect_formats(self) -> frozenset[WireFormat]:
@@ -134,7 +136,8 @@ def _with_context(model: ModelInfo, window: int | None) -> ModelInfo:
 
 
 def unavailable_reason(body: bytes) -> str:
-    """`error.message` of llama.cpp's 503 body (`Loading model`), else a generic reason."""
+    """`error.message` of llama.cpp's 503 body (`Loading model`), escaped and cut, else a
+    generic reason."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -143,4 +146,4 @@ def unavailable_reason(body: bytes) -> str:
     message = error.get("message") if isinstance(error, dict) else None
     if not isinstance(message, str) and isinstance(data, dict):
         message = data.get("status")  # legacy builds: {"status": "loading model"}
-    return message[:100] if isinstance(message, str) and message else "unavailable"
+    return printable(message, 100) if isinstance(message, str) and message else "unavailable"

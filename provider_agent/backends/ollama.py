@@ -4,7 +4,9 @@
   no loading state: models load on first request, so every installed model counts as loaded.
 - Models: `GET /api/tags` (installed; fallback `GET /v1/models`), then, concurrently, `GET /api/ps`
   (resident models with their allocated `context_length`) and one `POST /api/show` per model
-  (capabilities, trained context, the Modelfile's `num_ctx`).
+  (capabilities, trained context, the Modelfile's `num_ctx`), at most `SHOW_CONCURRENCY` at once.
+  The details are optional: when the discovery budget runs out before they all answer, the models
+  known from `/api/tags` are still listed, those without details with no context window.
 - Context window: the Modelfile's `num_ctx` when set (what a `/v1` request runs with; Ollama caps
   it at the trained context), else the resident context from `/api/ps`, else the trained context
   `model_info["<general.architecture>.context_length"]`.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -24,6 +27,9 @@ import orjson
 from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
 from provider_agent.config import WireFormat
 from provider_agent.errors import BackendError
+from provider_agent.text import printable
+
+log = logging.getLogger(__name__)
 
 ANTHROPIC_SINCE = (0, 14, 0)
 #: `/api/show` requests in flight at once (each one reads a model's metadata from disk).
@@ -145,10 +151,19 @@ class OllamaBackend(Backend):
             with contextlib.suppress(BackendError):
                 running.update(parse_ps(await self.get_json(f"{self.base_url}/api/ps")))
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(ps)
-            for name in installed:
-                group.start_soon(show, name)
+        with anyio.move_on_after(self.detail_budget_s()):
+            async with anyio.create_task_group() as group:
+                group.start_soon(ps)
+                for name in installed:
+                    group.start_soon(show, name)
+        if len(shows) < len(installed):
+            log.warning(
+                "backend %s: /api/show answered for %d of %d models within the discovery budget;"
+                " the rest are listed without a context window",
+                printable(self.name),
+                len(shows),
+                len(installed),
+            )
         return [
             model_info(name, shows.get(name), running.get(name), capabilities)
             for name, capabilities in installed.items()

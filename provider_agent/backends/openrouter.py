@@ -10,45 +10,29 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar
 
-from provider_agent.backends.base import (
-    Backend,
-    ModelInfo,
-    UpstreamPrice,
-    openai_entries,
-    positive_int,
-)
+from provider_agent.backends.base import Backend, openai_entries, positive_int
 from provider_agent.errors import BackendError
+from provider_agent.listing import ModelInfo, UpstreamPrice, scale_usd, usd_decimal
 
 TOKENS_PER_PRICE_UNIT = Decimal(1_000_000)
 
 
-def usd_amount(value: Any) -> Decimal | None:
-    """A non-negative, finite USD amount from a JSON string (or number); None for missing,
-    unparseable, negative (`"-1"` marks variable pricing) or non-finite values."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    try:
-        amount = Decimal(value.strip() if isinstance(value, str) else str(value))
-    except InvalidOperation:
-        return None
-    if not amount.is_finite() or amount < 0:
-        return None
-    return amount
-
-
 def parse_price(pricing: Any) -> UpstreamPrice | None:
     """`pricing` (USD per token, strings) → USD per 1M tokens, exact; None unless both the prompt
-    and the completion price are known."""
+    and the completion price are known, finite and not negative (`"-1"`: variable pricing).
+    An absurd but finite price (`"1E+5000000"`) is kept: the catalog drops that model by name."""
     if not isinstance(pricing, dict):
         return None
-    prompt = usd_amount(pricing.get("prompt"))
-    completion = usd_amount(pricing.get("completion"))
+    prompt = usd_decimal(pricing.get("prompt"))
+    completion = usd_decimal(pricing.get("completion"))
     if prompt is None or completion is None:
         return None
-    return UpstreamPrice(prompt * TOKENS_PER_PRICE_UNIT, completion * TOKENS_PER_PRICE_UNIT)
+    return UpstreamPrice(
+        scale_usd(prompt, TOKENS_PER_PRICE_UNIT), scale_usd(completion, TOKENS_PER_PRICE_UNIT)
+    )
 
 
 def parse_models(listing: Any) -> list[ModelInfo]:

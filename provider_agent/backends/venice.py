@@ -2,38 +2,21 @@
 
 - Health and models: `GET {base}/models?type=text` (there is no health endpoint).
 - Context window `model_spec.availableContextTokens` (else top-level `context_length`); list price
-  `model_spec.pricing.input.usd` / `output.usd`, already USD per 1M tokens (JSON numbers, taken
-  exactly as written via `str`). Models marked `model_spec.offline` are not loaded; only text
-  models are chat models.
+  `model_spec.pricing.input.usd` / `output.usd`, already USD per 1M tokens. They are JSON numbers:
+  the listing is parsed with its numbers kept exactly as written (`listing.exact_json`), so a
+  price beyond a double's range is that model's problem, not an unparseable listing. Models
+  marked `model_spec.offline` are not loaded; only text models are chat models.
 - Formats: openai only (Venice documents no Anthropic endpoint).
 """
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
-from provider_agent.backends.base import (
-    Backend,
-    ModelInfo,
-    UpstreamPrice,
-    openai_entries,
-    positive_int,
-)
+from provider_agent.backends.base import Backend, openai_entries, positive_int
+from provider_agent.listing import ModelInfo, UpstreamPrice, exact_json, usd_decimal
 
 TEXT_MODELS = {"type": "text"}
-
-
-def usd_per_1m(value: Any) -> Decimal | None:
-    """A JSON number (or numeric string) → exact Decimal of its written form; None when missing,
-    negative or not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        amount = Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
-    return amount if amount.is_finite() and amount >= 0 else None
 
 
 def parse_price(pricing: Any) -> UpstreamPrice | None:
@@ -41,7 +24,7 @@ def parse_price(pricing: Any) -> UpstreamPrice | None:
     if not isinstance(pricing, dict):
         return None
     sides = [pricing.get(side) for side in ("input", "output")]
-    amounts = [usd_per_1m(s.get("usd")) if isinstance(s, dict) else None for s in sides]
+    amounts = [usd_decimal(s.get("usd")) if isinstance(s, dict) else None for s in sides]
     if amounts[0] is None or amounts[1] is None:
         return None
     return UpstreamPrice(amounts[0], amounts[1])
@@ -76,7 +59,11 @@ class VeniceBackend(Backend):
     health_path: ClassVar[str | None] = "/models"
 
     async def check_health(self) -> None:
-        openai_entries(await self.get_json(self.api_url("/models"), params=TEXT_MODELS))
+        openai_entries(await self._text_models())
 
     async def list_models(self) -> list[ModelInfo]:
-        return parse_models(await self.get_json(self.api_url("/models"), params=TEXT_MODELS))
+        return parse_models(await self._text_models())
+
+    async def _text_models(self) -> Any:
+        status, body = await self.get_raw(self.api_url("/models"), params=TEXT_MODELS)
+        return self.parse_json(status, body, "GET /models", loads=exact_json)
