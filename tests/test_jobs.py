@@ -345,3 +345,26 @@ async def test_coordinator_killed_right_after_a_job_resends_its_frame_after_reco
                 assert resent.terminal.model_dump() == first.terminal.model_dump()
                 assert resent.terminal_count == 1
     assert len(backend.bodies) == 1
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+async def test_each_format_is_relayed_verbatim_from_the_simulator(
+    coord: DevCoordinator, tmp_path: Path, fmt: str
+) -> None:
+    from provider_agent.dev.simbackend import SimBackend
+
+    async with SimBackend("vllm", ["m"], tokens=12, tokens_per_s=0, anthropic=True) as sim:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(sim.base_url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
+            job = await coord.send_job(pid, "m", request, fmt=fmt)  # type: ignore[arg-type]
+            record = await finished(coord, job.job_id)
+    assert isinstance(record.terminal, JobDone), record.terminal
+    assert record.terminal.tokens.output == 12 and record.terminal.usage_source is None
+    data = bytes(record.data or b"")
+    marker = b"data: [DONE]" if fmt == "openai" else b"message_stop"
+    assert marker in data and data.count(b"\n\n") > 12
+    [seen] = [r for r in sim.requests if r.path.endswith(("/chat/completions", "/messages"))]
+    assert seen.path.endswith("/messages" if fmt == "anthropic" else "/chat/completions")
+    coord.assert_no_violations()
