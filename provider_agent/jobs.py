@@ -252,10 +252,14 @@ class Executor:
         job = running.job
         outcome: Outcome | None = None
         try:
-            await self.outbox.accept(job.job_id, job.model_id)
-            with running.scope:
-                running.scope.deadline = running.deadline + DEADLINE_GRACE_S
-                outcome = await self._serve(running)
+            # The accept record (for `connection_lost` after a crash) is written while the
+            # upstream request starts, not before it: a commit on the dispatch path would delay
+            # every job's first token. The group waits for it before the terminal frame.
+            async with anyio.create_task_group() as accepting:
+                accepting.start_soon(self.outbox.accept, job.job_id, job.model_id)
+                with running.scope:
+                    running.scope.deadline = running.deadline + DEADLINE_GRACE_S
+                    outcome = await self._serve(running)
             if outcome is None:
                 code, message = running.stop_reason or ("backend_timeout", "deadline_ms passed")
                 outcome = Outcome(code, message)

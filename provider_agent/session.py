@@ -74,6 +74,14 @@ async def _no_undelivered() -> list[tuple[str, str]]:
     return []
 
 
+async def send_all(ws: ClientConnection, frames: list[str]) -> None:
+    """Every frame of a batch in one write and one drain (websockets' own `send()` does one of
+    each per frame); raises ConnectionClosed like `send()`."""
+    async with ws.send_context():
+        for frame in frames:
+            ws.protocol.send_text(frame.encode())
+
+
 async def _ignore_confirmed(job_ids: Sequence[str]) -> None:
     return None
 
@@ -284,8 +292,7 @@ class Session:
         fails."""
         try:
             async for batch in self.outbound.batches():
-                for frame in batch.frames:
-                    await ws.send(frame)
+                await send_all(ws, batch.frames)
                 if batch.terminal_ids:
                     for action in self.core.handle(Written(tuple(batch.terminal_ids))):
                         await self._perform(action, ws)

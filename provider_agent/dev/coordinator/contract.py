@@ -194,6 +194,10 @@ def check_agent_frame(text: str | bytes, *, handshake: bool = False) -> Verdict:
         return Verdict(kind, (f"handshake: expected auth_response (got type={kind})",), data)
     if not handshake and (kind in COORDINATOR_TYPES or kind == "auth_response"):
         return Verdict(kind, (f"{kind} is not a frame an agent sends now",), data)
+    if kind == "job_chunk" and _plain_chunk(data):
+        # The hot path (every relayed token): the shape a model would check, checked by hand.
+        chunk, problems = _chunk_problems(JobChunkRule.model_construct(**data), text)
+        return Verdict(kind, tuple(problems), data, chunk=chunk)
     rule = _RULES.get(kind)
     if rule is None:
         return Verdict(kind, (), data, known=False)
@@ -353,6 +357,18 @@ def _is_utc_z(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _plain_chunk(data: dict[str, Any]) -> bool:
+    """A `job_chunk` with exactly its three fields, a job_id of 1–128 characters and string data:
+    what JobChunkRule accepts, decided without building the model."""
+    job_id = data.get("job_id")
+    return (
+        len(data) == 3
+        and isinstance(job_id, str)
+        and 0 < len(job_id) <= 128
+        and isinstance(data.get("data"), str)
+    )
 
 
 def _chunk_problems(chunk: JobChunkRule, text: str) -> tuple[bytes | None, list[str]]:

@@ -130,6 +130,9 @@ class JobRecord:
     sent_on: int | None = None
     bytes_relayed: int = 0
     chunk_frames: int = 0
+    #: `time.monotonic()` when the first `job_chunk` arrived (benchmarks: added time to first
+    #: token is measured here, at the coordinator).
+    first_chunk_at: float | None = None
     #: A chunk came on another connection than `sent_on` (bytes may have been lost in between).
     chunks_elsewhere: bool = False
     #: The relayed bytes, kept for jobs no HTTP client waits on (`send_job(keep_data=True)`).
@@ -155,6 +158,8 @@ class JobRecord:
             "sent": self.sent,
             "bytes_relayed": self.bytes_relayed,
             "chunk_frames": self.chunk_frames,
+            "dispatched_at": self.dispatched_at,
+            "first_chunk_at": self.first_chunk_at,
             "terminal": term.model_dump(mode="json") if term is not None else None,
             "terminal_count": self.terminal_count,
         }

@@ -193,7 +193,7 @@ class DevCoordinator:
             app, shutdown_timeout=CLOSE_TIMEOUT_S, handler_cancellation=True, access_log=None
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024)  # a burst of clients
         try:
             await site.start()
         except BaseException:
@@ -637,14 +637,17 @@ class DevCoordinator:
             msg = await self._receive(link)
             if msg is None:
                 return
+            received_at = time.monotonic()  # before any checking: benchmarks time arrivals
             data: str | bytes = msg.data if msg.type is WSMsgType.BINARY else str(msg.data)
             try:
-                await self._on_frame(link, record, data)
+                await self._on_frame(link, record, data, received_at)
             except Exception:
                 log.exception("frame handling failed provider_id=%s", record.provider_id)
                 self._violation(record.provider_id, "frame broke the coordinator", data)
 
-    async def _on_frame(self, link: _Link, record: AgentRecord, text: str | bytes) -> None:
+    async def _on_frame(
+        self, link: _Link, record: AgentRecord, text: str | bytes, received_at: float = 0.0
+    ) -> None:
         pid = record.provider_id
         verdict = check_agent_frame(text)
         for problem in verdict.problems:
@@ -658,7 +661,10 @@ class DevCoordinator:
             return
         if verdict.kind == "job_chunk":
             if verdict.chunk is not None and verdict.data is not None:
-                await self._on_chunk(link, record, str(verdict.data["job_id"]), verdict.chunk, text)
+                job_id = str(verdict.data["job_id"])
+                await self._on_chunk(
+                    link, record, job_id, verdict.chunk, text, received_at=received_at
+                )
             return
         frame = decode(text)
         if isinstance(frame, BadFrame):
@@ -690,7 +696,14 @@ class DevCoordinator:
         self._changed()
 
     async def _on_chunk(
-        self, link: _Link, record: AgentRecord, job_id: str, data: bytes, text: str
+        self,
+        link: _Link,
+        record: AgentRecord,
+        job_id: str,
+        data: bytes,
+        text: str,
+        *,
+        received_at: float,
     ) -> None:
         pid = record.provider_id
         job = self.jobs.get(job_id)
@@ -699,6 +712,8 @@ class DevCoordinator:
             self._violation(pid, problem, text)
         if problems or job is None:
             return
+        if job.first_chunk_at is None:
+            job.first_chunk_at = received_at
         job.bytes_relayed += len(data)
         job.chunk_frames += 1
         if job.sent_on != link.attempt.index:
