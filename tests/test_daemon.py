@@ -222,3 +222,24 @@ async def test_sigkill_with_a_job_in_flight_reports_connection_lost_after_restar
     assert job.terminal_count == 1
     assert len(backend.bodies) == 1  # never run again
     coord.assert_no_violations()
+
+
+@pytest.mark.parametrize("breakage", ["corrupt", "file_as_dir"])
+async def test_an_unusable_outbox_stops_the_start_loudly_with_exit_1(
+    tmp_path: Path, breakage: str
+) -> None:
+    cfg = write_config(tmp_path, "ws://127.0.0.1:9/provider/connect")
+    state = tmp_path / "state"
+    if breakage == "corrupt":
+        state.mkdir()
+        (state / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
+    else:
+        state.write_text("a file where the state directory must be")
+    async with agent_process(cfg, "--allow-insecure") as agent:
+        with anyio.fail_after(20):
+            code = await agent.process.wait()
+    assert code == 1
+    errors = [line for line in agent.lines if "ERROR" in line or "error" in line]
+    assert errors and "outbox" in errors[-1].lower()
+    assert not any("Traceback" in line for line in agent.lines)
+    assert not any("agent started" in line for line in agent.lines)
