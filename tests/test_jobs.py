@@ -368,3 +368,71 @@ async def test_each_format_is_relayed_verbatim_from_the_simulator(
     [seen] = [r for r in sim.requests if r.path.endswith(("/chat/completions", "/messages"))]
     assert seen.path.endswith("/messages" if fmt == "anthropic" else "/chat/completions")
     coord.assert_no_violations()
+
+
+async def test_a_job_whose_frames_cannot_leave_for_5_s_ends_connection_lost(
+    tmp_path: Path,
+) -> None:
+    """A coordinator that stops reading: the socket's buffers fill, the job's lane passes the
+    backpressure mark, and after 5 s the job ends `connection_lost` (kept in the outbox)."""
+    from aiohttp import web
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from provider_agent.protocol import AuthOk, Job, encode
+
+    stop_reading = anyio.Event()
+    release = anyio.Event()
+
+    async def stalling_coordinator(ws: ServerConnection) -> None:
+        await ws.send('{"type":"auth_challenge","nonce":"bm9uY2U="}')
+        await ws.recv()  # auth_response
+        await ws.send(encode(AuthOk(provider_id="prov_stall")))
+        await ws.recv()  # the first frame after auth: then never read again
+        await ws.send(encode(Job(job_id="stalled", model_id="m", request={"messages": []})))
+        stop_reading.set()
+        await release.wait()
+
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 8000 + b'"}}]}\n\n'
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m", "object": "model"}]})
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(8000):  # ~64 MiB, far beyond every buffer on the way
+            await response.write(chunk)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", flood)
+    runner = web.AppRunner(app, shutdown_timeout=0.1, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    backend_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with serve(stalling_coordinator, "127.0.0.1", 0, compression=None) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            cfg = write_config(
+                tmp_path, f"ws://127.0.0.1:{port}", backend_urls=(backend_url,), drain_timeout_s=0
+            )
+            async with running_agent(cfg) as daemon:
+                daemon.budgets.close_session_s = 1.0  # the socket is stuck: do not wait long
+                await stop_reading.wait()
+                with anyio.fail_after(30):
+                    while not daemon.jobs.outbox.in_store("stalled") or daemon.jobs.running:  # noqa: ASYNC110 (no event for a job's end)
+                        await anyio.sleep(0.1)
+                frame = await daemon.jobs.outbox.stored_frame("stalled")
+            release.set()
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert frame is not None
+    stored = orjson.loads(frame)
+    assert stored["error_code"] == "connection_lost" and stored["tokens_emitted"] > 1024 * 1024
