@@ -22,13 +22,14 @@ from provider_agent import __version__
 if TYPE_CHECKING:
     from provider_agent.config import Config
     from provider_agent.discovery import PassResult
+    from provider_agent.status import AgentStatus
 
 EX_OK = 0
 EX_FAILURE = 1
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
-_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings", "service"})
+_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings", "service", "status"})
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--output", metavar="PATH", default="agent.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     command("identity", "load or create the identity key and print it")
+    status = command("status", "ask the running agent (its HTTP endpoint) how it is doing")
+    status.add_argument("--json", action="store_true", help="print the /status object")
     earnings = command("earnings", "the local ledger of served jobs: totals, or rows as CSV")
     earnings.add_argument("--since", metavar="DATE", help="first day, YYYY-MM-DD (UTC)")
     earnings.add_argument("--until", metavar="DATE", help="day after the last, YYYY-MM-DD (UTC)")
@@ -247,6 +250,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _discover(config, as_json=args.json)
     if command == "identity":
         return _identity(config)
+    if command == "status":
+        return _status(config, config_path, as_json=args.json)
     if command == "earnings":
         from provider_agent.ledger import earnings_command
 
@@ -389,6 +394,133 @@ def _columns(
         if after and index in after:
             out.append(after[index])
     return out
+
+
+def _status(config: Config, config_path: Path, *, as_json: bool) -> int:
+    import anyio
+
+    from provider_agent.http_api import StatusUnavailable, fetch_status, status_url
+
+    listen = config.observability.listen
+    if listen is None:
+        print(
+            f'status: the HTTP endpoint is disabled (observability.prometheus_addr = "" in '
+            f"{config_path}): set an address, restart the agent, then ask again",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    try:
+        current = anyio.run(fetch_status, status_url(*listen))
+    except StatusUnavailable as exc:
+        print(f"status: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    print(current.model_dump_json(indent=2) if as_json else render_status(current))
+    return EX_OK
+
+
+def render_status(status: AgentStatus) -> str:
+    """`status` for a person: a summary, the backends, the models and their routes, the jobs
+    running and the last errors. Text from outside is escaped."""
+    from provider_agent.text import printable
+
+    jobs, session, window = status.jobs, status.session, status.rate_window
+    if session.authenticated and session.connected_for_s is not None:
+        link = f"authenticated for {_span(session.connected_for_s)}"
+    else:
+        link = session.state
+    limit = f"of {window.limit} ({window.fill:.0%})" if window.limit is not None else "(no limit)"
+    outbox = status.outbox
+    if outbox.depth is None:
+        waiting = f"unknown ({printable(outbox.error)})"
+    else:
+        waiting = f"{outbox.depth} terminal frame(s) unconfirmed"
+        if outbox.oldest_age_s is not None:
+            waiting += f", oldest {_span(outbox.oldest_age_s)}"
+    lines = [
+        f"provider-agent {printable(status.agent_version)}, up {_span(status.uptime_s)} "
+        f"(since {status.started_at})",
+        f"provider_id: {printable(status.provider_id or 'none')}",
+        f"session: {link} ({session.attempts} connection attempt(s), "
+        f"{session.reconnects} reconnect(s))",
+        f"readiness: {printable(status.readiness.reason)}",
+        f"advertising: {status.models_advertised} model(s) ({printable(status.advertising)})",
+        f"jobs: {jobs.in_flight} in flight of {jobs.max_concurrent}; last 60 s: "
+        f"TTFB p50 {jobs.p50_ttfb_ms:.0f} ms, p95 {jobs.p95_ttfb_ms:.0f} ms, "
+        f"{jobs.tokens_per_sec_p50:g} tokens/s, error rate {jobs.error_rate_60s:.1%}",
+        f"outbox: {waiting}",
+        f"rate window: {window.tokens_last_60s} tokens in the last 60 s {limit}",
+        f"last discovery pass: {status.last_pass_at or 'not finished yet'}",
+        "",
+    ]
+    errors: dict[int, str] = {}
+    backend_rows: list[list[str]] = []
+    for backend in status.backends:
+        if backend.error:
+            errors[len(backend_rows)] = f"    error: {printable(backend.error, 500)}"
+        latency = f"{backend.latency_ms:.0f}ms" if backend.latency_ms is not None else "-"
+        health = "ok" if backend.healthy else "FAIL"
+        backend_rows.append(
+            [
+                printable(backend.name, 300),
+                backend.kind,
+                health,
+                latency,
+                str(backend.models_listed),
+            ]
+        )
+    lines += _columns(
+        ["BACKEND", "KIND", "HEALTH", "LATENCY", "LISTED"], backend_rows, right=(3, 4), after=errors
+    )
+    if not status.backends:
+        lines.append("(no backends configured)")
+    lines.append("")
+    model_rows = [
+        [
+            printable(model.model_id, 300),
+            str(model.context_window) if model.context_window is not None else "?",
+            ",".join(model.formats),
+            ", ".join(printable(route.backend, 300) for route in model.routes),
+        ]
+        for model in status.models
+    ]
+    lines += _columns(["MODEL", "CONTEXT", "FORMATS", "ROUTES"], model_rows, right=(1,))
+    if not status.models:
+        lines.append("(no model to serve)")
+    if jobs.running:
+        lines.append("")
+        job_rows = [
+            [
+                printable(job.job_id, 128),
+                printable(job.model_id, 300),
+                printable(job.backend or "-", 300),
+                _span(job.age_s),
+                str(job.bytes_relayed),
+            ]
+            for job in jobs.running
+        ]
+        lines += _columns(["JOB", "MODEL", "BACKEND", "AGE", "BYTES"], job_rows, right=(3, 4))
+    if status.last_errors:
+        lines += ["", "last errors (newest first):"]
+        lines += [
+            f"  {note.at} {note.source} {printable(note.code)}: {printable(note.message, 500)}"
+            for note in status.last_errors
+        ]
+    return "\n".join(lines)
+
+
+def _span(seconds: float) -> str:
+    """A duration as a person reads it: 45s, 12m 03s, 3h 04m, 2d 03h."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
 
 
 def _identity(config: Config) -> int:

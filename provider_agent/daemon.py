@@ -15,12 +15,13 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import anyio.abc
 
-from provider_agent import __version__, logs
+from provider_agent import __version__, http_api, logs
 from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
 from provider_agent.catalog import Catalog, capabilities_message
@@ -29,13 +30,13 @@ from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
 from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
-from provider_agent.metrics import JobStats
+from provider_agent.metrics import AgentMetrics, JobStats
 from provider_agent.outbound import Outbound
 from provider_agent.outbox import Outbox, keep_days_of
 from provider_agent.protocol import Capabilities, Heartbeat
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
-from provider_agent.session_state import Inbound, ReconnectPolicy, State
+from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
 from provider_agent.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class Daemon:
         self.policy = policy or ReconnectPolicy()
         self.handle_signals = handle_signals
         self.budgets = ShutdownBudgets()
-        self.stats = JobStats()
+        self.metrics = AgentMetrics()
+        self.stats = JobStats(self.metrics)
         self.outbound = Outbound()
         self.window = TokenWindow(config.limits.max_tokens_per_minute)
         self.registry: Registry | None = None
@@ -174,6 +176,15 @@ class Daemon:
     # --- the tree --------------------------------------------------------------------------------
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        except ExceptionGroup as failure:
+            # The HTTP endpoint's bind failing inside `start()` arrives wrapped by the task group.
+            if len(failure.exceptions) == 1 and isinstance(failure.exceptions[0], ConfigError):
+                raise failure.exceptions[0] from None
+            raise
+
+    async def _run(self) -> int:
         async with new_http_session(POOL_STREAMS) as http, await self._open_outbox() as outbox:
             self.outbox = outbox
             self.registry = Registry.build(self.config, http)
@@ -204,6 +215,7 @@ class Daemon:
                     undelivered=outbox.undelivered,
                     on_confirmed=self.jobs.confirmed,
                     on_disconnected=self.jobs.connection_lost,
+                    on_reconnect=self._session_ended,
                 ),
                 self.identity,
                 self.outbound,
@@ -212,6 +224,8 @@ class Daemon:
             async with anyio.create_task_group() as group:
                 if self.handle_signals:  # first, so no signal meets its default action
                     await group.start(self._watch_signals)
+                if self.config.observability.listen is not None:  # an address in use fails here
+                    await group.start(http_api.serve, self)
                 with anyio.CancelScope() as self._startup:
                     await self._refresh()  # the first pass completes before the first dial
                 self._startup = None
@@ -309,10 +323,15 @@ class Daemon:
         have lost state)."""
         assert self.discovery is not None
         result = await self.discovery.run()
+        self.metrics.discovery_pass(result.duration_ms / 1000, datetime.now(UTC))
         self.catalog = result.catalog
         if self.session is not None:
             self.session.push(self.capabilities())
         self._notify_status()
+
+    def _session_ended(self, fault: Fault | None) -> None:
+        cause = fault.kind.value if fault is not None else "requested"
+        self.metrics.session_ended(cause, fault.detail if fault else None, datetime.now(UTC))
 
     def _on_inbound(self, inbound: Inbound) -> None:
         """Called by the session's reader: hands off, never waits."""

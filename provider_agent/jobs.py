@@ -400,6 +400,12 @@ class Executor:
                     output_tokens=outcome.output_tokens,
                     generation_s=now - first if first else 0.0,
                     error_code=outcome.error_code,
+                    backend=route.backend if route else "",
+                    input_tokens=outcome.input_tokens,
+                    duration_s=now - running.received_at,
+                    relayed_bytes=running.relayed,
+                    job_id=job.job_id,
+                    message=outcome.message,
                 )
             )
             if not self.running:

@@ -90,6 +90,10 @@ def _no_op() -> None:
     return None
 
 
+def _ignore_fault(fault: Fault | None) -> None:
+    return None
+
+
 @dataclass
 class SessionHooks:
     """What the session asks of the rest of the agent (the daemon supplies these)."""
@@ -109,6 +113,8 @@ class SessionHooks:
     on_confirmed: Callable[[Sequence[str]], Awaitable[None]] = _ignore_confirmed
     #: The authenticated connection is gone (jobs in flight lose their coordinator).
     on_disconnected: Callable[[], None] = _no_op
+    #: A connection ended and will be dialled again; its fault (None: a requested reconnect).
+    on_reconnect: Callable[[Fault | None], None] = _ignore_fault
 
 
 class Session:
@@ -181,6 +187,7 @@ class Session:
                 for action in self.core.handle(Ended(fault, self.clock())):
                     if isinstance(action, Wait):
                         self._log_wait(action)
+                        self.hooks.on_reconnect(action.fault)
                         with anyio.CancelScope() as self._wait_scope:
                             await anyio.sleep(action.delay_s)
                         self._wait_scope = None

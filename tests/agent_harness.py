@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,8 +31,10 @@ def write_config(
     enrollment_code: str | None = None,
     drain_timeout_s: int = 60,
     extra: str = "",
+    prometheus_addr: str = "",
 ) -> Path:
-    """An agent.toml in `directory` with its identity and state kept there too."""
+    """An agent.toml in `directory` with its identity and state kept there too (the HTTP
+    endpoint off unless `prometheus_addr` is given)."""
     enrollment = f'enrollment_code = "{enrollment_code}"\n' if enrollment_code else ""
     backends = "".join(f'[[backends]]\nkind = "vllm"\nurl = "{u}"\n' for u in backend_urls)
     path = directory / "agent.toml"
@@ -41,12 +44,19 @@ def write_config(
         f'[identity]\nkey_path = "{directory / "identity.key"}"\n'
         f"[discovery]\ninterval_s = {interval_s}\ntimeout_s = 2\n"
         f'[state]\ndir = "{directory / "state"}"\ndrain_timeout_s = {drain_timeout_s}\n'
-        f'[observability]\nprometheus_addr = ""\n'
+        f'[observability]\nprometheus_addr = "{prometheus_addr}"\n'
         f"{backends}"
         "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
         f"{extra}"
     )
     return path
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a config that cannot say port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def fast_policy(cap_s: float = 0.2, healthy_after_s: float = 30.0) -> ReconnectPolicy:
