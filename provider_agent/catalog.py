@@ -25,6 +25,7 @@ from provider_agent.protocol import (
     Capabilities,
     CapabilityLimits,
     CapabilityMetadata,
+    Measured,
     ModelOffer,
 )
 from provider_agent.text import model_id_problem, printable
@@ -244,10 +245,20 @@ def _above(price: Price, ceiling: Price) -> bool:
 
 
 def capabilities_message(
-    config: Config, routes: Mapping[str, Sequence[Route]], *, draining: bool = False
+    config: Config,
+    routes: Mapping[str, Sequence[Route]],
+    *,
+    draining: bool = False,
+    measured: Mapping[str, Measured] | None = None,
 ) -> Capabilities:
-    """protocol.md §2. Draining agents advertise nothing so no new job is routed to them."""
-    offers = [] if draining else [_offer(config, mid, routes[mid]) for mid in sorted(routes)]
+    """protocol.md §2. Draining agents advertise nothing so no new job is routed to them.
+    `measured` (per advertised id) is attached to the offers it names; others go without."""
+    speeds = measured or {}
+    offers = (
+        []
+        if draining
+        else [_offer(config, mid, routes[mid], speeds.get(mid)) for mid in sorted(routes)]
+    )
     return Capabilities(
         models=offers,
         limits=CapabilityLimits(
@@ -260,7 +271,9 @@ def capabilities_message(
     )
 
 
-def _offer(config: Config, model_id: str, routes: Sequence[Route]) -> ModelOffer:
+def _offer(
+    config: Config, model_id: str, routes: Sequence[Route], measured: Measured | None = None
+) -> ModelOffer:
     first = routes[0]
     windows = [r.context_window for r in routes if r.context_window is not None]
     formats: set[WireFormat] = set().union(*(r.formats for r in routes))
@@ -272,6 +285,7 @@ def _offer(config: Config, model_id: str, routes: Sequence[Route]) -> ModelOffer
         backend=first.kind,
         context_window=min(windows) if windows else None,
         formats=sorted(formats),
+        measured=measured,
     )
 
 

@@ -30,6 +30,7 @@ from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
 from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
+from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import AgentMetrics, JobStats
 from provider_agent.outbound import Outbound
 from provider_agent.outbox import Outbox, keep_days_of
@@ -38,6 +39,7 @@ from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
 from provider_agent.systemd import Notifier
+from provider_agent.telemetry import GpuTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class Daemon:
         self.budgets = ShutdownBudgets()
         self.metrics = AgentMetrics()
         self.stats = JobStats(self.metrics)
+        self.measured = MeasuredSpeed()
+        self.telemetry = GpuTelemetry()
         self.outbound = Outbound()
         self.window = TokenWindow(config.limits.max_tokens_per_minute)
         self.registry: Registry | None = None
@@ -107,10 +111,13 @@ class Daemon:
 
     def capabilities(self) -> Capabilities:
         routes = self.catalog.routes if self.catalog else {}
-        return capabilities_message(self.config, routes, draining=self.draining)
+        measured = self.measured.snapshot(self.clock())
+        return capabilities_message(self.config, routes, draining=self.draining, measured=measured)
 
     def heartbeat(self) -> Heartbeat:
-        return self.stats.heartbeat(self.clock())
+        """The job window's figures, with the last GPU sample (never waits for NVML)."""
+        beat = self.stats.heartbeat(self.clock())
+        return beat.model_copy(update={"gpus": self.telemetry.latest})
 
     def request_pass(self) -> None:
         """Ask the discovery loop for a pass now (single-flight makes repeats cheap)."""
@@ -200,6 +207,7 @@ class Daemon:
                     backend_failed=self.backend_failed,
                 ),
                 self.window,
+                measured=self.measured,
             )
             await self.jobs.report_orphans()
             self.discovery = Discovery(http, lambda: self.config)
@@ -226,6 +234,7 @@ class Daemon:
                     await group.start(self._watch_signals)
                 if self.config.observability.listen is not None:  # an address in use fails here
                     await group.start(http_api.serve, self)
+                group.start_soon(self._supervised, "gpu telemetry", self._telemetry_loop)
                 with anyio.CancelScope() as self._startup:
                     await self._refresh()  # the first pass completes before the first dial
                 self._startup = None
@@ -286,6 +295,12 @@ class Daemon:
             if stuck_since is None or now - stuck_since < 2 * interval_s:
                 self.notifier.watchdog()
             self._notify_status()
+
+    async def _telemetry_loop(self) -> None:
+        await self.telemetry.run(
+            enabled=lambda: self.config.telemetry.gpu == "auto",
+            interval_s=lambda: self.config.coordinator.heartbeat_interval_s,
+        )
 
     async def _prune_loop(self) -> None:
         assert self.outbox is not None

@@ -24,6 +24,7 @@ import anyio.abc
 
 from provider_agent.catalog import Route
 from provider_agent.errors import StreamFailed
+from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import FinishedJob, JobStats
 from provider_agent.outbound import Outbound
 from provider_agent.outbox import LedgerEntry, Outbox
@@ -117,6 +118,7 @@ class Executor:
         window: TokenWindow,
         *,
         clock: Callable[[], float] = anyio.current_time,
+        measured: MeasuredSpeed | None = None,
     ) -> None:
         self.outbound = outbound
         self.stats = stats
@@ -124,6 +126,8 @@ class Executor:
         self.hooks = hooks
         self.window = window
         self.clock = clock
+        #: Served jobs per model, advertised as `measured` (job_done only).
+        self.measured = measured or MeasuredSpeed()
         self.load = BackendLoad()
         self.running: dict[str, Running] = {}
         self._group: anyio.abc.TaskGroup | None = None
@@ -390,6 +394,14 @@ class Executor:
         try:
             text = await self.outbox.finish(job.job_id, encode(frame), ledger)
             self.outbound.terminal(job.job_id, text)
+            if isinstance(frame, JobDone) and running.first_byte_at is not None:
+                self.measured.add(
+                    job.model_id,
+                    now,
+                    ttft_ms=(running.first_byte_at - running.received_at) * 1000,
+                    output_tokens=outcome.output_tokens,
+                    generation_s=now - running.first_byte_at,
+                )
         finally:
             del self.running[job.job_id]
             first = running.first_byte_at

@@ -75,6 +75,16 @@ class AuthFailed(_Frame):
 # --- capabilities and heartbeat ------------------------------------------------------------------
 
 
+class Measured(_Frame):
+    """What clients actually got from this host for one model over the last `window_s`
+    (protocol.md §2): medians over the `job_done`s served, and how many there were."""
+
+    ttft_ms_p50: float
+    tokens_per_sec_p50: float
+    samples: int
+    window_s: int = 900
+
+
 class ModelOffer(_Frame):
     """One advertised model in `capabilities.models`."""
 
@@ -85,6 +95,8 @@ class ModelOffer(_Frame):
     backend: str
     context_window: int | None = None
     formats: list[WireFormat] = Field(default_factory=lambda: list[WireFormat](["openai"]))
+    #: Absent until this agent has served the model in the window.
+    measured: Measured | None = None
 
 
 class CapabilityLimits(_Frame):
@@ -104,6 +116,21 @@ class Capabilities(_Frame):
     metadata: CapabilityMetadata
 
 
+class GpuSample(_Frame):
+    """One GPU in `heartbeat.gpus` (protocol.md §3). A field the device does not support is left
+    out (None is omitted on the wire); memory in MiB."""
+
+    index: int
+    healthy: bool
+    uuid: str | None = None
+    name: str | None = None
+    memory_total_mb: int | None = None
+    memory_used_mb: int | None = None
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+
+
 class Heartbeat(_Frame):
     type: Literal["heartbeat"] = "heartbeat"
     queue_depth: int
@@ -113,6 +140,8 @@ class Heartbeat(_Frame):
     error_rate_60s: float
     last_error_at: str | None
     last_error_code: str | None
+    #: Sent when NVML answers on this host, absent otherwise.
+    gpus: list[GpuSample] | None = None
 
 
 # --- jobs ----------------------------------------------------------------------------------------
