@@ -172,10 +172,9 @@ async def test_a_job_streams_through_the_agent_and_job_done_carries_usage(
                 body = await response.read()
             [record] = coord.finished.values()
     chunks = _chunks(body)
-    content = "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")
-    )
-    assert content  # tokens from the real model came through
+    deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+    # tokens from the real model came through (a random-weights model may decode to "")
+    assert sum("content" in d for d in deltas) >= 1, body[:2000]
     assert isinstance(record.terminal, JobDone)
     assert record.terminal.usage_source == "estimated"  # this server never reports usage
     assert record.terminal.tokens.output >= 1 and record.terminal.tokens.input >= 1
