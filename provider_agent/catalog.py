@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
+from typing import Literal
 
 from provider_agent import __version__
 from provider_agent.config import BackendConfig, Config, WireFormat
@@ -244,10 +245,20 @@ def _above(price: Price, ceiling: Price) -> bool:
 
 
 def capabilities_message(
-    config: Config, routes: Mapping[str, Sequence[Route]], *, draining: bool = False
+    config: Config,
+    routes: Mapping[str, Sequence[Route]],
+    *,
+    draining: bool = False,
+    paused: bool = False,
+    paused_until: str | None = None,
 ) -> Capabilities:
-    """protocol.md §2. Draining agents advertise nothing so no new job is routed to them."""
-    offers = [] if draining else [_offer(config, mid, routes[mid]) for mid in sorted(routes)]
+    """protocol.md §2. Draining and paused agents advertise nothing so no new job is routed to
+    them; draining wins (a paused agent that is stopping says so)."""
+    status: Literal["ready", "draining", "paused"] = (
+        "draining" if draining else "paused" if paused else "ready"
+    )
+    quiet = status != "ready"
+    offers = [] if quiet else [_offer(config, mid, routes[mid]) for mid in sorted(routes)]
     return Capabilities(
         models=offers,
         limits=CapabilityLimits(
@@ -255,7 +266,9 @@ def capabilities_message(
             max_tokens_per_minute=config.limits.max_tokens_per_minute,
         ),
         metadata=CapabilityMetadata(
-            agent_version=__version__, status="draining" if draining else "ready"
+            agent_version=__version__,
+            status=status,
+            paused_until=paused_until if status == "paused" else None,
         ),
     )
 
