@@ -567,8 +567,10 @@ def _why(exc: BaseException) -> str:
         exc = exc.__cause__
     if isinstance(exc, ssl.SSLCertVerificationError):
         return printable(exc.verify_message or str(exc), TEXT_LIMIT)
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno:
+        return os.strerror(exc.errno)  # "Connection refused", not aiohttp's wording
+    if isinstance(exc, OSError) and exc.strerror:
+        return printable(exc.strerror, TEXT_LIMIT)
     return printable(str(exc) or type(exc).__name__, TEXT_LIMIT)
 
 
