@@ -139,9 +139,9 @@ class PauseView(BaseModel):
     """A pause as the socket, `/status` and `status` show it."""
 
     since: str
-    until: str | None
-    left_s: float | None
-    reason: str | None
+    until: str | None = None
+    left_s: float | None = None
+    reason: str | None = None
 
     def describe(self) -> str:
         """`until 2026-11-26T22:15:08Z (1h 59m left)` or `until resume`, and the reason."""
