@@ -499,11 +499,15 @@ async def check_outbox(state_dir: Path) -> list[Check]:
 
 
 def _read_depth(path: Path) -> tuple[int, float | None] | None:
-    """(worker thread) Undelivered frames and the age of the oldest, read-only (WAL lets it
-    read while the agent writes); None when there is no outbox yet."""
-    if not path.exists():
+    """(worker thread) Undelivered frames and the age of the oldest, read-only; None when
+    there is no outbox yet. With the agent running (its write-ahead log exists) the read goes
+    through the log like any reader's; without it the file is opened immutable, so that not
+    even sqlite's -wal and -shm files are created."""
+    if not path.exists() or path.stat().st_size == 0:  # empty: the agent makes it an outbox
         return None
-    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5)
+    running = path.with_name(path.name + "-wal").exists()
+    flags = "mode=ro" if running else "mode=ro&immutable=1"
+    db = sqlite3.connect(f"{path.as_uri()}?{flags}", uri=True, timeout=5)
     try:
         count, oldest_ms = db.execute(
             "SELECT count(*), min(finished_ms) FROM frames WHERE delivered_ms IS NULL"
