@@ -383,7 +383,8 @@ class Control:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             message = first["msg"].removeprefix("Value error, ")
-            return ControlReply(ok=False, error=printable(f"bad request: {where}: {message}"))
+            prefix = f"bad request: {where}: " if where else "bad request: "
+            return ControlReply(ok=False, error=printable(prefix + message))
         try:
             return await self.answer(request)
         except OSError as exc:
