@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
+from typing import Literal
 
 from provider_agent import __version__
 from provider_agent.config import BackendConfig, Config, WireFormat
@@ -250,13 +251,19 @@ def capabilities_message(
     *,
     draining: bool = False,
     measured: Mapping[str, Measured] | None = None,
+    paused: bool = False,
+    paused_until: str | None = None,
 ) -> Capabilities:
-    """protocol.md §2. Draining agents advertise nothing so no new job is routed to them.
-    `measured` (per advertised id) is attached to the offers it names; others go without."""
+    """protocol.md §2. Draining and paused agents advertise nothing so no new job is routed to
+    them; draining wins (a paused agent that is stopping says so). `measured` (per advertised
+    id) is attached to the offers it names; others go without."""
+    status: Literal["ready", "draining", "paused"] = (
+        "draining" if draining else "paused" if paused else "ready"
+    )
     speeds = measured or {}
     offers = (
         []
-        if draining
+        if status != "ready"
         else [_offer(config, mid, routes[mid], speeds.get(mid)) for mid in sorted(routes)]
     )
     return Capabilities(
@@ -266,7 +273,9 @@ def capabilities_message(
             max_tokens_per_minute=config.limits.max_tokens_per_minute,
         ),
         metadata=CapabilityMetadata(
-            agent_version=__version__, status="draining" if draining else "ready"
+            agent_version=__version__,
+            status=status,
+            paused_until=paused_until if status == "paused" else None,
         ),
     )
 

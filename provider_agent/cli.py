@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 
 from provider_agent import __version__
 
@@ -29,7 +29,11 @@ EX_FAILURE = 1
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
-_QUIET = frozenset({"validate", "discover", "identity", "init", "earnings", "service", "status"})
+_QUIET = frozenset(
+    {"validate", "discover", "identity", "init", "earnings", "service", "status", "pause", "resume"}
+)
+#: Commands whose output already says everything the log would (`doctor` grades each check).
+_SILENT = frozenset({"doctor"})
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -80,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     earnings.add_argument("--until", metavar="DATE", help="day after the last, YYYY-MM-DD (UTC)")
     earnings.add_argument("--by", choices=["day", "model", "backend"], default="day")
     earnings.add_argument("--csv", action="store_true", help="every row as CSV, not totals")
+    pause = command("pause", "maintenance: advertise no models until `resume` or --for ends")
+    pause.add_argument("--for", dest="for_", metavar="DURATION", help="90s, 30m, 2h, 1d")
+    pause.add_argument("--reason", metavar="TEXT", help="why (shown by status and in the log)")
+    command("resume", "end a maintenance pause: advertise models again")
+    doctor = command("doctor", "graded checks of this host with a fix hint each; changes nothing")
+    doctor.add_argument("--json", action="store_true", help="the checks as one JSON object")
     _service_parser(command("service", "install or remove this installation as a systemd service"))
     coordinator = command("dev-coordinator", "the reference coordinator, for local testing")
     coordinator.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
@@ -214,7 +224,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from provider_agent import logs
     from provider_agent.errors import ConfigError, IdentityError
 
-    quiet_default = "warn" if args.command in _QUIET else "info"
+    quiet_default = (
+        "error" if args.command in _SILENT else "warn" if args.command in _QUIET else "info"
+    )
     logs.setup(args.log_level or quiet_default)
     try:
         return _dispatch(args)
@@ -256,6 +268,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from provider_agent.ledger import earnings_command
 
         return earnings_command(config.state.dir, args.since, args.until, args.by, as_csv=args.csv)
+    if command in ("pause", "resume"):
+        return _pause_or_resume(config, command, args)
+    if command == "doctor":
+        from provider_agent.doctor import doctor_command
+
+        return doctor_command(config, config_path, as_json=args.json)
     raise AssertionError(command)
 
 
@@ -270,7 +288,7 @@ def _load(path: Path, args: argparse.Namespace) -> Config:
     from provider_agent import logs
 
     config = config_module.load(path, allow_insecure=args.allow_insecure)
-    if args.log_level is None and args.command not in _QUIET:
+    if args.log_level is None and args.command not in _QUIET | _SILENT:
         logs.setup(config.observability.log_level, config.observability.log_format)
     return config
 
@@ -536,6 +554,36 @@ def _identity(config: Config) -> int:
     print(f"public_key: {identity.public_key_b64}")
     print(f"provider_id: {identity.provider_id or 'none'}")
     print(f"key_file: {identity.path}")
+    return EX_OK
+
+
+def _pause_or_resume(config: Config, command: str, args: argparse.Namespace) -> int:
+    """`pause` / `resume`: one request over the running agent's control socket."""
+    import anyio
+
+    from provider_agent import control
+
+    try:
+        for_s = control.parse_duration(args.for_) if command == "pause" and args.for_ else None
+        reason = args.reason if command == "pause" else None
+        if reason is not None:
+            control.check_reason(reason)
+    except ValueError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    op: Literal["pause", "resume"] = "pause" if command == "pause" else "resume"
+    request = control.ControlRequest(op=op, for_s=for_s, reason=reason)
+    try:
+        reply = anyio.run(control.call, config.state.dir, request)
+    except control.ControlError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    if reply.paused is not None:
+        print(f"paused: no models advertised {reply.paused.describe()}")
+    elif reply.changed:
+        print("resumed: models are advertised again")
+    else:
+        print("not paused: nothing to resume")
     return EX_OK
 
 

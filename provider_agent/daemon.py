@@ -11,9 +11,10 @@ session sends what waits and closes with 1001. Then every task is cancelled; not
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,22 +25,26 @@ import anyio.abc
 from provider_agent import __version__, http_api, logs
 from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
-from provider_agent.catalog import Catalog, capabilities_message
+from provider_agent.catalog import Catalog, Route, capabilities_message
 from provider_agent.config import Config, load
+from provider_agent.control import Control, iso_utc
 from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
+from provider_agent.health import RouteHealth, Withdrawn, probe_every_s
 from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
 from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import AgentMetrics, JobStats
 from provider_agent.outbound import Outbound
 from provider_agent.outbox import Outbox, keep_days_of
-from provider_agent.protocol import Capabilities, Heartbeat
+from provider_agent.probe import tiny_completion
+from provider_agent.protocol import Capabilities, ErrorCode, Heartbeat
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
 from provider_agent.systemd import Notifier
 from provider_agent.telemetry import GpuTelemetry
+from provider_agent.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,8 @@ CRASH_RESTART_S = 1.0
 OUT_OF_CYCLE_PASS_S = 10.0
 #: How often the outbox drops what it no longer needs to keep.
 PRUNE_EVERY_S = 3600.0
+#: How long the one-token completion that may restore a withdrawn route is given.
+ROUTE_PROBE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -106,13 +113,34 @@ class Daemon:
         self._pass_wanted = anyio.Event()
         self._startup: anyio.CancelScope | None = None
         self.notifier = Notifier.from_env()
+        #: The maintenance pause and its socket (`provider-agent pause`), once `run()` started.
+        self.control: Control | None = None
+        #: Routes withdrawn for failing jobs (protocol.md §2) and their probes.
+        self.health = RouteHealth()
+        #: Seconds between probes of a withdrawn route; None: min(interval_s, 30 s) (tests set it).
+        self.route_probe_s: float | None = None
+        self._health_changed = anyio.Event()
 
     # --- what the session asks for ---------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
-        routes = self.catalog.routes if self.catalog else {}
-        measured = self.measured.snapshot(self.clock())
-        return capabilities_message(self.config, routes, draining=self.draining, measured=measured)
+        pause = self.control.paused if self.control is not None else None
+        return capabilities_message(
+            self.config,
+            self.serving_routes(),
+            draining=self.draining,
+            measured=self.measured.snapshot(self.clock()),
+            paused=pause is not None,
+            paused_until=iso_utc(pause.until) if pause and pause.until is not None else None,
+        )
+
+    def serving_routes(self) -> Mapping[str, Sequence[Route]]:
+        """The catalog's routes less those withdrawn for failing jobs."""
+        return self.health.serving(self.catalog.routes if self.catalog else {})
+
+    @property
+    def paused(self) -> bool:
+        return self.control is not None and self.control.paused is not None
 
     def heartbeat(self) -> Heartbeat:
         """The job window's figures, with the last GPU sample (never waits for NVML)."""
@@ -131,6 +159,31 @@ class Daemon:
             self._last_failure_pass = now
             log.info("backend failed a job, discovery pass requested backend=%s", backend)
             self.request_pass()
+
+    def route_ended(self, route: Route, code: ErrorCode | None, relayed: int) -> None:
+        """A job's attempt on a route ended: a route that failed its last jobs is withdrawn at
+        once (an out-of-cycle capabilities message) until a probe through it succeeds."""
+        if not self.health.record(route, code, relayed, self.clock(), self._route_probe_s()):
+            return
+        log.warning(
+            "route withdrawn: its last jobs failed on the serving side; a one-token completion "
+            "every %gs brings it back backend=%s model=%s",
+            self._route_probe_s(),
+            route.backend,
+            printable(route.native_id),
+        )
+        self._health_changed.set()
+        self._push_capabilities()
+
+    def _route_probe_s(self) -> float:
+        if self.route_probe_s is not None:
+            return self.route_probe_s
+        return probe_every_s(self.config.discovery.interval_s)
+
+    def _push_capabilities(self) -> None:
+        if self.session is not None:
+            self.session.push(self.capabilities())
+        self._notify_status()
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -200,16 +253,19 @@ class Daemon:
                 self.stats,
                 outbox,
                 ExecutorHooks(
-                    routes=lambda: self.catalog.routes if self.catalog else {},
+                    routes=self.serving_routes,
                     registry=self._registry,
                     max_concurrent=lambda: self.config.limits.max_concurrent,
-                    accepting=lambda: not self.draining,
+                    accepting=lambda: not self.draining and not self.paused,
                     backend_failed=self.backend_failed,
+                    route_ended=self.route_ended,
                 ),
                 self.window,
                 measured=self.measured,
             )
             await self.jobs.report_orphans()
+            self.control = Control(outbox.path.parent, self._push_capabilities)
+            self.control.load()
             self.discovery = Discovery(http, lambda: self.config)
             self.session = Session(
                 SessionHooks(
@@ -235,6 +291,7 @@ class Daemon:
                 if self.config.observability.listen is not None:  # an address in use fails here
                     await group.start(http_api.serve, self)
                 group.start_soon(self._supervised, "gpu telemetry", self._telemetry_loop)
+                await group.start(self.control.serve)
                 with anyio.CancelScope() as self._startup:
                     await self._refresh()  # the first pass completes before the first dial
                 self._startup = None
@@ -246,6 +303,7 @@ class Daemon:
                 await group.start(self.jobs.run)
                 group.start_soon(self._supervised, "discovery", self._discovery_loop)
                 group.start_soon(self._supervised, "outbox pruning", self._prune_loop)
+                group.start_soon(self._supervised, "route probes", self._probe_loop)
                 session_done = anyio.Event()
                 group.start_soon(self._run_session, session_done)
                 if self.notifier.watchdog_interval_s is not None:
@@ -307,6 +365,45 @@ class Daemon:
         while True:
             await self.outbox.prune()
             await anyio.sleep(PRUNE_EVERY_S)
+
+    async def _probe_loop(self) -> None:
+        """Withdrawn routes get a one-token completion when due; a success restores one."""
+        while True:
+            due_at = self.health.next_due_at()
+            wait = due_at - self.clock() if due_at is not None else math.inf
+            with anyio.move_on_after(wait):
+                await self._health_changed.wait()
+            self._health_changed = anyio.Event()
+            due = self.health.due(self.clock())
+            async with anyio.create_task_group() as probes:
+                for withdrawn in due:
+                    probes.start_soon(self._probe_route, withdrawn)
+
+    async def _probe_route(self, withdrawn: Withdrawn) -> None:
+        route = withdrawn.route
+        try:
+            backend = self._registry().get(route.backend)
+        except KeyError:
+            self.health.forget_backends_not_in({b.label for b in self.config.backends})
+            log.info("withdrawn route forgotten: its backend is no longer configured")
+            self._push_capabilities()
+            return
+        result = await tiny_completion(backend.stream, route, ROUTE_PROBE_TIMEOUT_S)
+        if self.health.probed(route, result.ok, self.clock(), self._route_probe_s()):
+            log.warning(
+                "route restored: a one-token completion through it succeeded backend=%s model=%s",
+                route.backend,
+                printable(route.native_id),
+            )
+            self._push_capabilities()
+        else:
+            log.info(
+                "withdrawn route still failing backend=%s model=%s probes=%d error=%s",
+                route.backend,
+                printable(route.native_id),
+                withdrawn.probes,
+                printable(result.error or ""),
+            )
 
     async def _run_session(self, done: anyio.Event) -> None:
         assert self.session is not None

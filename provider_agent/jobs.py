@@ -86,6 +86,8 @@ class Running:
     relayed: int = 0
     first_byte_at: float | None = None
     counted_tokens: int = 0
+    #: `route` failed before its first byte and was left for the next one (already reported).
+    route_left: bool = False
 
     def stop(self, code: ErrorCode, message: str) -> None:
         """End the job from outside (cancel, lost connection, shutdown); the first reason wins."""
@@ -104,6 +106,8 @@ class ExecutorHooks:
     accepting: Callable[[], bool]
     #: A backend failed a job before its first byte (the daemon asks for a discovery pass).
     backend_failed: Callable[[str], None]
+    #: A route attempt ended: (route, error code or None, bytes relayed), for route health.
+    route_ended: Callable[[Route, ErrorCode | None, int], None] = lambda *_: None
 
 
 class Executor:
@@ -287,6 +291,7 @@ class Executor:
             except KeyError:
                 continue  # removed by a reload since the last pass
             running.route = route
+            running.route_left = False
             self.load.started(route.backend)
             try:
                 return await self._relay(running, backend.stream, route)
@@ -300,6 +305,8 @@ class Executor:
                     self.hooks.backend_failed(route.backend)
                 if not failure.fallback:
                     return Outcome(failure.code, failure.message)
+                running.route_left = True
+                self.hooks.route_ended(route, failure.code, 0)
                 log.info(
                     "route failed before its first byte, trying the next job_id=%s backend=%s "
                     "code=%s",
@@ -430,6 +437,8 @@ class Executor:
             outcome.error_code or "job_done",
             running.relayed,
         )
+        if route is not None and not running.route_left:
+            self.hooks.route_ended(route, outcome.error_code, running.relayed)
 
     # --- refusals and repeats --------------------------------------------------------------------
 

@@ -106,7 +106,10 @@ class CapabilityLimits(_Frame):
 
 class CapabilityMetadata(_Frame):
     agent_version: str
-    status: Literal["ready", "draining"] = "ready"
+    status: Literal["ready", "draining", "paused"] = "ready"
+    #: Additive: when a pause with a duration ends (ISO-8601 UTC); absent for a pause that lasts
+    #: until `resume`, and when not paused.
+    paused_until: str | None = None
 
 
 class Capabilities(_Frame):

@@ -1,0 +1,161 @@
+"""Pure: traffic-aware route health (protocol.md §2).
+
+A GPU in a bad state still answers `/health` and fails every job, so discovery cannot see it;
+the jobs can. A route (one backend serving one model) whose last `FAILURES_TO_WITHDRAW` jobs in
+a row failed on the serving side is withdrawn: left out of the routes the executor uses and of
+the capabilities message until a one-token completion through it succeeds. Discovery passes do
+not bring it back. Probes run at most every min(`discovery.interval_s`, `PROBE_EVERY_MAX_S`).
+
+What a finished route attempt says about the route:
+- a failure: `backend_unreachable`, `backend_error`, `auth_rejected_by_backend`, and
+  `backend_timeout` before any byte;
+- nothing (the streak is left as it was): `cancelled`, `connection_lost`, `shutting_down`,
+  `internal` and refusals — they say nothing about the route;
+- a success (the streak restarts): everything else, `job_done` and the client's own mistakes
+  (`bad_request`) included: the route answered.
+
+The shorter-term rule (a route that failed once is skipped for 10 s while another serves the
+model) is `routing.BackendLoad`'s. No I/O and no clock here: the caller passes `now`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from provider_agent.catalog import Route
+from provider_agent.protocol import ErrorCode
+
+FAILURES_TO_WITHDRAW = 3
+PROBE_EVERY_MAX_S = 30.0
+
+#: Codes that count against a route (`backend_timeout` only before the route's first byte).
+ROUTE_FAILURES: frozenset[str] = frozenset(
+    {"backend_unreachable", "backend_error", "auth_rejected_by_backend", "backend_timeout"}
+)
+#: Codes that say nothing about the route.
+NOT_ABOUT_THE_ROUTE: frozenset[str] = frozenset(
+    {
+        "cancelled",
+        "connection_lost",
+        "shutting_down",
+        "internal",
+        "out_of_capacity",
+        "rate_limited",
+        "unsupported_format",
+    }
+)
+
+RouteKey = tuple[str, str]
+"""(backend label, the backend's own model id): one route."""
+
+Verdict = Literal["failure", "success", "neutral"]
+
+
+def route_key(route: Route) -> RouteKey:
+    return (route.backend, route.native_id)
+
+
+def verdict(code: ErrorCode | None, relayed: int) -> Verdict:
+    """What one finished attempt on a route says about it (see the module docstring)."""
+    if code is None:
+        return "success"
+    if code == "backend_timeout":
+        return "failure" if relayed == 0 else "success"
+    if code in ROUTE_FAILURES:
+        return "failure"
+    if code in NOT_ABOUT_THE_ROUTE:
+        return "neutral"
+    return "success"
+
+
+def probe_every_s(interval_s: float) -> float:
+    """How often a withdrawn route is tried: min(`discovery.interval_s`, 30 s)."""
+    return min(interval_s, PROBE_EVERY_MAX_S)
+
+
+@dataclass
+class Withdrawn:
+    """A withdrawn route, and when it may next be probed."""
+
+    route: Route
+    since: float
+    next_probe_at: float
+    probes: int = 0
+
+
+@dataclass
+class RouteHealth:
+    """Failure streaks per route and the routes withdrawn for them."""
+
+    streaks: dict[RouteKey, int] = field(default_factory=dict)
+    withdrawn: dict[RouteKey, Withdrawn] = field(default_factory=dict)
+    #: Counters for `/metrics`: routes withdrawn and restored since start, probes tried.
+    withdrawals: int = 0
+    restorations: int = 0
+    probes: int = 0
+
+    def record(
+        self, route: Route, code: ErrorCode | None, relayed: int, now: float, probe_s: float
+    ) -> bool:
+        """One finished attempt on `route`; True when this one withdrew it."""
+        key = route_key(route)
+        found = verdict(code, relayed)
+        if found == "neutral" or key in self.withdrawn:
+            return False
+        if found == "success":
+            self.streaks.pop(key, None)
+            return False
+        streak = self.streaks.get(key, 0) + 1
+        if streak < FAILURES_TO_WITHDRAW:
+            self.streaks[key] = streak
+            return False
+        self.streaks.pop(key, None)
+        self.withdrawn[key] = Withdrawn(route, since=now, next_probe_at=now + probe_s)
+        self.withdrawals += 1
+        return True
+
+    def due(self, now: float) -> list[Withdrawn]:
+        """The withdrawn routes whose next probe is due."""
+        return [w for w in self.withdrawn.values() if w.next_probe_at <= now]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest probe is due; None when nothing is withdrawn."""
+        return min((w.next_probe_at for w in self.withdrawn.values()), default=None)
+
+    def probed(self, route: Route, ok: bool, now: float, probe_s: float) -> bool:
+        """A probe of a withdrawn route ended; True when it restored the route."""
+        key = route_key(route)
+        entry = self.withdrawn.get(key)
+        if entry is None:
+            return False
+        self.probes += 1
+        entry.probes += 1
+        if not ok:
+            entry.next_probe_at = now + probe_s
+            return False
+        del self.withdrawn[key]
+        self.restorations += 1
+        return True
+
+    def forget_backends_not_in(self, backends: set[str]) -> list[Withdrawn]:
+        """Drop what is known about backends no longer configured (after a reload)."""
+        gone = [w for key, w in self.withdrawn.items() if key[0] not in backends]
+        for entry in gone:
+            del self.withdrawn[route_key(entry.route)]
+        for key in [k for k in self.streaks if k[0] not in backends]:
+            del self.streaks[key]
+        return gone
+
+    def serving(self, routes: Mapping[str, Sequence[Route]]) -> Mapping[str, Sequence[Route]]:
+        """The route table without withdrawn routes (a model left with none is not served);
+        the table itself, not a copy, while nothing is withdrawn (the common case, per job)."""
+        if not self.withdrawn:
+            return routes
+        kept: dict[str, Sequence[Route]] = {}
+        for model, found in routes.items():
+            left = tuple(r for r in found if route_key(r) not in self.withdrawn)
+            if left:
+                kept[model] = left
+        return kept
