@@ -20,6 +20,7 @@ import orjson
 
 from provider_agent.config import WireFormat
 from provider_agent.protocol import ErrorCode
+from provider_agent.text import printable as safe_text
 
 #: Longest `message` of a RouteFailure (and of any upstream text the agent passes on).
 MESSAGE_LIMIT = 300
@@ -130,24 +131,11 @@ def error_message(data: Mapping[str, Any]) -> str | None:
 
 def printable(text: str, secrets: Iterable[str] = (), limit: int = MESSAGE_LIMIT) -> str:
     """`text` made safe to log and to send: `secrets` and any `Bearer <token>` replaced by
-    "[redacted]", runs of line breaks and tabs folded to one space, other non-printable
-    characters escaped (`\\x1b`, `\\u202e`), and cut to `limit` characters with "…"."""
+    "[redacted]", runs of line breaks and tabs folded to one space, then `text.printable` (other
+    non-printable characters escaped, URL credentials cut out, at most `limit` characters)."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
     text = _BEARER.sub(f"Bearer {REDACTED}", text)
     text = _WHITESPACE_RUN.sub(" ", text).strip()
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if code <= 0xFF:
-        return f"\\x{code:02x}"
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
+    return safe_text(text, limit)
