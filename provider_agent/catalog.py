@@ -20,7 +20,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
 from provider_agent import __version__
-from provider_agent.config import BackendConfig, Config, WireFormat
+from provider_agent.config import MAX_PRICE, BackendConfig, Config, WireFormat
 from provider_agent.listing import ModelInfo, UpstreamPrice, exact_context
 from provider_agent.protocol import (
     Capabilities,
@@ -34,7 +34,7 @@ from provider_agent.text import model_id_problem, printable
 MICRO_PER_USD = Decimal(1_000_000)
 #: config.md: every price, configured or resolved, is at most 10^15 micro-units per 1M tokens
 #: (USD 10^9: far above any real price, well inside the wire's 64-bit integers).
-MAX_PRICE_PER_1M = 10**15
+MAX_PRICE_PER_1M = MAX_PRICE
 
 
 @dataclass(frozen=True)
