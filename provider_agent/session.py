@@ -16,6 +16,7 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -318,6 +319,9 @@ class Session:
                     continue
                 for action in self.core.handle(Received(decode(message), self.clock())):
                     await self._perform(action, ws)
+                # Let what this frame started (a job's upstream request) run before the next
+                # frame: a burst of jobs then reaches the backends staggered, not in one clump.
+                await anyio.lowlevel.checkpoint()
         except ConnectionClosed:
             pass
         finally:
