@@ -19,7 +19,14 @@ from provider_agent.dev.demo import BACKENDS, SHARED, agent_config, content_of
 
 #: cli.md: the demo runs in under 30 s (here a generous bound; it takes a few seconds).
 BUDGET_S = 30.0
-COMMAND = [sys.executable, "-m", "provider_agent", "demo"]
+#: The README's first set-up command, after `bash scripts/install`.
+FIRST_COMMAND = "bash scripts/install && .venv/bin/provider-agent demo"
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: The installed console script, as the README runs it (`python -m` outside a virtualenv).
+SCRIPT = Path(sys.executable).with_name("provider-agent")
+COMMAND = (
+    [str(SCRIPT), "demo"] if SCRIPT.exists() else [sys.executable, "-m", "provider_agent", "demo"]
+)
 
 
 @dataclass
@@ -168,3 +175,9 @@ def test_the_agent_config_it_writes_is_valid_and_keeps_state_in_its_directory(
     assert config.identity.key_path == tmp_path / "identity.key"
     assert [b.label for b in config.backends] == list(BACKENDS)
     assert config.observability.prometheus_addr == ""  # the demo opens no metrics port
+
+
+def test_the_readmes_first_command_is_install_then_demo() -> None:
+    quickstart = README.read_text().split("## Quickstart", 1)[1]
+    first_block = quickstart.split("```sh\n", 1)[1]
+    assert first_block.splitlines()[0] == FIRST_COMMAND
