@@ -122,8 +122,8 @@ def _cost(check: Check) -> tuple[int, str]:
     return price.input_per_1m + price.output_per_1m, check.model_id
 
 
-def request_for(fmt: WireFormat) -> dict[str, Any]:
-    """The tiny request, in the job's wire format (both take `messages` and `max_tokens`)."""
+def tiny_request() -> dict[str, Any]:
+    """The selftest's request; openai and anthropic both read `messages` and `max_tokens`."""
     return {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS}
 
 
@@ -245,7 +245,7 @@ async def complete(check: Check, config: Config, registry: Registry) -> CheckRes
     job = Job(
         job_id=f"selftest-{uuid.uuid4().hex}",
         model_id=check.model_id,
-        request=request_for(fmt),
+        request=tiny_request(),
         format=fmt,
         deadline_ms=DEADLINE_MS,
     )
