@@ -30,7 +30,19 @@ EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
 _QUIET = frozenset(
-    {"validate", "discover", "identity", "init", "earnings", "service", "status", "pause", "resume"}
+    {
+        "validate",
+        "discover",
+        "identity",
+        "init",
+        "earnings",
+        "service",
+        "status",
+        "pause",
+        "resume",
+        "selftest",
+        "demo",
+    }
 )
 #: Commands whose output already says everything the log would (`doctor` grades each check).
 _SILENT = frozenset({"doctor"})
@@ -94,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator = command("dev-coordinator", "the reference coordinator, for local testing")
     coordinator.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765")
     _sim_backend_options(command("sim-backend", "a simulated backend, for tests and demos"))
+    selftest = command("selftest", "one tiny completion through every advertised model")
+    selftest.add_argument("--json", action="store_true", help="print the results as JSON")
+    selftest.add_argument(
+        "--all", action="store_true", help="every BYOK model too, not only the cheapest of each"
+    )
+    command("demo", "the whole loop on loopback: simulated backends, coordinator, agent")
     return parser
 
 
@@ -250,6 +268,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _init(args.output, args.force)
     if command == "service":
         return _service(args)
+    if command == "demo":
+        from provider_agent.dev.demo import demo_command
+
+        return demo_command(args.log_level)
     config_path = _config_path(args)
     if command == "run":
         from provider_agent.daemon import run_daemon
@@ -274,6 +296,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from provider_agent.doctor import doctor_command
 
         return doctor_command(config, config_path, as_json=args.json)
+    if command == "selftest":
+        from provider_agent.selftest import selftest_command
+
+        return selftest_command(config, as_json=args.json, include_all=args.all)
     raise AssertionError(command)
 
 

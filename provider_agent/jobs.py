@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import anyio.abc
@@ -27,7 +27,7 @@ from provider_agent.errors import StreamFailed
 from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import FinishedJob, JobStats
 from provider_agent.outbound import Outbound
-from provider_agent.outbox import LedgerEntry, Outbox
+from provider_agent.outbox import LedgerEntry
 from provider_agent.protocol import (
     ErrorCode,
     Job,
@@ -96,6 +96,19 @@ class Running:
         self.scope.cancel()
 
 
+class JobStore(Protocol):
+    """What the executor records jobs in: the `Outbox` when serving; `selftest` hands it an
+    in-memory stand-in, so its completions leave no trace in the outbox or the ledger."""
+
+    def in_store(self, job_id: str) -> bool: ...
+    async def accept(self, job_id: str, model_id: str) -> None: ...
+    async def progress(self, job_id: str, bytes_relayed: int) -> None: ...
+    async def finish(self, job_id: str, frame: str, ledger: LedgerEntry | None) -> str: ...
+    async def delivered(self, job_ids: Sequence[str]) -> None: ...
+    async def orphans(self) -> list[tuple[str, str, int]]: ...
+    async def stored_frame(self, job_id: str) -> str | None: ...
+
+
 @dataclass
 class ExecutorHooks:
     """What the executor reads from the daemon, fresh for every job."""
@@ -117,7 +130,7 @@ class Executor:
         self,
         outbound: Outbound,
         stats: JobStats,
-        outbox: Outbox,
+        outbox: JobStore,
         hooks: ExecutorHooks,
         window: TokenWindow,
         *,
