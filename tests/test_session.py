@@ -466,3 +466,57 @@ async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_sto
     stopping = next(i for i, m in enumerate(messages) if m.startswith("STOPPING=1"))
     assert stopping > reloading
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[stopping:])
+
+
+def _datagrams(server: object) -> list[str]:
+    import socket
+
+    assert isinstance(server, socket.socket)
+    messages: list[str] = []
+    while True:
+        try:
+            messages.append(server.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+async def test_watchdog_pings_only_while_the_session_makes_progress(
+    coord: DevCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, healthy: bool
+) -> None:
+    """WATCHDOG=1 every half period while authenticated; a handshake that hangs (a coordinator
+    that never sends its challenge) stops it after two periods, so systemd would restart us."""
+    import socket
+
+    from websockets.asyncio.server import serve
+
+    hanging = anyio.Event()
+    release = anyio.Event()
+
+    async def silent(ws: ServerConnection) -> None:
+        hanging.set()
+        await release.wait()
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+        async with serve(silent, "127.0.0.1", 0) as stuck:
+            port = next(iter(stuck.sockets)).getsockname()[1]
+            url = coord.ws_url if healthy else f"ws://127.0.0.1:{port}/provider/connect"
+            async with running_agent(write_config(tmp_path, url)):
+                if healthy:
+                    await coord.wait_for(lambda c: c.connected())
+                else:
+                    await hanging.wait()
+                await anyio.sleep(0.3)  # the stuck threshold (two periods) passes
+                _datagrams(server)  # what came before is not the point
+                await anyio.sleep(0.5)  # ten pings' worth of time
+                pings = [m for m in _datagrams(server) if m == "WATCHDOG=1"]
+            release.set()
+    if healthy:
+        assert len(pings) >= 5
+    else:
+        assert pings == []
