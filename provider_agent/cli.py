@@ -463,8 +463,9 @@ def _status(config: Config, config_path: Path, *, as_json: bool) -> int:
 
 
 def render_status(status: AgentStatus) -> str:
-    """`status` for a person: a summary, the backends, the models and their routes, the jobs
-    running and the last errors. Text from outside is escaped."""
+    """`status` for a person: a summary (the pause, when paused), the backends, the models and
+    their routes, withdrawn routes, the GPUs, the jobs running and the last errors. Text from
+    outside is escaped."""
     from provider_agent.text import printable
 
     jobs, session, window = status.jobs, status.session, status.rate_window
@@ -488,6 +489,7 @@ def render_status(status: AgentStatus) -> str:
         f"{session.reconnects} reconnect(s))",
         f"readiness: {printable(status.readiness.reason)}",
         f"advertising: {status.models_advertised} model(s) ({printable(status.advertising)})",
+        *_pause_lines(status),
         f"jobs: {jobs.in_flight} in flight of {jobs.max_concurrent}; last 60 s: "
         f"TTFB p50 {jobs.p50_ttfb_ms:.0f} ms, p95 {jobs.p95_ttfb_ms:.0f} ms, "
         f"{jobs.tokens_per_sec_p50:g} tokens/s, error rate {jobs.error_rate_60s:.1%}",
@@ -503,6 +505,8 @@ def render_status(status: AgentStatus) -> str:
             errors[len(backend_rows)] = f"    error: {printable(backend.error, 500)}"
         latency = f"{backend.latency_ms:.0f}ms" if backend.latency_ms is not None else "-"
         health = "ok" if backend.healthy else "FAIL"
+        if backend.healthy and backend.probe_skipped:
+            health = "ok (jobs)"
         backend_rows.append(
             [
                 printable(backend.name, 300),
@@ -530,6 +534,7 @@ def render_status(status: AgentStatus) -> str:
     lines += _columns(["MODEL", "CONTEXT", "FORMATS", "ROUTES"], model_rows, right=(1,))
     if not status.models:
         lines.append("(no model to serve)")
+    lines += _withdrawn_lines(status) + _gpu_lines(status)
     if jobs.running:
         lines.append("")
         job_rows = [
@@ -550,6 +555,85 @@ def render_status(status: AgentStatus) -> str:
             for note in status.last_errors
         ]
     return "\n".join(lines)
+
+
+def _withdrawn_lines(status: AgentStatus) -> list[str]:
+    """Routes withdrawn for failing jobs, a row each."""
+    from provider_agent.text import printable
+
+    if not status.withdrawn_routes:
+        return []
+    rows = [
+        [
+            printable(route.backend, 300),
+            printable(route.model, 300),
+            route.since,
+            printable(route.last_code or "-"),
+            str(route.probes),
+            _span(route.next_probe_in_s) if route.next_probe_in_s is not None else "-",
+        ]
+        for route in status.withdrawn_routes
+    ]
+    return [
+        "",
+        "withdrawn routes (their last jobs failed; a one-token completion brings one back):",
+        *_columns(
+            ["BACKEND", "MODEL", "SINCE", "LAST FAILURE", "PROBES", "NEXT PROBE"],
+            rows,
+            right=(4, 5),
+        ),
+    ]
+
+
+def _gpu_lines(status: AgentStatus) -> list[str]:
+    """The last GPU sample, a row per GPU and why an unhealthy one is."""
+    from provider_agent.text import printable
+
+    if not status.gpus:
+        return []
+    faults: dict[int, str] = {}
+    rows: list[list[str]] = []
+    for gpu in status.gpus:
+        if gpu.faults:
+            shown = "; ".join(printable(fault, 300) for fault in gpu.faults)
+            faults[len(rows)] = f"    unhealthy: {shown}"
+        rows.append(
+            [
+                str(gpu.index),
+                printable(gpu.name or "?", 100),
+                _memory(gpu.memory_used_mb, gpu.memory_total_mb),
+                f"{gpu.utilization_pct}%" if gpu.utilization_pct is not None else "-",
+                f"{gpu.temperature_c} C" if gpu.temperature_c is not None else "-",
+                f"{gpu.power_w:g} W" if gpu.power_w is not None else "-",
+                "ok" if gpu.healthy else "FAIL",
+            ]
+        )
+    header = ["GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "HEALTH"]
+    return ["", *_columns(header, rows, right=(0, 2, 3, 4, 5), after=faults)]
+
+
+def _pause_lines(status: AgentStatus) -> list[str]:
+    """`paused: …` while paused (until when, the time left, why); nothing otherwise."""
+    from provider_agent.text import printable
+
+    pause = status.paused
+    if pause is None:
+        return []
+    if pause.until is not None:
+        left = f" ({_span(pause.left_s)} left)" if pause.left_s is not None else ""
+        when = f"until {pause.until}{left}"
+    else:
+        when = "until `provider-agent resume`"
+    why = f"; reason: {printable(pause.reason, 500)}" if pause.reason else ""
+    return [f"paused: since {pause.since}, {when}{why}"]
+
+
+def _memory(used_mb: int | None, total_mb: int | None) -> str:
+    """`70211/81559 MiB`, with `?` for what the device did not say."""
+    if used_mb is None and total_mb is None:
+        return "-"
+    shown = [str(v) if v is not None else "?" for v in (used_mb, total_mb)]
+    return f"{shown[0]}/{shown[1]} MiB"
 
 
 def _span(seconds: float) -> str:

@@ -30,7 +30,14 @@ from provider_agent.config import Config, load
 from provider_agent.control import Control, iso_utc
 from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
-from provider_agent.health import RouteHealth, Withdrawn, probe_every_s
+from provider_agent.health import (
+    BackendTraffic,
+    RouteHealth,
+    Traffic,
+    Withdrawn,
+    probe_every_s,
+    verdict,
+)
 from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
 from provider_agent.measured import MeasuredSpeed
@@ -120,6 +127,8 @@ class Daemon:
         #: Seconds between probes of a withdrawn route; None: min(interval_s, 30 s) (tests set it).
         self.route_probe_s: float | None = None
         self._health_changed = anyio.Event()
+        #: What each backend's jobs showed lately: a backend healthy by it is not probed.
+        self.traffic = BackendTraffic()
 
     # --- what the session asks for ---------------------------------------------------------------
 
@@ -153,8 +162,10 @@ class Daemon:
 
     def backend_failed(self, backend: str) -> None:
         """A backend failed a job: a pass soon, so the coordinator hears of a dead backend
-        within seconds (at most one such pass per `OUT_OF_CYCLE_PASS_S`)."""
+        within seconds (at most one such pass per `OUT_OF_CYCLE_PASS_S`). The failure counts
+        against its traffic at once, so that pass probes it."""
         now = self.clock()
+        self.traffic.record(backend, "failure", now)
         if now - self._last_failure_pass >= OUT_OF_CYCLE_PASS_S:
             self._last_failure_pass = now
             log.info("backend failed a job, discovery pass requested backend=%s", backend)
@@ -163,8 +174,11 @@ class Daemon:
     def route_ended(self, route: Route, code: ErrorCode | None, relayed: int) -> None:
         """A job's attempt on a route ended: a route that failed its last jobs is withdrawn at
         once (an out-of-cycle capabilities message) until a probe through it succeeds."""
-        if not self.health.record(route, code, relayed, self.clock(), self._route_probe_s()):
+        now = self.clock()
+        self.traffic.record(route.backend, verdict(code, relayed), now)
+        if not self.health.record(route, code, relayed, now, self._route_probe_s()):
             return
+        self.metrics.route_withdrawn(route.backend)
         log.warning(
             "route withdrawn: its last jobs failed on the serving side; a one-token completion "
             "every %gs brings it back backend=%s model=%s",
@@ -174,6 +188,19 @@ class Daemon:
         )
         self._health_changed.set()
         self._push_capabilities()
+
+    def backend_traffic(self, backend: str) -> Traffic:
+        """What `backend`'s jobs showed lately, with its jobs streaming now (for discovery)."""
+        running = self.jobs.running.values() if hasattr(self, "jobs") else ()
+        streaming = sum(
+            1
+            for r in running
+            if r.route is not None
+            and r.route.backend == backend
+            and r.first_byte_at is not None
+            and not r.route_left
+        )
+        return self.traffic.of(backend, streaming)
 
     def _route_probe_s(self) -> float:
         if self.route_probe_s is not None:
@@ -266,7 +293,9 @@ class Daemon:
             await self.jobs.report_orphans()
             self.control = Control(outbox.path.parent, self._push_capabilities)
             self.control.load()
-            self.discovery = Discovery(http, lambda: self.config)
+            self.discovery = Discovery(
+                http, lambda: self.config, traffic=self.backend_traffic, clock=self.clock
+            )
             self.session = Session(
                 SessionHooks(
                     url=lambda: self.config.coordinator.url,
@@ -389,7 +418,9 @@ class Daemon:
             self._push_capabilities()
             return
         result = await tiny_completion(backend.stream, route, ROUTE_PROBE_TIMEOUT_S)
-        if self.health.probed(route, result.ok, self.clock(), self._route_probe_s()):
+        restored = self.health.probed(route, result.ok, self.clock(), self._route_probe_s())
+        self.metrics.route_probed(route.backend, ok=result.ok, restored=restored)
+        if restored:
             log.warning(
                 "route restored: a one-token completion through it succeeded backend=%s model=%s",
                 route.backend,
@@ -436,6 +467,9 @@ class Daemon:
         assert self.discovery is not None
         result = await self.discovery.run()
         self.metrics.discovery_pass(result.duration_ms / 1000, datetime.now(UTC))
+        for report in result.reports:
+            if report.probe_skipped:
+                self.metrics.probe_skipped(report.name)
         self.catalog = result.catalog
         if self.session is not None:
             self.session.push(self.capabilities())

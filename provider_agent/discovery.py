@@ -3,14 +3,17 @@
 The I/O half of discovery. Each backend gets `discovery.timeout_s` for health + listing +
 formats; one slow or black-holed backend never delays the others beyond that. A backend that
 fails is left out with one warning line naming it and why; the pass itself never fails.
-`Discovery` adds the single-flight guard: concurrent requests share the pass in flight.
+`Discovery` adds the single-flight guard: concurrent requests share the pass in flight, and
+spares backends whose jobs show them healthy (`health.healthy_by_traffic`): their last listing is
+reused instead of probing them, so a pass never interrupts a busy backend's streams.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,8 +22,9 @@ import anyio
 from provider_agent.backends import make_backend
 from provider_agent.backends.base import Backend
 from provider_agent.catalog import BackendSeen, Catalog, build
-from provider_agent.config import Config, WireFormat
+from provider_agent.config import BackendConfig, Config, WireFormat
 from provider_agent.errors import BackendError
+from provider_agent.health import Traffic, healthy_by_traffic
 from provider_agent.listing import Health, ModelInfo
 from provider_agent.text import printable
 
@@ -39,6 +43,10 @@ class BackendReport:
     models: tuple[ModelInfo, ...] = ()
     formats: frozenset[WireFormat] = frozenset()
     error: str | None = None
+    #: When the pass that listed these models started (the pass's clock).
+    listed_at: float | None = None
+    #: Not probed in this pass: its jobs showed it healthy, and the last listing was reused.
+    probe_skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -85,19 +93,38 @@ def _failed(backend: Backend, health: Health, why: str) -> BackendReport:
     return BackendReport(backend.name, backend.config.kind, health, error=why)
 
 
-async def run_pass(config: Config, http: aiohttp.ClientSession) -> PassResult:
-    """Probe all configured backends concurrently and build the catalog from the healthy ones."""
+async def run_pass(
+    config: Config,
+    http: aiohttp.ClientSession,
+    reuse: Mapping[str, BackendReport] | None = None,
+    clock: Callable[[], float] = anyio.current_time,
+) -> PassResult:
+    """Probe all configured backends concurrently and build the catalog from the healthy ones.
+    A backend whose label is in `reuse` is not probed: that report stands for it."""
     started = time.perf_counter()
+    listed_at = clock()
     budget = config.discovery.timeout_s
     backends = [make_backend(cfg, http, budget) for cfg in config.backends]
     reports: list[BackendReport | None] = [None] * len(backends)
+    reuse = reuse or {}
 
     async def probe_into(index: int, backend: Backend) -> None:
-        reports[index] = await probe(backend, budget)
+        report = await probe(backend, budget)
+        reports[index] = dataclasses.replace(report, listed_at=listed_at) if report.ok else report
 
     async with anyio.create_task_group() as group:
         for index, backend in enumerate(backends):
-            group.start_soon(probe_into, index, backend)
+            kept = reuse.get(backend.name)
+            if kept is not None:
+                log.debug(
+                    "backend not probed: its jobs show it healthy, listing of %.0fs ago reused "
+                    "backend=%s",
+                    listed_at - (kept.listed_at or listed_at),
+                    printable(backend.name),
+                )
+                reports[index] = dataclasses.replace(kept, probe_skipped=True)
+            else:
+                group.start_soon(probe_into, index, backend)
 
     done = tuple(r for r in reports if r is not None)
     for report in done:
@@ -117,11 +144,12 @@ async def run_pass(config: Config, http: aiohttp.ClientSession) -> PassResult:
         log.warning("model left out: %s", printable(reason, LOG_TEXT_LIMIT))
     duration = round((time.perf_counter() - started) * 1000, 1)
     log.info(
-        "discovery pass done backends_ok=%d/%d models=%d duration_ms=%s",
+        "discovery pass done backends_ok=%d/%d models=%d duration_ms=%s%s",
         len(seen),
         len(done),
         len(catalog.routes),
         duration,
+        f" not_probed={len(reuse)}" if reuse else "",
     )
     return PassResult(catalog, done, duration)
 
@@ -136,13 +164,26 @@ class Discovery:
     """Single-flight passes: whoever asks while a pass runs gets that pass's result.
 
     The periodic loop, every `auth_ok`, SIGHUP and failing jobs all ask for passes; without the
-    guard a reconnect storm would probe every backend once per request.
+    guard a reconnect storm would probe every backend once per request. `traffic`, when given,
+    says what a backend's jobs showed (by label): a backend healthy by that evidence keeps its
+    last listing for up to `discovery.interval_s` instead of being probed.
     """
 
-    def __init__(self, http: aiohttp.ClientSession, config: Callable[[], Config]) -> None:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        config: Callable[[], Config],
+        *,
+        traffic: Callable[[str], Traffic] | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
         self._http = http
         self._config = config
+        self._traffic = traffic
+        self._clock = clock
         self._flight: _Flight | None = None
+        #: The last good listing of each backend, with the config it was taken under.
+        self._listings: dict[str, tuple[BackendConfig, BackendReport]] = {}
         self.latest: PassResult | None = None
         self.passes = 0
 
@@ -154,9 +195,39 @@ class Discovery:
             # The pass we waited on was cancelled with its caller: run one ourselves.
         flight = self._flight = _Flight(anyio.Event())
         try:
-            flight.result = self.latest = await run_pass(self._config(), self._http)
+            config = self._config()
+            result = await run_pass(config, self._http, self._reusable(config), self._clock)
+            self._keep(config, result)
+            flight.result = self.latest = result
             self.passes += 1
             return flight.result
         finally:
             self._flight = None
             flight.done.set()
+
+    def _reusable(self, config: Config) -> dict[str, BackendReport]:
+        """The last listings that stand in for a probe in this pass (a backend whose config
+        changed since is probed)."""
+        if self._traffic is None:
+            return {}
+        now = self._clock()
+        reuse: dict[str, BackendReport] = {}
+        for backend in config.backends:
+            kept = self._listings.get(backend.label)
+            if kept is None or kept[0] != backend:
+                continue
+            report = kept[1]
+            traffic = self._traffic(backend.label)
+            if healthy_by_traffic(traffic, report.listed_at, now, config.discovery.interval_s):
+                reuse[backend.label] = report
+        return reuse
+
+    def _keep(self, config: Config, result: PassResult) -> None:
+        listings: dict[str, tuple[BackendConfig, BackendReport]] = {}
+        for backend, report in zip(config.backends, result.reports, strict=True):
+            if report.ok:
+                listings[backend.label] = (
+                    backend,
+                    dataclasses.replace(report, probe_skipped=False),
+                )
+        self._listings = listings

@@ -13,8 +13,6 @@ The grading rules are pure functions at the top; the probes that feed them are b
 from __future__ import annotations
 
 import email.utils
-import importlib
-import importlib.util
 import os
 import shutil
 import socket
@@ -25,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -45,7 +43,8 @@ from provider_agent.identity import load as load_identity
 from provider_agent.outbox import FILE_NAME as OUTBOX_FILE
 from provider_agent.outbox import UNDELIVERED_KEEP_S, describe_sqlite_error
 from provider_agent.probe import tiny_completion
-from provider_agent.protocol import AuthChallenge, decode
+from provider_agent.protocol import AuthChallenge, GpuSample, decode
+from provider_agent.telemetry import GpuTelemetry, Nvml, load_nvml
 from provider_agent.text import printable
 
 Grade = Literal["ok", "warn", "fail"]
@@ -519,49 +518,57 @@ def _read_depth(path: Path) -> tuple[int, float | None] | None:
     return int(count), max(0.0, time.time() - oldest_ms / 1000)
 
 
-async def check_nvml(config: Config) -> list[Check]:
-    """NVML, imported lazily and run in a thread under a timeout (a wedged driver can hang it)."""
+async def check_nvml(config: Config, load: Callable[[], Nvml | None] = load_nvml) -> list[Check]:
+    """NVML through the agent's own telemetry (the same sampling the heartbeat uses: a worker
+    thread under a deadline, since a wedged driver can hang it): the driver and each GPU."""
     if config.telemetry.gpu == "off":
         return [Check("nvml", "ok", "GPU telemetry is off ([telemetry] gpu)")]
     device = nvidia_device_present()
-    if importlib.util.find_spec("pynvml") is None:
+    nvml = load()
+    if nvml is None:
         if device:
             hint = "install nvidia-ml-py into the agent's environment"
             return [Check("nvml", "warn", "NVIDIA driver present, nvidia-ml-py missing", hint)]
         return [Check("nvml", "ok", "no NVIDIA driver: no GPU telemetry")]
-    try:
-        with anyio.fail_after(NVML_TIMEOUT_S):
-            found = await anyio.to_thread.run_sync(_nvml_inventory, abandon_on_cancel=True)
-    except TimeoutError:
-        detail = f"NVML did not answer within {NVML_TIMEOUT_S:g}s (a wedged driver?)"
-        return [Check("nvml", "fail", detail, "check `nvidia-smi`; a wedged GPU needs a reset")]
-    except Exception as exc:  # NVMLError and its many subclasses: the driver's word
-        text = printable(f"{type(exc).__name__}: {exc}", TEXT_LIMIT)
+    telemetry = GpuTelemetry(
+        lambda: nvml, init_timeout_s=NVML_TIMEOUT_S, sample_timeout_s=NVML_TIMEOUT_S
+    )
+    found = await telemetry.sample()
+    problem = printable(telemetry.problem or "no answer", TEXT_LIMIT)
+    if telemetry.absent:  # NVML itself would not start
         if not device:
-            return [Check("nvml", "ok", f"no NVIDIA driver: no GPU telemetry ({text})")]
-        return [Check("nvml", "fail", f"NVML failed: {text}", "check `nvidia-smi`")]
-    return [Check("nvml", "ok", printable(found, TEXT_LIMIT))]
+            return [Check("nvml", "ok", f"no NVIDIA driver: no GPU telemetry ({problem})")]
+        return [Check("nvml", "fail", problem, "check `nvidia-smi`")]
+    if found is None or telemetry.problem is not None:
+        detail = f"{problem} (a wedged driver?)"
+        return [Check("nvml", "fail", detail, "check `nvidia-smi`; a wedged GPU needs a reset")]
+    return [grade_gpus(found, telemetry.faults, telemetry.driver)]
+
+
+def grade_gpus(
+    gpus: Sequence[GpuSample], faults: Mapping[int, Sequence[str]], driver: str | None
+) -> Check:
+    """The GPUs of one telemetry sample: fail when any is unhealthy (saying why)."""
+    head = f"driver {driver}: " if driver else ""
+    shown = ", ".join(
+        f"{gpu.index}: {gpu.name or '?'}"
+        + (f" ({gpu.temperature_c} C)" if gpu.temperature_c is not None else "")
+        for gpu in gpus
+    )
+    detail = printable(f"{head}{len(gpus)} GPU(s)" + (f": {shown}" if shown else ""), TEXT_LIMIT)
+    sick = [gpu for gpu in gpus if not gpu.healthy]
+    if not sick:
+        return Check("nvml", "ok", detail)
+    why = "; ".join(
+        f"GPU {gpu.index}: " + ", ".join(faults.get(gpu.index, ("unhealthy",))) for gpu in sick
+    )
+    hint = "check `nvidia-smi -q` and the kernel log (XIDs); a GPU in a bad state needs a reset"
+    return Check("nvml", "fail", printable(f"{detail}; {why}", TEXT_LIMIT), hint)
 
 
 def nvidia_device_present() -> bool:
     """Whether an NVIDIA kernel driver is loaded (its control device or its /proc entry)."""
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
-
-
-def _nvml_inventory() -> str:
-    """(worker thread) Driver version and the GPUs' names."""
-    pynvml: Any = importlib.import_module("pynvml")
-    pynvml.nvmlInit()
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        names = [
-            pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-            for i in range(pynvml.nvmlDeviceGetCount())
-        ]
-    finally:
-        pynvml.nvmlShutdown()
-    shown = ", ".join(str(n) for n in names) or "no GPU"
-    return f"driver {driver}: {len(names)} GPU(s): {shown}"
 
 
 def _why(exc: BaseException) -> str:

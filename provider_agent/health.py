@@ -15,7 +15,12 @@ What a finished route attempt says about the route:
   (`bad_request`) included: the route answered.
 
 The shorter-term rule (a route that failed once is skipped for 10 s while another serves the
-model) is `routing.BackendLoad`'s. No I/O and no clock here: the caller passes `now`.
+model) is `routing.BackendLoad`'s.
+
+The other half: a backend whose jobs show it healthy is not probed by discovery
+(`healthy_by_traffic`). llama-cpp-python's server ends a running stream whenever another request
+needing the model arrives, so a probe of a busy backend would break its jobs; the jobs already
+say what the probe would. No I/O and no clock here: the caller passes `now`.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class Withdrawn:
     since: float
     next_probe_at: float
     probes: int = 0
+    #: The code of the failure that withdrew it.
+    last_code: str | None = None
 
 
 @dataclass
@@ -112,7 +119,9 @@ class RouteHealth:
             self.streaks[key] = streak
             return False
         self.streaks.pop(key, None)
-        self.withdrawn[key] = Withdrawn(route, since=now, next_probe_at=now + probe_s)
+        self.withdrawn[key] = Withdrawn(
+            route, since=now, next_probe_at=now + probe_s, last_code=code
+        )
         self.withdrawals += 1
         return True
 
@@ -159,3 +168,53 @@ class RouteHealth:
             if left:
                 kept[model] = left
         return kept
+
+
+# --- backends healthy by their jobs' evidence ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the jobs said about one backend lately (times on the caller's clock)."""
+
+    #: When a job on it last ended well (the backend answered: `verdict` "success").
+    succeeded_at: float | None = None
+    #: When a job on it last failed on the serving side.
+    failed_at: float | None = None
+    #: Its jobs streaming now (past their first byte).
+    streaming: int = 0
+
+
+def healthy_by_traffic(
+    traffic: Traffic, listed_at: float | None, now: float, interval_s: float
+) -> bool:
+    """Whether a discovery pass may skip probing a backend and reuse its last good listing,
+    taken at `listed_at` (None: there is none).
+
+    Yes while that listing is younger than `interval_s` (models are still listed at least that
+    often) and, since the listing, a job on it succeeded or one is streaming now — unless a
+    serving-side failure came after the last success: that is worth a probe.
+    """
+    if listed_at is None or now - listed_at >= interval_s:
+        return False
+    failed, succeeded = traffic.failed_at, traffic.succeeded_at
+    if failed is not None and failed >= listed_at and (succeeded is None or failed >= succeeded):
+        return False
+    return traffic.streaming > 0 or (succeeded is not None and succeeded > listed_at)
+
+
+@dataclass
+class BackendTraffic:
+    """The last success and the last serving-side failure of each backend's jobs."""
+
+    succeeded_at: dict[str, float] = field(default_factory=dict)
+    failed_at: dict[str, float] = field(default_factory=dict)
+
+    def record(self, backend: str, found: Verdict, now: float) -> None:
+        if found == "success":
+            self.succeeded_at[backend] = now
+        elif found == "failure":
+            self.failed_at[backend] = now
+
+    def of(self, backend: str, streaming: int = 0) -> Traffic:
+        return Traffic(self.succeeded_at.get(backend), self.failed_at.get(backend), streaming)

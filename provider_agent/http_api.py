@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,13 +25,16 @@ from provider_agent.metrics import iso
 from provider_agent.status import (
     AgentStatus,
     BackendStatus,
+    GpuStatus,
     JobsStatus,
     ModelStatus,
     OutboxStatus,
+    PauseStatus,
     RateWindowStatus,
     RouteStatus,
     RunningJob,
     SessionStatus,
+    WithdrawnRoute,
     readiness,
 )
 from provider_agent.text import printable
@@ -67,6 +71,7 @@ async def snapshot(daemon: Daemon) -> AgentStatus:
                 latency_ms=report.health.latency_ms,
                 models_listed=len(report.models),
                 error=printable(report.error, 300) if report.error else None,
+                probe_skipped=report.probe_skipped,
             )
             for report in latest.reports
         ]
@@ -117,6 +122,7 @@ async def snapshot(daemon: Daemon) -> AgentStatus:
         except OutboxError as exc:
             outbox = OutboxStatus(depth=None, error=str(exc))
     window = daemon.window
+    pause = daemon.control.view() if daemon.control is not None else None
     return AgentStatus(
         agent_version=__version__,
         provider_id=(session.core.provider_id if session is not None else None)
@@ -150,7 +156,39 @@ async def snapshot(daemon: Daemon) -> AgentStatus:
             tokens_last_60s=window.total(now), limit=window.limit, fill=round(window.fill(now), 4)
         ),
         last_errors=list(daemon.metrics.last_errors),
+        paused=PauseStatus(**pause.model_dump()) if pause is not None else None,
+        gpus=gpus(daemon),
+        withdrawn_routes=withdrawn_routes(daemon, now),
     )
+
+
+def gpus(daemon: Daemon) -> list[GpuStatus]:
+    """The last GPU sample (never waits for NVML), with why each unhealthy one is."""
+    telemetry = daemon.telemetry
+    return [
+        GpuStatus(
+            **gpu.model_dump(),
+            faults=[printable(fault, 300) for fault in telemetry.faults.get(gpu.index, ())],
+        )
+        for gpu in telemetry.latest or ()
+    ]
+
+
+def withdrawn_routes(daemon: Daemon, now: float) -> list[WithdrawnRoute]:
+    """Routes withdrawn for failing jobs, the longest withdrawn first (times on the daemon's
+    clock, shown as wall-clock time)."""
+    wall = datetime.now(UTC)
+    return [
+        WithdrawnRoute(
+            backend=entry.route.backend,
+            model=printable(entry.route.native_id, 300),
+            since=iso(wall - timedelta(seconds=max(0.0, now - entry.since))),
+            last_code=entry.last_code,
+            probes=entry.probes,
+            next_probe_in_s=round(max(0.0, entry.next_probe_at - now), 1),
+        )
+        for entry in sorted(daemon.health.withdrawn.values(), key=lambda w: w.since)
+    ]
 
 
 def make_app(daemon: Daemon) -> web.Application:

@@ -9,6 +9,7 @@ apart from the clock, which is passed in, so the window arithmetic is tested wit
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from collections import deque
@@ -32,6 +33,7 @@ LAST_ERRORS = 20
 TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PASS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ class AgentMetrics:
 
     Counters and histograms move as things happen; gauges are set from a snapshot (`observe`)
     right before each scrape, so they never go stale between discovery passes. Labels are
-    bounded by the config: a backend's label, a protocol error code, a fault kind; never a
-    model id (a BYOK backend lists hundreds) and never a job id.
+    bounded by the config and the hardware: a backend's label, a protocol error code, a fault
+    kind, a GPU's index and uuid; never a model id (a BYOK backend lists hundreds) and never a
+    job id.
     """
 
     def __init__(self, *, process_collectors: bool = True) -> None:
@@ -267,6 +270,83 @@ class AgentMetrics:
             "at 1 new jobs are refused with rate_limited.",
             registry=registry,
         )
+        self._operations_families(registry, prefix)
+
+    def _operations_families(self, registry: CollectorRegistry, prefix: str) -> None:
+        """The pause, route health, discovery probes skipped and the GPUs."""
+        from prometheus_client import Counter, Gauge
+
+        self.paused = Gauge(
+            f"{prefix}paused",
+            "1 while paused for maintenance (`provider-agent pause`): no model is advertised.",
+            registry=registry,
+        )
+        self.probes_skipped = Counter(
+            f"{prefix}discovery_probes_skipped",
+            "Discovery probes not made because the backend's jobs showed it healthy (its last "
+            "listing was reused).",
+            ["backend"],
+            registry=registry,
+        )
+        self.withdrawals = Counter(
+            f"{prefix}route_withdrawals",
+            "Routes withdrawn from the capabilities because their last jobs failed on the "
+            "serving side.",
+            ["backend"],
+            registry=registry,
+        )
+        self.restorations = Counter(
+            f"{prefix}route_restorations",
+            "Withdrawn routes brought back by a successful one-token completion.",
+            ["backend"],
+            registry=registry,
+        )
+        self.route_probes = Counter(
+            f"{prefix}route_probes",
+            "One-token completions through withdrawn routes, by result (ok, failed).",
+            ["backend", "result"],
+            registry=registry,
+        )
+        self.routes_withdrawn = Gauge(
+            f"{prefix}routes_withdrawn",
+            "Routes withdrawn now, by backend.",
+            ["backend"],
+            registry=registry,
+        )
+        gpu = ["index", "uuid"]
+        self.gpu_memory_used = Gauge(
+            f"{prefix}gpu_memory_used_bytes", "GPU memory in use.", gpu, registry=registry
+        )
+        self.gpu_memory_total = Gauge(
+            f"{prefix}gpu_memory_total_bytes", "GPU memory in all.", gpu, registry=registry
+        )
+        self.gpu_utilization = Gauge(
+            f"{prefix}gpu_utilization_ratio",
+            "Share of the last sample period the GPU was busy, 0..1.",
+            gpu,
+            registry=registry,
+        )
+        self.gpu_temperature = Gauge(
+            f"{prefix}gpu_temperature_celsius", "GPU core temperature.", gpu, registry=registry
+        )
+        self.gpu_power = Gauge(
+            f"{prefix}gpu_power_watts", "GPU power draw.", gpu, registry=registry
+        )
+        self.gpu_healthy = Gauge(
+            f"{prefix}gpu_healthy",
+            "0 when the GPU had XID or new uncorrected ECC errors since the last sample, is at "
+            "or above its slowdown temperature, or did not answer; else 1.",
+            gpu,
+            registry=registry,
+        )
+        self._gpu_gauges = (
+            self.gpu_memory_used,
+            self.gpu_memory_total,
+            self.gpu_utilization,
+            self.gpu_temperature,
+            self.gpu_power,
+            self.gpu_healthy,
+        )
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -307,6 +387,17 @@ class AgentMetrics:
         self.last_pass_at = at
         self.pass_duration.observe(duration_s)
 
+    def probe_skipped(self, backend: str) -> None:
+        self.probes_skipped.labels(backend).inc()
+
+    def route_withdrawn(self, backend: str) -> None:
+        self.withdrawals.labels(backend).inc()
+
+    def route_probed(self, backend: str, *, ok: bool, restored: bool) -> None:
+        self.route_probes.labels(backend, "ok" if ok else "failed").inc()
+        if restored:
+            self.restorations.labels(backend).inc()
+
     # --- gauges, from a snapshot -----------------------------------------------------------------
 
     def observe(self, status: AgentStatus) -> None:
@@ -329,6 +420,26 @@ class AgentMetrics:
         self.outbox_oldest.set(status.outbox.oldest_age_s or 0.0)
         self.window_tokens.set(status.rate_window.tokens_last_60s)
         self.window_fill.set(status.rate_window.fill)
+        self.paused.set(1 if status.paused is not None else 0)
+        self.routes_withdrawn.clear()
+        withdrawn = collections.Counter(route.backend for route in status.withdrawn_routes)
+        for name, count in withdrawn.items():
+            self.routes_withdrawn.labels(name).set(count)
+        for gauge in self._gpu_gauges:
+            gauge.clear()
+        for gpu in status.gpus:
+            labels = (str(gpu.index), gpu.uuid or "")
+            self.gpu_healthy.labels(*labels).set(1 if gpu.healthy else 0)
+            if gpu.memory_used_mb is not None:
+                self.gpu_memory_used.labels(*labels).set(gpu.memory_used_mb * MIB)
+            if gpu.memory_total_mb is not None:
+                self.gpu_memory_total.labels(*labels).set(gpu.memory_total_mb * MIB)
+            if gpu.utilization_pct is not None:
+                self.gpu_utilization.labels(*labels).set(gpu.utilization_pct / 100)
+            if gpu.temperature_c is not None:
+                self.gpu_temperature.labels(*labels).set(gpu.temperature_c)
+            if gpu.power_w is not None:
+                self.gpu_power.labels(*labels).set(gpu.power_w)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format of the registry, and its content type."""

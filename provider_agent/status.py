@@ -32,6 +32,8 @@ class BackendStatus(_Part):
     latency_ms: float | None = None
     models_listed: int = 0
     error: str | None = None
+    #: The last pass did not probe it: its jobs showed it healthy, its last listing was reused.
+    probe_skipped: bool = False
 
 
 class RouteStatus(_Part):
@@ -88,6 +90,45 @@ class ErrorNote(_Part):
     message: str
 
 
+class PauseStatus(_Part):
+    """The maintenance pause in force (`provider-agent pause`)."""
+
+    since: str
+    #: None: until `provider-agent resume`.
+    until: str | None = None
+    left_s: float | None = None
+    reason: str | None = None
+
+
+class GpuStatus(_Part):
+    """One GPU in the last telemetry sample (the heartbeat's `gpus`); memory in MiB."""
+
+    index: int
+    healthy: bool
+    uuid: str | None = None
+    name: str | None = None
+    memory_used_mb: int | None = None
+    memory_total_mb: int | None = None
+    utilization_pct: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    #: Why it is unhealthy (empty when healthy).
+    faults: list[str] = []
+
+
+class WithdrawnRoute(_Part):
+    """A route withdrawn because its last jobs failed on the serving side."""
+
+    backend: str
+    #: The backend's own id of the model.
+    model: str
+    since: str
+    #: The protocol code of the failure that withdrew it.
+    last_code: str | None = None
+    probes: int = 0
+    next_probe_in_s: float | None = None
+
+
 class Readiness(_Part):
     ready: bool
     reason: str
@@ -112,6 +153,11 @@ class AgentStatus(_Part):
     outbox: OutboxStatus
     rate_window: RateWindowStatus
     last_errors: list[ErrorNote] = []
+    #: The maintenance pause in force; None when not paused.
+    paused: PauseStatus | None = None
+    #: The last GPU sample (empty without GPU telemetry).
+    gpus: list[GpuStatus] = []
+    withdrawn_routes: list[WithdrawnRoute] = []
 
 
 def readiness(

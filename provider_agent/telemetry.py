@@ -82,6 +82,8 @@ class NvmlReader:
     def __init__(self, nvml: Nvml) -> None:
         self.nvml = nvml
         self.initialised = False
+        #: The driver's version, read once at init (None when NVML would not say).
+        self.driver: str | None = None
         self._events: object | None = None
         self._ecc: dict[str, int] = {}
         self._unsupported = (
@@ -96,6 +98,10 @@ class NvmlReader:
         if not self.initialised:
             nvml.nvmlInit()
             self.initialised = True
+            try:
+                self.driver = _text(nvml.nvmlSystemGetDriverVersion())
+            except nvml.NVMLError as exc:
+                log.debug("no driver version: %s", exc)
             self._events = self._watch_xids()
         xids = self._drain_xids()
         return [self._device(index, xids) for index in range(int(nvml.nvmlDeviceGetCount()))]
@@ -211,6 +217,10 @@ class GpuTelemetry:
         self.init_timeout_s = init_timeout_s
         self.sample_timeout_s = sample_timeout_s
         self.latest: list[GpuSample] | None = None
+        #: Why each GPU of `latest` is unhealthy, by index (a healthy one is not here).
+        self.faults: dict[int, tuple[str, ...]] = {}
+        #: Why the last sample has no readings (no NVML, a deadline passed); None after a good one.
+        self.problem: str | None = None
         #: True once this host turned out to have no NVML: never asked again.
         self.absent = False
         self._reader: NvmlReader | None = None
@@ -250,9 +260,11 @@ class GpuTelemetry:
                 else:
                     self._not_answering(f"NVML failed: {exc}")
                 return self.latest
-            except Exception:
+            except Exception as exc:
                 log.exception("reading GPU telemetry failed; no gpus in this heartbeat")
+                self.problem = f"reading GPU telemetry failed ({type(exc).__name__}: {exc})"
                 self.latest = None
+                self.faults = {}
                 return None
             self._keep(readings)
             return self.latest
@@ -291,11 +303,18 @@ class GpuTelemetry:
         await returned.wait()
         return outcome.result()
 
+    @property
+    def driver(self) -> str | None:
+        """The NVIDIA driver's version, once NVML answered."""
+        return self._reader.driver if self._reader is not None else None
+
     def _give_up(self, why: str) -> None:
         log.info("no GPU telemetry in heartbeats: %s", why)
         self.absent = True
+        self.problem = why
         self._reader = None
         self.latest = None
+        self.faults = {}
 
     def _keep(self, readings: Sequence[GpuReading]) -> None:
         if not self._answering:
@@ -310,6 +329,8 @@ class GpuTelemetry:
                 self._unhealthy.discard(index)
                 log.info("GPU %d healthy again", index)
         self.latest = [reading.sample for reading in readings]
+        self.faults = {r.sample.index: r.faults for r in readings if r.faults}
+        self.problem = None
         self._last_good = self.latest
 
     def _not_answering(self, why: str) -> None:
@@ -321,6 +342,8 @@ class GpuTelemetry:
             else:
                 log.warning("no GPU telemetry yet: %s", why)
             self._answering = False
+        self.problem = why
+        self.faults = {gpu.index: (f"not answering: {why}",) for gpu in self._last_good}
         self.latest = [
             GpuSample(
                 index=gpu.index,

@@ -57,6 +57,7 @@ class StandInNvml:
         self.xids: deque[tuple[int, int]] = deque()
         self.calls: list[str] = []
         self.initialised = False
+        self.driver = "580.65.06"
 
     def __getattr__(self, name: str) -> Any:
         """Constants and exception classes: the real module's."""
@@ -82,6 +83,10 @@ class StandInNvml:
         if self.init_error is not None:
             raise self.init_error
         self.initialised = True
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._enter("nvmlSystemGetDriverVersion")
+        return self.driver
 
     def nvmlDeviceGetCount(self) -> int:
         self._enter("nvmlDeviceGetCount")

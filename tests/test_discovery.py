@@ -16,6 +16,7 @@ from provider_agent.backends.base import new_http_session
 from provider_agent.backends.ollama import SHOW_CONCURRENCY
 from provider_agent.config import Config, parse
 from provider_agent.discovery import Discovery, run_pass
+from provider_agent.health import Traffic
 from tests.conftest import FakeServer
 
 PRICING = "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
@@ -329,3 +330,56 @@ def test_table_columns_fit_names_and_counts_agree_with_the_offer() -> None:
     assert [r.split()[:3] for r in rows] == [["a", "vllm", "4096"], ["d", "ollama", "?"]]
     assert len(catalog.capabilities.models) == 2
     assert any("'Gone' is not served" in d for d in catalog.dropped)
+
+
+async def test_a_backend_healthy_by_its_jobs_keeps_its_listing_until_interval_s(
+    farm: VllmFarm,
+) -> None:
+    """The spared backend is neither asked for health nor listed while its listing is younger
+    than interval_s; the others are; a changed config or an old listing means a probe."""
+    busy, idle = farm.urls[:2]
+    cfg = config_for([busy, idle])
+    now = [1000.0]
+    evidence: dict[str, Traffic] = {}
+    async with new_http_session(8) as http:
+        discovery = Discovery(
+            http,
+            lambda: cfg,
+            traffic=lambda label: evidence.get(label, Traffic()),
+            clock=lambda: now[0],
+        )
+        first = await discovery.run()
+        assert farm.listing_requests == 2 and not any(r.probe_skipped for r in first.reports)
+        now[0] += 10
+        evidence[f"vllm:{busy}"] = Traffic(succeeded_at=now[0] - 1)
+        second = await discovery.run()
+        assert farm.listing_requests == 3  # the idle one only
+        assert [r.probe_skipped for r in second.reports] == [True, False]
+        assert second.reports[0].models == first.reports[0].models
+        assert second.catalog.routes.keys() == first.catalog.routes.keys()
+
+        now[0] += cfg.discovery.interval_s - 10  # the busy one's listing is interval_s old now
+        evidence[f"vllm:{busy}"] = Traffic(succeeded_at=now[0] - 1, streaming=1)
+        third = await discovery.run()
+        assert farm.listing_requests == 5 and not any(r.probe_skipped for r in third.reports)
+
+        now[0] += 1
+        evidence[f"vllm:{busy}"] = Traffic(succeeded_at=now[0] - 0.5)
+        # A reload changed the busy backend's settings (same label): probed again.
+        cfg = parse(
+            '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+            f'[[backends]]\nkind = "vllm"\nurl = "{busy}"\nmax_concurrent = 2\n'
+            f'[[backends]]\nkind = "vllm"\nurl = "{idle}"\n{PRICING}'
+        )
+        fourth = await discovery.run()
+        assert farm.listing_requests == 7 and not any(r.probe_skipped for r in fourth.reports)
+
+
+async def test_without_traffic_every_backend_is_probed_every_pass(farm: VllmFarm) -> None:
+    cfg = config_for(farm.urls[:2])
+    async with new_http_session(8) as http:
+        discovery = Discovery(http, lambda: cfg)
+        for _ in range(3):
+            result = await discovery.run()
+            assert not any(r.probe_skipped for r in result.reports)
+    assert farm.listing_requests == 6

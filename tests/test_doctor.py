@@ -4,13 +4,10 @@ and coordinators that break in each way the check tells apart."""
 
 from __future__ import annotations
 
-import importlib.machinery
 import os
 import stat
 import sys
-import threading
-import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -18,12 +15,13 @@ from pathlib import Path
 
 import anyio
 import orjson
+import pynvml
 import pytest
 from aiohttp import web
 
 from provider_agent import doctor
 from provider_agent.catalog import Price, Route
-from provider_agent.config import BackendConfig, load
+from provider_agent.config import BackendConfig, Config, load
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.simbackend import SimBackend
 from provider_agent.doctor import (
@@ -47,6 +45,7 @@ from provider_agent.doctor import (
 from provider_agent.identity import load_or_create
 from provider_agent.outbox import Outbox
 from tests.agent_harness import agent_where, running_agent, write_config
+from tests.nvml_stand_in import StandInGpu, StandInNvml, gpu_lost
 
 KEY_ENV = "R2OPS_DOCTOR_TEST_KEY"
 
@@ -206,58 +205,72 @@ async def test_an_outbox_that_is_not_a_database_fails(tmp_path: Path, content: b
 # --- NVML, through a stand-in with its API shape (no GPU on this machine) ------------------------
 
 
-@pytest.fixture
-def nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    module = types.ModuleType("pynvml")
-    module.__spec__ = importlib.machinery.ModuleSpec("pynvml", None)
-    module.nvmlInit = lambda: None  # type: ignore[attr-defined]
-    module.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
-    module.nvmlSystemGetDriverVersion = lambda: "580.65.06"  # type: ignore[attr-defined]
-    module.nvmlDeviceGetCount = lambda: 2  # type: ignore[attr-defined]
-    module.nvmlDeviceGetHandleByIndex = lambda i: i  # type: ignore[attr-defined]
-    module.nvmlDeviceGetName = lambda h: f"NVIDIA H100 #{h}"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", module)
-    yield module
+def config_for(tmp_path: Path) -> Config:
+    return load(write_config(tmp_path, "ws://127.0.0.1:9/x"), allow_insecure=True)
 
 
-async def test_nvml_lists_the_gpus(nvml: types.ModuleType, tmp_path: Path) -> None:
-    config = load(write_config(tmp_path, "ws://127.0.0.1:9/x"), allow_insecure=True)
-    [check] = await check_nvml(config)
-    assert check.grade == "ok" and "580.65.06" in check.detail and "2 GPU(s)" in check.detail
+async def test_nvml_lists_the_driver_and_the_gpus(tmp_path: Path) -> None:
+    nvml = StandInNvml(StandInGpu(), StandInGpu(uuid="GPU-2", name=b"NVIDIA L40S", temperature=41))
+    [check] = await check_nvml(config_for(tmp_path), lambda: nvml)
+    assert check == Check(
+        "nvml",
+        "ok",
+        "driver 580.65.06: 2 GPU(s): 0: NVIDIA H100 80GB HBM3 (64 C), 1: NVIDIA L40S (41 C)",
+    )
+
+
+async def test_an_unhealthy_gpu_fails_saying_why(tmp_path: Path) -> None:
+    nvml = StandInNvml(StandInGpu(), StandInGpu(uuid="GPU-2", temperature=95, slowdown=90))
+    nvml.gpus[0].errors["nvmlDeviceGetMemoryInfo"] = gpu_lost()
+    [check] = await check_nvml(config_for(tmp_path), lambda: nvml)
+    assert check.grade == "fail" and check.hint and "nvidia-smi" in check.hint
+    assert "GPU 0: memory not answering: " in check.detail
+    assert "GPU 1: temperature 95 C at or above its slowdown 90 C" in check.detail
 
 
 async def test_nvml_that_hangs_fails_within_its_budget(
-    nvml: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    released = threading.Event()
-    nvml.nvmlInit = lambda: released.wait(30)  # type: ignore[attr-defined]
+    nvml = StandInNvml(StandInGpu())
+    nvml.hang_in = "nvmlInit"
     monkeypatch.setattr(doctor, "NVML_TIMEOUT_S", 0.2)
-    config = load(write_config(tmp_path, "ws://127.0.0.1:9/x"), allow_insecure=True)
     try:
         with anyio.fail_after(10):  # generous: proves the 0.2 s budget ends the wait
-            [check] = await check_nvml(config)
+            [check] = await check_nvml(config_for(tmp_path), lambda: nvml)
     finally:
-        released.set()
-    assert check.grade == "fail" and "did not answer" in check.detail
+        nvml.release.set()
+    assert nvml.hanging.is_set()
+    assert check.grade == "fail" and "did not answer within 0.2s" in check.detail
 
 
 async def test_nvml_that_raises_means_no_driver_here(
-    nvml: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class NVMLError_DriverNotLoaded(Exception):
-        pass
-
-    def init() -> None:
-        raise NVMLError_DriverNotLoaded("Driver Not Loaded")
-
-    nvml.nvmlInit = init  # type: ignore[attr-defined]
-    config = load(write_config(tmp_path, "ws://127.0.0.1:9/x"), allow_insecure=True)
+    error = pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    config = config_for(tmp_path)
     monkeypatch.setattr(doctor, "nvidia_device_present", lambda: False)
-    [absent] = await check_nvml(config)
+    [absent] = await check_nvml(config, lambda: StandInNvml(StandInGpu(), init_error=error))
     assert absent.grade == "ok" and "no NVIDIA driver" in absent.detail
     monkeypatch.setattr(doctor, "nvidia_device_present", lambda: True)
-    [broken] = await check_nvml(config)
+    [broken] = await check_nvml(config, lambda: StandInNvml(StandInGpu(), init_error=error))
     assert broken.grade == "fail" and "Driver Not Loaded" in broken.detail
+
+
+async def test_nvml_without_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_for(tmp_path)
+    monkeypatch.setattr(doctor, "nvidia_device_present", lambda: True)
+    [missing] = await check_nvml(config, lambda: None)
+    assert missing.grade == "warn" and missing.hint and "nvidia-ml-py" in missing.hint
+    monkeypatch.setattr(doctor, "nvidia_device_present", lambda: False)
+    [none] = await check_nvml(config, lambda: None)
+    assert none.grade == "ok" and "no NVIDIA driver" in none.detail
+
+
+async def test_nvml_is_not_asked_with_telemetry_off(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "ws://127.0.0.1:9/x", extra='[telemetry]\ngpu = "off"\n')
+    nvml = StandInNvml(StandInGpu())
+    [check] = await check_nvml(load(cfg, allow_insecure=True), lambda: nvml)
+    assert check.grade == "ok" and nvml.calls == []
 
 
 # --- coordinators, each broken in its own way ----------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from provider_agent.catalog import Price, Route
@@ -14,12 +15,16 @@ from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.simbackend import Fault, SimBackend, SimRequest
 from provider_agent.health import (
     FAILURES_TO_WITHDRAW,
+    BackendTraffic,
     RouteHealth,
+    Traffic,
+    healthy_by_traffic,
     probe_every_s,
     verdict,
 )
 from provider_agent.protocol import ErrorCode, JobDone, JobError
-from tests.agent_harness import agent_where, running_agent, write_config
+from tests.agent_harness import agent_where, free_port, running_agent, write_config
+from tests.test_http_api import scrape, status_of, value
 from tests.test_jobs import REQUEST, finished, serving
 
 
@@ -117,6 +122,46 @@ def test_probes_run_at_most_every_min_of_interval_and_30s(interval: int, expecte
     assert probe_every_s(interval) == expected
 
 
+# --- backends healthy by their jobs: not probed by discovery ------------------------------------
+
+LISTED, NOW, INTERVAL = 100.0, 150.0, 300.0
+
+
+@pytest.mark.parametrize(
+    ("traffic", "listed_at", "now", "skip"),
+    [
+        (Traffic(succeeded_at=120), None, NOW, False),  # no good listing to reuse
+        (Traffic(succeeded_at=120), LISTED, LISTED + INTERVAL, False),  # the listing is due
+        (Traffic(streaming=2), LISTED, LISTED + INTERVAL + 1, False),  # busy, still listed
+        (Traffic(), LISTED, NOW, False),  # idle: no evidence
+        (Traffic(succeeded_at=90), LISTED, NOW, False),  # served only before the listing
+        (Traffic(succeeded_at=120), LISTED, NOW, True),  # served since the listing
+        (Traffic(streaming=1), LISTED, NOW, True),  # a job streaming now
+        (Traffic(succeeded_at=120, failed_at=130), LISTED, NOW, False),  # failed after it
+        (Traffic(succeeded_at=140, failed_at=130), LISTED, NOW, True),  # served after failing
+        (Traffic(failed_at=130, streaming=1), LISTED, NOW, False),  # a failure needs a probe
+        (Traffic(succeeded_at=120, failed_at=90), LISTED, NOW, True),  # an old failure
+        (Traffic(succeeded_at=LISTED), LISTED, NOW, False),  # the same instant is not "since"
+    ],
+)
+def test_a_backend_is_healthy_by_traffic_only_on_fresh_evidence(
+    traffic: Traffic, listed_at: float | None, now: float, skip: bool
+) -> None:
+    assert healthy_by_traffic(traffic, listed_at, now, INTERVAL) is skip
+
+
+def test_backend_traffic_keeps_the_last_success_and_failure_per_backend() -> None:
+    traffic = BackendTraffic()
+    assert traffic.of("a") == Traffic()
+    traffic.record("a", "success", 1.0)
+    traffic.record("a", "failure", 2.0)
+    traffic.record("a", "neutral", 3.0)  # a cancelled job says nothing
+    traffic.record("b", "success", 4.0)
+    traffic.record("a", "success", 5.0)
+    assert traffic.of("a", streaming=2) == Traffic(succeeded_at=5.0, failed_at=2.0, streaming=2)
+    assert traffic.of("b") == Traffic(succeeded_at=4.0)
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 
@@ -192,4 +237,72 @@ async def test_a_job_for_a_withdrawn_model_is_refused_without_touching_the_backe
             assert len(posts(sim)) == tried  # the sick backend never saw it
     assert isinstance(record.terminal, JobError)
     assert record.terminal.error_code == "model_not_loaded"
+    coord.assert_no_violations()
+
+
+def probes(sim: SimBackend, since: int = 0) -> list[str]:
+    """The discovery requests (health, listing) the simulator got from request `since` on."""
+    return [r.path for r in sim.requests[since:] if r.path in ("/health", "/v1/models")]
+
+
+async def test_a_busy_backend_is_not_probed_by_a_pass_while_an_idle_one_is(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """A job streaming on one backend: a pass triggered meanwhile probes only the other (on
+    llama-cpp-python a probe would interrupt the stream). Later, the backend whose job succeeded
+    is spared and the one whose job was cancelled (no evidence) is probed."""
+    long_request = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000}
+    async with (
+        SimBackend("vllm", ["slow"], tokens=4000, tokens_per_s=50) as busy,
+        SimBackend("vllm", ["quick"], tokens=3, tokens_per_s=0) as idle,
+    ):
+        port = free_port()
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(busy.base_url, idle.base_url),
+            prometheus_addr=f"127.0.0.1:{port}",
+        )
+        async with running_agent(cfg) as daemon, aiohttp.ClientSession() as http:
+            assert daemon.discovery is not None
+            discovery = daemon.discovery
+            pid = await serving(coord, "slow")
+            await coord.wait_for(lambda _: discovery.passes >= 2)  # the start's and auth_ok's
+            job = await coord.send_job(pid, "slow", long_request)
+            await coord.wait_for(lambda c: c.jobs[job.job_id].bytes_relayed > 0)
+            busy_mark, idle_mark = len(busy.requests), len(idle.requests)
+            passes = discovery.passes
+            daemon.request_pass()
+            await coord.wait_for(lambda _: discovery.passes > passes)
+            during = probes(busy, busy_mark)
+            [stream] = busy.completions
+            assert stream.outcome == "open" and not stream.disconnected  # still streaming
+            assert probes(idle, idle_mark) == ["/health", "/v1/models"]
+            spared = await status_of(http, port)
+            counted = await scrape(http, port)
+
+            await coord.cancel_job(job.job_id)
+            record = await finished(coord, job.job_id)
+            quick = await coord.send_job(pid, "quick", REQUEST)
+            assert isinstance((await finished(coord, quick.job_id)).terminal, JobDone)
+            busy_mark, idle_mark = len(busy.requests), len(idle.requests)
+            passes = discovery.passes
+            daemon.request_pass()
+            await coord.wait_for(lambda _: discovery.passes > passes)
+            assert probes(busy, busy_mark) == ["/health", "/v1/models"]  # cancelled: no evidence
+            assert probes(idle, idle_mark) == []  # its job succeeded since its last probe
+            assert "quick" in next(iter(coord.agents.values())).offers()  # the listing reused
+            later = await scrape(http, port)
+    assert during == []
+    busy_label, idle_label = f"vllm:{busy.base_url}", f"vllm:{idle.base_url}"
+    assert [(b.name, b.healthy, b.probe_skipped) for b in spared.backends] == [
+        (busy_label, True, True),
+        (idle_label, True, False),
+    ]
+    skipped = "provider_agent_discovery_probes_skipped_total"
+    assert value(counted, skipped, backend=busy_label) == 1
+    assert value(counted, skipped, backend=idle_label) == 0
+    assert value(later, skipped, backend=busy_label) == 1
+    assert value(later, skipped, backend=idle_label) == 1
+    assert isinstance(record.terminal, JobError) and record.terminal.error_code == "cancelled"
     coord.assert_no_violations()

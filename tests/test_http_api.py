@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,12 +16,16 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from provider_agent import control
+from provider_agent.cli import render_status
 from provider_agent.config import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.simbackend import Fault, SimBackend
 from provider_agent.errors import ConfigError
+from provider_agent.health import FAILURES_TO_WITHDRAW
 from provider_agent.identity import load_or_create
+from provider_agent.protocol import JobDone, JobError
 from provider_agent.status import AgentStatus
 from tests.agent_harness import (
     agent_where,
@@ -30,7 +34,10 @@ from tests.agent_harness import (
     running_agent,
     write_config,
 )
+from tests.nvml_stand_in import StandInGpu, StandInNvml
 from tests.test_daemon import agent_process
+from tests.test_jobs import finished
+from tests.test_telemetry import agent_with, telemetry_of
 
 REQUEST = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -284,6 +291,183 @@ async def test_an_address_in_use_fails_the_start_naming_it(
     assert caught.value.key == "observability.prometheus_addr"
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in str(caught.value)
     assert not coord.attempts  # it failed before dialling the coordinator
+
+
+# --- operations: the pause, the GPUs, route health ----------------------------------------------
+
+
+async def until_status(
+    http: aiohttp.ClientSession,
+    port: int,
+    predicate: Callable[[AgentStatus], bool],
+    timeout: float = 10,  # noqa: ASYNC109
+) -> AgentStatus:
+    """Ask `/status` until `predicate` holds (GPU samples come once per heartbeat interval)."""
+    with anyio.fail_after(timeout):
+        while True:
+            status = await status_of(http, port)
+            if predicate(status):
+                return status
+            await anyio.sleep(0.05)
+
+
+async def test_a_pause_shows_with_its_reason_and_time_left_and_goes_with_resume(
+    coord: DevCoordinator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    port = free_port()
+    async with fake_vllm("m") as backend:
+        cfg = write_config(
+            tmp_path, coord.ws_url, backend_urls=(backend.url,), prometheus_addr=f"127.0.0.1:{port}"
+        )
+        async with running_agent(cfg):
+            await serving(coord)
+            before = await status_of(http, port)
+            idle = await scrape(http, port)
+            request = control.ControlRequest(op="pause", for_s=7200, reason="driver upgrade")
+            await control.call(tmp_path / "state", request)
+            paused = await status_of(http, port)
+            during = await scrape(http, port)
+            await control.call(tmp_path / "state", control.ControlRequest(op="resume"))
+            after = await status_of(http, port)
+            resumed = await scrape(http, port)
+    assert before.paused is None and after.paused is None
+    assert value(idle, "provider_agent_paused") == 0 == value(resumed, "provider_agent_paused")
+    assert value(during, "provider_agent_paused") == 1
+    pause = paused.paused
+    assert pause is not None and pause.reason == "driver upgrade" and pause.until is not None
+    assert pause.left_s is not None and 7000 < pause.left_s <= 7200
+    assert paused.advertising == "paused" and paused.models_advertised == 0
+    text = render_status(paused)
+    left = "2h 00m" if pause.left_s == 7200 else "1h 59m"
+    assert (
+        f"\npaused: since {pause.since}, until {pause.until} ({left} left); "
+        "reason: driver upgrade\n"
+    ) in text
+    assert "paused:" not in render_status(after)
+    coord.assert_no_violations()
+
+
+async def test_gpus_show_in_status_and_metrics_and_follow_each_sample(
+    coord: DevCoordinator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    port = free_port()
+    nvml = StandInNvml(StandInGpu(), StandInGpu(uuid="GPU-2", name=b"NVIDIA L4"))
+    cfg = write_config(
+        tmp_path, coord.ws_url, heartbeat_interval_s=1, prometheus_addr=f"127.0.0.1:{port}"
+    )
+    try:
+        async with agent_with(cfg, telemetry_of(nvml)):
+            first = await until_status(http, port, lambda s: len(s.gpus) == 2)
+            well = await scrape(http, port)
+            nvml.gpus[1].temperature = nvml.gpus[1].slowdown  # throttling: unhealthy
+            nvml.gpus[0].memory_used = 1024 * 2**20
+            hot = await until_status(http, port, lambda s: not s.gpus[1].healthy)
+            sick = await scrape(http, port)
+    finally:
+        nvml.release.set()
+    h100, l4 = first.gpus
+    assert (h100.index, h100.uuid, h100.name) == (0, StandInGpu().uuid, "NVIDIA H100 80GB HBM3")
+    assert (h100.memory_used_mb, h100.memory_total_mb) == (70211, 81559)
+    assert (h100.utilization_pct, h100.temperature_c, h100.power_w) == (87, 64, 512.3)
+    assert h100.healthy and l4.healthy and (l4.index, l4.name) == (1, "NVIDIA L4")
+    assert hot.gpus[1].faults == ["temperature 90 C at or above its slowdown 90 C"]
+    assert hot.gpus[0].healthy and hot.gpus[0].memory_used_mb == 1024
+    gpu0 = {"index": "0", "uuid": StandInGpu().uuid}
+    gpu1 = {"index": "1", "uuid": "GPU-2"}
+    assert value(well, "provider_agent_gpu_memory_used_bytes", **gpu0) == 70211 * 2**20
+    assert value(well, "provider_agent_gpu_memory_total_bytes", **gpu0) == 81559 * 2**20
+    assert value(well, "provider_agent_gpu_utilization_ratio", **gpu0) == 0.87
+    assert value(well, "provider_agent_gpu_temperature_celsius", **gpu0) == 64
+    assert value(well, "provider_agent_gpu_power_watts", **gpu0) == 512.3
+    assert value(well, "provider_agent_gpu_healthy", **gpu1) == 1
+    assert value(sick, "provider_agent_gpu_healthy", **gpu1) == 0
+    assert value(sick, "provider_agent_gpu_temperature_celsius", **gpu1) == 90
+    assert value(sick, "provider_agent_gpu_memory_used_bytes", **gpu0) == 1024 * 2**20
+    text = render_status(hot)
+    assert text.endswith(
+        "GPU  NAME                            MEMORY  UTIL  TEMP    POWER  HEALTH\n"
+        "  0  NVIDIA H100 80GB HBM3   1024/81559 MiB   87%  64 C  512.3 W  ok\n"
+        "  1  NVIDIA L4              70211/81559 MiB   87%  90 C  512.3 W  FAIL\n"
+        "    unhealthy: temperature 90 C at or above its slowdown 90 C"
+    )
+    coord.assert_no_violations()
+
+
+async def test_no_gpus_without_telemetry(
+    coord: DevCoordinator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        coord.ws_url,
+        heartbeat_interval_s=1,
+        prometheus_addr=f"127.0.0.1:{port}",
+        extra='[telemetry]\ngpu = "off"\n',
+    )
+    nvml = StandInNvml(StandInGpu())
+    async with agent_with(cfg, telemetry_of(nvml)):
+        await agent_where(coord, lambda a: a.heartbeat_count >= 2)
+        status = await status_of(http, port)
+        samples = await scrape(http, port)
+    assert status.gpus == [] and nvml.calls == []
+    assert not any(name.startswith("provider_agent_gpu_") for name, _ in samples)
+    assert "GPU" not in render_status(status)
+
+
+async def test_a_withdrawn_route_shows_until_a_probe_restores_it_and_every_step_is_counted(
+    coord: DevCoordinator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    port = free_port()
+    async with SimBackend("vllm", ["m"], tokens=3, tokens_per_s=0) as sim:
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(sim.base_url,),
+            prometheus_addr=f"127.0.0.1:{port}",
+        )
+        label = f"vllm:{sim.base_url}"
+        async with running_agent(cfg) as daemon:
+            daemon.route_probe_s = 0.3
+            pid = await serving(coord)
+            healthy = await scrape(http, port)
+            sim.fault = Fault(kind="http", status=500)  # /health still answers: a sick GPU
+            for _ in range(FAILURES_TO_WITHDRAW):
+                failed = await coord.send_job(pid, "m", REQUEST)
+                await finished(coord, failed.job_id)
+            await agent_where(coord, lambda a: "m" not in a.offers())
+            withdrawn = await until_status(
+                http, port, lambda s: s.withdrawn_routes != [] and s.withdrawn_routes[0].probes > 0
+            )
+            failing = await scrape(http, port)
+            sim.fault = None
+            await agent_where(coord, lambda a: "m" in a.offers(), timeout=10)
+            restored = await status_of(http, port)
+            back = await scrape(http, port)
+            job = await coord.send_job(pid, "m", REQUEST)
+            await finished(coord, job.job_id)
+    [route] = withdrawn.withdrawn_routes
+    assert (route.backend, route.model, route.last_code) == (label, "m", "backend_error")
+    assert route.since.endswith("Z") and route.next_probe_in_s is not None
+    assert restored.withdrawn_routes == []
+    assert isinstance(coord.jobs[job.job_id].terminal, JobDone)
+    withdrawals, restorations = (
+        "provider_agent_route_withdrawals_total",
+        ("provider_agent_route_restorations_total"),
+    )
+    probes, gauge = "provider_agent_route_probes_total", "provider_agent_routes_withdrawn"
+    assert value(healthy, withdrawals, backend=label) == 0 == value(healthy, gauge, backend=label)
+    assert value(failing, withdrawals, backend=label) == 1
+    assert value(failing, gauge, backend=label) == 1
+    assert value(failing, probes, backend=label, result="failed") >= 1
+    assert value(failing, restorations, backend=label) == 0
+    assert value(back, restorations, backend=label) == 1
+    assert value(back, probes, backend=label, result="ok") == 1
+    assert value(back, gauge, backend=label) == 0
+    text = render_status(withdrawn)
+    assert "withdrawn routes (their last jobs failed" in text
+    assert f"{label}  m      {route.since}  backend_error" in text
+    assert isinstance(coord.jobs[failed.job_id].terminal, JobError)
+    coord.assert_no_violations()
 
 
 # --- the `status` command and `run`'s exit code, as real processes ------------------------------

@@ -14,14 +14,17 @@ from provider_agent.status import (
     AgentStatus,
     BackendStatus,
     ErrorNote,
+    GpuStatus,
     JobsStatus,
     ModelStatus,
     OutboxStatus,
+    PauseStatus,
     RateWindowStatus,
     Readiness,
     RouteStatus,
     RunningJob,
     SessionStatus,
+    WithdrawnRoute,
     readiness,
 )
 
@@ -207,6 +210,90 @@ def test_observe_sets_gauges_and_forgets_removed_backends() -> None:
     assert second[(state, frozenset({("state", "idle")}))] == 1
     assert first[("provider_agent_outbox_depth", frozenset())] == 2
     assert first[("provider_agent_rate_window_fill_ratio", frozenset())] == 0.5
+
+
+def test_observe_sets_the_pause_route_and_gpu_gauges_and_drops_what_went_away() -> None:
+    metrics = AgentMetrics(process_collectors=False)
+    gpus = [
+        GpuStatus(index=0, healthy=True, uuid="GPU-a", memory_used_mb=2, utilization_pct=50),
+        GpuStatus(index=1, healthy=False),  # not answering: identified, nothing else
+    ]
+    withdrawn = [
+        WithdrawnRoute(backend="gpu", model="m", since="t"),
+        WithdrawnRoute(backend="gpu", model="n", since="t"),
+        WithdrawnRoute(backend="byok", model="x/y", since="t"),
+    ]
+    metrics.observe(status(paused=PauseStatus(since="t"), gpus=gpus, withdrawn_routes=withdrawn))
+    first = samples(metrics)
+    metrics.observe(status())
+    second = samples(metrics)
+    assert first[("provider_agent_paused", frozenset())] == 1
+    assert second[("provider_agent_paused", frozenset())] == 0
+    routes = "provider_agent_routes_withdrawn"
+    assert first[(routes, frozenset({("backend", "gpu")}))] == 2
+    assert first[(routes, frozenset({("backend", "byok")}))] == 1
+    gpu0, gpu1 = (
+        frozenset({("index", "0"), ("uuid", "GPU-a")}),
+        frozenset({("index", "1"), ("uuid", "")}),
+    )
+    assert first[("provider_agent_gpu_memory_used_bytes", gpu0)] == 2 * 2**20
+    assert first[("provider_agent_gpu_utilization_ratio", gpu0)] == 0.5
+    assert first[("provider_agent_gpu_healthy", gpu0)] == 1
+    assert first[("provider_agent_gpu_healthy", gpu1)] == 0
+    assert ("provider_agent_gpu_temperature_celsius", gpu1) not in first  # not reported
+    for name, _ in second:
+        assert name != routes and not name.startswith("provider_agent_gpu_")
+
+
+def test_metrics_label_values_never_carry_a_model_id() -> None:
+    metrics = AgentMetrics(process_collectors=False)
+    withdrawn = [WithdrawnRoute(backend="gpu", model="secret-model-id", since="t")]
+    metrics.observe(status(withdrawn_routes=withdrawn))
+    metrics.route_withdrawn("gpu")
+    metrics.route_probed("gpu", ok=True, restored=True)
+    metrics.probe_skipped("gpu")
+    body, _ = metrics.exposition()
+    assert b"secret-model-id" not in body and b"m\x07" not in body
+    seen = samples(metrics)
+    assert seen[("provider_agent_route_withdrawals_total", frozenset({("backend", "gpu")}))] == 1
+    assert seen[("provider_agent_route_restorations_total", frozenset({("backend", "gpu")}))] == 1
+    probes = frozenset({("backend", "gpu"), ("result", "ok")})
+    assert seen[("provider_agent_route_probes_total", probes)] == 1
+    skipped = frozenset({("backend", "gpu")})
+    assert seen[("provider_agent_discovery_probes_skipped_total", skipped)] == 1
+
+
+def test_status_for_a_person_shows_the_pause_withdrawn_routes_and_gpus_escaped() -> None:
+    text = render_status(
+        status(
+            paused=PauseStatus(since="2026-11-23T11:00:00Z", reason="new\x1b[2Jdriver"),
+            withdrawn_routes=[
+                WithdrawnRoute(
+                    backend="gpu",
+                    model="m\x07",
+                    since="2026-11-23T11:30:00.000Z",
+                    last_code="backend_error",
+                    probes=4,
+                    next_probe_in_s=12,
+                )
+            ],
+            gpus=[
+                GpuStatus(index=0, healthy=False, name="H\x1b[0m", faults=["XID 79\r\nforged"]),
+            ],
+            backends=[
+                BackendStatus(name="gpu", kind="vllm", healthy=True, probe_skipped=True),
+            ],
+        )
+    )
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert (
+        "\npaused: since 2026-11-23T11:00:00Z, until `provider-agent resume`; "
+        "reason: new\\x1b[2Jdriver\n"
+    ) in text
+    assert "m\\x07  2026-11-23T11:30:00.000Z  backend_error       4         12s" in text
+    assert "  0  H\\x1b[0m       -     -     -      -  FAIL\n" in text
+    assert "    unhealthy: XID 79\\r\\nforged" in text
+    assert "gpu      vllm  ok (jobs)" in text
 
 
 @pytest.mark.parametrize(
