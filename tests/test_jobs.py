@@ -436,3 +436,48 @@ async def test_a_job_whose_frames_cannot_leave_for_5_s_ends_connection_lost(
     assert frame is not None
     stored = orjson.loads(frame)
     assert stored["error_code"] == "connection_lost" and stored["tokens_emitted"] > 1024 * 1024
+
+
+async def test_ledger_totals_equal_the_job_dones_the_coordinator_received(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """One ledger row per terminal frame: the ledger's job_done tokens and amount equal what the
+    coordinator was told, and a refused or failed job earns nothing."""
+    from provider_agent.ledger import LedgerReader, Period
+
+    async with fake_vllm("m", tokens=5) as one, fake_vllm("m", tokens=5) as two:
+        two.status = 500  # the fallback route fails now and then
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(one.url, two.url))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            sent = []
+            for i in range(6):
+                model = "m" if i % 3 else "unknown-model"  # two refusals among them
+                job = await coord.send_job(pid, model, REQUEST)
+                sent.append(await finished(coord, job.job_id))
+    done = [r.terminal for r in sent if isinstance(r.terminal, JobDone)]
+    assert len(done) == 4
+    with LedgerReader(tmp_path / "state" / "outbox.sqlite3") as ledger:
+        rows = list(ledger.rows(Period(None, None)))
+        totals = {t.key: t for t in ledger.totals("model", Period(None, None))}
+    assert len(rows) == len(sent)  # one row per terminal frame, none lost, none doubled
+    assert {str(row[1]) for row in rows} == {r.job_id for r in sent}
+    by_job = {str(row[1]): row for row in rows}
+    for record in sent:
+        row = by_job[record.job_id]
+        outcome, tokens_in, tokens_out, amount = row[4], row[5], row[6], row[10]
+        if isinstance(record.terminal, JobDone):
+            assert outcome == "job_done"
+            assert (tokens_in, tokens_out) == (
+                record.terminal.tokens.input,
+                record.terminal.tokens.output,
+            )
+            assert amount == -(-(7 * 300_000 + 5 * 600_000) // 1_000_000)  # ceil, list price
+        else:
+            assert isinstance(record.terminal, JobError) and outcome == record.terminal.error_code
+            assert amount == 0
+    done_in = sum(t.tokens.input for t in done)
+    done_out = sum(t.tokens.output for t in done)
+    total = totals["m"]
+    assert (total.jobs, total.tokens_in, total.tokens_out) == (4, done_in, done_out)
+    assert totals["unknown-model"].jobs == totals["unknown-model"].failed == 2
