@@ -14,6 +14,7 @@ and the stop all end a job through its cancel scope with a reason, so they share
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ class Executor:
         window: TokenWindow,
         *,
         clock: Callable[[], float] = anyio.current_time,
+        tick: Callable[[], float] = time.monotonic,
         measured: MeasuredSpeed | None = None,
     ) -> None:
         self.outbound = outbound
@@ -143,6 +145,9 @@ class Executor:
         self.hooks = hooks
         self.window = window
         self.clock = clock
+        #: The cheap clock of per-event bookkeeping (the token window, progress records); `clock`
+        #: (the event loop's) times jobs and their deadlines.
+        self.tick = tick
         #: Served jobs per model, advertised as `measured` (job_done only).
         self.measured = measured or MeasuredSpeed()
         self.load = BackendLoad()
@@ -184,7 +189,7 @@ class Executor:
             routes=self.hooks.routes(),
             in_flight=len(self.running),
             max_concurrent=self.hooks.max_concurrent(),
-            window_open=self.window.admit(now),
+            window_open=self.window.admit(self.tick()),
             accepting=self.hooks.accepting(),
         )
         if refusal is not None:
@@ -342,7 +347,7 @@ class Executor:
         job_id = job.job_id
         meter = UsageMeter(job.format, job.request)
         body = request_body(job.format, job.request, route.native_id)
-        next_progress = self.clock() + PROGRESS_EVERY_S
+        next_progress = self.tick() + PROGRESS_EVERY_S
         async with stream(job.format, body, running.deadline) as chunks:
             async for data in chunks:
                 if running.first_byte_at is None:
@@ -356,7 +361,7 @@ class Executor:
                         return Outcome("connection_lost", "frames could not be sent for 5 s")
                 counted = meter.output_so_far
                 if counted > running.counted_tokens:
-                    now = self.clock()
+                    now = self.tick()
                     self.window.add(now, counted - running.counted_tokens)
                     running.counted_tokens = counted
                     if now >= next_progress:
@@ -396,7 +401,7 @@ class Executor:
                 usage_source="estimated" if outcome.estimated else None,
             )
             actual = outcome.input_tokens + outcome.output_tokens
-            self.window.correct(now, running.counted_tokens, actual)
+            self.window.correct(self.tick(), running.counted_tokens, actual)
         else:
             frame = JobError(
                 job_id=job.job_id,

@@ -51,6 +51,11 @@ def chunk_frame(job_id: str, data: bytes) -> str:
     )
 
 
+#: Raw bytes that fit one frame whatever the job_id (≤ 128 characters, each at most a 6-character
+#: JSON escape): the common case needs no exact sum.
+ALWAYS_FITS = (MAX_FRAME_JSON - 1024) // 4 * 3
+
+
 def max_chunk_bytes(job_id: str) -> int:
     """The most raw bytes one `job_chunk` of this job can carry within `MAX_FRAME_JSON`."""
     overhead = len(chunk_frame(job_id, b"").encode())
@@ -132,7 +137,7 @@ class Outbound:
                 batch.frames.append(latest)
         for job_id in list(self._chunks):
             pending = self._chunks[job_id]
-            limit = max_chunk_bytes(job_id)
+            limit = ALWAYS_FITS if len(pending) <= ALWAYS_FITS else max_chunk_bytes(job_id)
             if len(pending) <= limit:
                 del self._chunks[job_id]
                 batch.frames.append(chunk_frame(job_id, bytes(pending)))
