@@ -314,7 +314,10 @@ class Executor:
         job = running.job
         job_id = job.job_id
         meter = UsageMeter(job.format, job.request)
-        body = request_body(job.format, job.request, route.native_id)
+        try:
+            body = request_body(job.format, job.request, route.native_id)
+        except ValueError as exc:  # parsed, but not writable again (nested beyond the encoder)
+            return Outcome("bad_request", str(exc))
         next_progress = self.clock() + PROGRESS_EVERY_S
         async with stream(job.format, body, running.deadline) as chunks:
             async for data in chunks:

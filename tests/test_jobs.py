@@ -344,6 +344,32 @@ async def test_a_repeat_that_arrives_while_its_refusal_is_stored_is_not_run(
     coord.assert_no_violations()
 
 
+async def test_a_request_the_agent_cannot_encode_again_is_bad_request_without_a_traceback(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON nested deeper than the encoder goes (orjson reads 1024 levels, writes 254) is the
+    client's mistake: `bad_request`, nothing sent upstream, no internal error (bench/fuzz.py)."""
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            for depth in (300, 1000):
+                job = {"type": "job", "job_id": f"deep-{depth}", "model_id": "m", "request": "@"}
+                nested = '{"messages":' + "[" * depth + "1" + "]" * depth + "}"
+                await coord.send(pid, orjson.dumps(job).decode().replace('"@"', nested))
+            await coord.wait_for(
+                lambda c: all(
+                    c.jobs.get(j) and c.jobs[j].terminal for j in ("deep-300", "deep-1000")
+                )
+            )
+    for job_id in ("deep-300", "deep-1000"):
+        terminal = coord.jobs[job_id].terminal
+        assert isinstance(terminal, JobError) and terminal.error_code == "bad_request"
+        assert "cannot be encoded as JSON" in terminal.message
+    assert not backend.bodies
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a client's mistake"
+
+
 async def test_coordinator_killed_right_after_a_job_resends_its_frame_after_reconnect(
     tmp_path: Path,
 ) -> None:
