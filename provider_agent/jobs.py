@@ -126,6 +126,8 @@ class Executor:
         self.clock = clock
         self.load = BackendLoad()
         self.running: dict[str, Running] = {}
+        #: Refusals whose terminal frame is being stored: a repeat meanwhile counts as in flight.
+        self._refusing: set[str] = set()
         self._group: anyio.abc.TaskGroup | None = None
         self._idle = anyio.Event()
         self._idle.set()
@@ -148,7 +150,7 @@ class Executor:
         """A `job` frame from the coordinator."""
         assert self._group is not None, "submit before run()"
         job_id = job.job_id
-        if job_id in self.running:
+        if job_id in self.running or job_id in self._refusing:
             log.warning("job already in flight, repeat ignored job_id=%s", printable(job_id))
             return
         now = self.clock()
@@ -165,6 +167,7 @@ class Executor:
             accepting=self.hooks.accepting(),
         )
         if refusal is not None:
+            self._refusing.add(job_id)
             self._group.start_soon(self._refuse, job, refusal)
             return
         running = Running(job, received_at=now, deadline=now + job.deadline_ms / 1000)
@@ -177,11 +180,12 @@ class Executor:
         """A `job` frame that could not be parsed but whose id could be read: `bad_request`, only
         for a job_id that is new (a repeat of a known id gets its stored frame)."""
         assert self._group is not None, "reject before run()"
-        if job_id in self.running:
+        if job_id in self.running or job_id in self._refusing:
             return
         if self.outbox.in_store(job_id):
             self._group.start_soon(self._answer_repeat, job_id)
             return
+        self._refusing.add(job_id)
         log.warning("malformed job job_id=%s: %s", printable(job_id), printable(reason))
         self._group.start_soon(self._refuse_id, job_id, Refusal("bad_request", reason))
 
@@ -426,7 +430,10 @@ class Executor:
     async def _refuse_id(self, job_id: str, refusal: Refusal, model_id: str = "") -> None:
         frame = encode(JobError(job_id=job_id, error_code=refusal.code, message=refusal.message))
         ledger = LedgerEntry(model_id, "", refusal.code, 0, 0, "reported", 0, 0)
-        text = await self.outbox.finish(job_id, frame, ledger)
+        try:
+            text = await self.outbox.finish(job_id, frame, ledger)
+        finally:
+            self._refusing.discard(job_id)
         self.outbound.terminal(job_id, text)
         self.stats.job_refused(FinishedJob(self.clock(), None, 0, 0.0, refusal.code))
 
