@@ -88,9 +88,9 @@ class RecordingCoordinator(DevCoordinator):
         super().__init__(host="127.0.0.1", port=0)
         self.frames: list[str | bytes] = []
 
-    async def _on_frame(self, link: Any, record: Any, text: str | bytes) -> None:
+    async def _on_frame(self, link: Any, record: Any, text: str | bytes, *more: Any) -> None:
         self.frames.append(text)
-        await super()._on_frame(link, record, text)
+        await super()._on_frame(link, record, text, *more)
 
 
 # --- the hostile frames ---------------------------------------------------------------------------
