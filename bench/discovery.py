@@ -12,9 +12,10 @@ Three figures, side by side in one run (targets: shared/spec/benchmarks.md):
   8 MiB + 1 bytes (chunked, so the cap is met while reading, not from a header). Target: every
   pass ≤ `timeout_s` + 0.5 s (the worst of `--repeat` passes). The same pass is then run once
   with the backends probed one after another, for the ratio that concurrency buys.
-- Idle agent RSS: the agent (`provider-agent run`) connected to the reference coordinator with
-  one simulated backend and no jobs, VmRSS from /proc `--idle-s` seconds after its start
-  (60 by default; less for a quick look). Target ≤ 70 MB (MB = 2**20 bytes).
+- Idle agent RSS: the agent (`provider-agent run`, its HTTP endpoint on as by default) connected
+  to the reference coordinator with one simulated backend and no jobs, VmRSS from /proc
+  `--idle-s` seconds after its start (60 by default; less for a quick look). Target ≤ 70 MB
+  (MB = 2**20 bytes).
 - `provider-agent --version`: wall time, the median of `--version-runs`. Target ≤ 0.3 s.
 
 The idle agent waits out its minute while the passes and the `--version` runs are measured (they
@@ -241,6 +242,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Figures:
             workdir,
             f"ws://127.0.0.1:{coord_port}/provider/connect",
             f'[[backends]]\nkind = "vllm"\nurl = "http://127.0.0.1:{sim_port}"\n',
+            prometheus_addr=f"127.0.0.1:{free_port()}",  # on, as by default
         )
         agent = Child(
             "agent",
