@@ -38,7 +38,7 @@ from provider_agent.protocol import (
 )
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.routing import BackendLoad, Refusal, admit, order_routes
-from provider_agent.upstream import RouteFailure, printable, request_body
+from provider_agent.upstream import RouteFailure, UnencodableRequest, printable, request_body
 from provider_agent.usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -286,6 +286,8 @@ class Executor:
             self.load.started(route.backend)
             try:
                 return await self._relay(running, backend.stream, route)
+            except UnencodableRequest as exc:  # read, but nested beyond what the encoder writes
+                return Outcome("bad_request", str(exc))
             except StreamFailed as exc:
                 failure = exc.failure
                 if running.relayed:  # after the first byte there is no retry
@@ -313,10 +315,7 @@ class Executor:
         job = running.job
         job_id = job.job_id
         meter = UsageMeter(job.format, job.request)
-        try:
-            body = request_body(job.format, job.request, route.native_id)
-        except ValueError as exc:  # parsed, but not writable again (nested beyond the encoder)
-            return Outcome("bad_request", str(exc))
+        body = request_body(job.format, job.request, route.native_id)
         next_progress = self.clock() + PROGRESS_EVERY_S
         async with stream(job.format, body, running.deadline) as chunks:
             async for data in chunks:
