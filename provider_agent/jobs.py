@@ -40,7 +40,7 @@ from provider_agent.protocol import (
 )
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.routing import BackendLoad, Refusal, admit, order_routes
-from provider_agent.upstream import RouteFailure, printable, request_body
+from provider_agent.upstream import RouteFailure, UnencodableRequest, printable, request_body
 from provider_agent.usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -317,6 +317,8 @@ class Executor:
             self.load.started(route.backend)
             try:
                 return await self._relay(running, backend.stream, route)
+            except UnencodableRequest as exc:  # read, but nested beyond what the encoder writes
+                return Outcome("bad_request", str(exc))
             except StreamFailed as exc:
                 failure = exc.failure
                 if running.relayed:  # after the first byte there is no retry

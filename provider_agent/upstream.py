@@ -39,14 +39,19 @@ class RouteFailure:
     fallback: bool
 
 
+class UnencodableRequest(ValueError):
+    """A job's request that was read but cannot be written again as JSON (the client's
+    mistake: `bad_request`)."""
+
+
 def request_body(fmt: WireFormat, request: Mapping[str, Any], native_id: str) -> bytes:
     """The client's request as the serving backend gets it: `stream: true`, `model` = the
     backend's own id, and for `openai` `stream_options.include_usage: true` unless the client set
     `include_usage` itself. Every other field is passed through untouched, in order.
 
     A `stream_options` that is not an object (and not null) is left as the client sent it: the
-    backend's 400 then says what is wrong. ValueError when the request cannot be encoded as
-    JSON (an integer beyond 64 bits).
+    backend's 400 then says what is wrong. UnencodableRequest when the request cannot be encoded
+    as JSON (an integer beyond 64 bits, nesting deeper than the encoder goes).
     """
     body = dict(request)
     body["stream"] = True
@@ -60,7 +65,7 @@ def request_body(fmt: WireFormat, request: Mapping[str, Any], native_id: str) ->
     try:
         return orjson.dumps(body)
     except orjson.JSONEncodeError as exc:
-        raise ValueError(f"the request cannot be encoded as JSON: {exc}") from None
+        raise UnencodableRequest(f"the request cannot be encoded as JSON: {exc}") from None
 
 
 def status_code(status: int, kind: str) -> ErrorCode:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from provider_agent.dev.coordinator import DevCoordinator, JobRecord
-from provider_agent.protocol import JobDone, JobError
+from provider_agent.protocol import Job, JobDone, JobError
 from tests.agent_harness import agent_where, fake_vllm, running_agent, write_config
 
 REQUEST = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
@@ -316,6 +316,58 @@ async def test_a_malformed_job_gets_bad_request_once(coord: DevCoordinator, tmp_
         await coord.wait_for(lambda c: c.jobs["bad-1"].terminal_count >= 2)
     terminal = coord.jobs["bad-1"].terminal
     assert isinstance(terminal, JobError) and terminal.error_code == "bad_request"
+
+
+async def test_a_repeat_that_arrives_while_its_refusal_is_stored_is_not_run(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """A refused `job` and a runnable one with the same id, handed over back to back (as the
+    reader does with frames it reads in one go, before the refusal is stored): the refusal is the
+    id's one terminal frame, and the repeat is ignored, never run (bench/fuzz.py found it)."""
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg) as daemon:
+            await serving(coord)
+            daemon.jobs.reject("twin-1", "invalid job: request: Input should be a valid dictionary")
+            daemon.jobs.submit(Job(job_id="twin-1", model_id="m", request=REQUEST))
+            daemon.jobs.submit(Job(job_id="twin-2", model_id="unknown", request=REQUEST))
+            daemon.jobs.submit(Job(job_id="twin-2", model_id="m", request=REQUEST))
+            await coord.wait_for(
+                lambda c: all(c.jobs.get(j) and c.jobs[j].terminal for j in ("twin-1", "twin-2"))
+            )
+    assert not backend.bodies  # neither repeat reached the backend
+    first, second = coord.jobs["twin-1"], coord.jobs["twin-2"]
+    assert isinstance(first.terminal, JobError) and first.terminal.error_code == "bad_request"
+    assert isinstance(second.terminal, JobError)
+    assert second.terminal.error_code == "model_not_loaded"
+    assert first.chunk_frames == second.chunk_frames == 0
+    coord.assert_no_violations()
+
+
+async def test_a_request_the_agent_cannot_encode_again_is_bad_request_without_a_traceback(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON nested deeper than the encoder goes (orjson reads 1024 levels, writes 254) is the
+    client's mistake: `bad_request`, nothing sent upstream, no internal error (bench/fuzz.py)."""
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            for depth in (300, 1000):
+                job = {"type": "job", "job_id": f"deep-{depth}", "model_id": "m", "request": "@"}
+                nested = '{"messages":' + "[" * depth + "1" + "]" * depth + "}"
+                await coord.send(pid, orjson.dumps(job).decode().replace('"@"', nested))
+            await coord.wait_for(
+                lambda c: all(
+                    c.jobs.get(j) and c.jobs[j].terminal for j in ("deep-300", "deep-1000")
+                )
+            )
+    for job_id in ("deep-300", "deep-1000"):
+        terminal = coord.jobs[job_id].terminal
+        assert isinstance(terminal, JobError) and terminal.error_code == "bad_request"
+        assert "cannot be encoded as JSON" in terminal.message
+    assert not backend.bodies
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a client's mistake"
 
 
 async def test_coordinator_killed_right_after_a_job_resends_its_frame_after_reconnect(
