@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 import anyio
 import orjson
 from aiohttp import web
+from anyio.abc import Process
 
 from provider_agent.config import load
 from provider_agent.daemon import Daemon
@@ -193,3 +195,34 @@ async def agent_where(
     found = await coord.wait_for(matching, timeout=timeout)
     assert found is not None
     return found
+
+
+class ProcessLines:
+    """A child process (`provider-agent run`, `dev-coordinator`, …) with its stderr collected
+    line by line, so a test can wait for a line instead of sleeping."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._new_line = anyio.Event()
+
+    async def collect(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            self.lines += [line.decode(errors="replace") for line in complete]
+            self._new_line.set()
+            self._new_line = anyio.Event()
+
+    async def wait_for_line(self, needle: str, timeout: float = 10) -> str:  # noqa: ASYNC109
+        with anyio.fail_after(timeout):
+            while True:
+                found = next((line for line in self.lines if needle in line), None)
+                if found is not None:
+                    return found
+                await self._new_line.wait()
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)

@@ -13,49 +13,18 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-from anyio.abc import Process
 
 from provider_agent.dev.coordinator import DevCoordinator
-from tests.agent_harness import agent_where, write_config
-
-
-class AgentProcess:
-    """`python -m provider_agent run` with its stderr collected line by line."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._new_line = anyio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        async for chunk in self.process.stderr:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            self.lines += [line.decode(errors="replace") for line in complete]
-            self._new_line.set()
-            self._new_line = anyio.Event()
-
-    async def wait_for_line(self, needle: str, timeout: float = 10) -> str:  # noqa: ASYNC109
-        with anyio.fail_after(timeout):
-            while True:
-                found = next((line for line in self.lines if needle in line), None)
-                if found is not None:
-                    return found
-                await self._new_line.wait()
-
-    def signal(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
+from tests.agent_harness import ProcessLines, agent_where, write_config
 
 
 @asynccontextmanager
-async def agent_process(config: Path, *args: str) -> AsyncIterator[AgentProcess]:
+async def agent_process(config: Path, *args: str) -> AsyncIterator[ProcessLines]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROVIDER_AGENT_ENROLLMENT_CODE", None)
     command = [sys.executable, "-m", "provider_agent", "run", "--config", str(config), *args]
     async with await anyio.open_process(command, env=env) as process:
-        agent = AgentProcess(process)
+        agent = ProcessLines(process)
         async with anyio.create_task_group() as group:
             group.start_soon(agent.collect)
             try:

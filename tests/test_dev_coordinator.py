@@ -21,7 +21,6 @@ import anyio
 import orjson
 import pytest
 from aiohttp import ClientSession
-from anyio.abc import Process
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -46,7 +45,7 @@ from provider_agent.protocol import (
     TokenCounts,
     encode,
 )
-from tests.agent_harness import agent_where, running_agent, write_config
+from tests.agent_harness import ProcessLines, agent_where, running_agent, write_config
 
 SSE = [b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n', b"data: [DONE]\n\n"]
 
@@ -805,33 +804,6 @@ async def test_a_real_agent_answers_a_job_and_its_repeat_alike(
 # --- `provider-agent dev-coordinator` as a real process -----------------------------------------
 
 
-class CoordinatorProcess:
-    """`python -m provider_agent dev-coordinator` with its stderr collected line by line."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self._new_line = anyio.Event()
-
-    async def collect(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        async for data in self.process.stderr:
-            buffer += data
-            *complete, buffer = buffer.split(b"\n")
-            self.lines += [line.decode(errors="replace") for line in complete]
-            self._new_line.set()
-            self._new_line = anyio.Event()
-
-    async def line_with(self, needle: str) -> str:
-        with anyio.fail_after(20):
-            while True:
-                found = next((line for line in self.lines if needle in line), None)
-                if found is not None:
-                    return found
-                await self._new_line.wait()
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_the_command_stops_on_a_signal_closes_1001_and_exits_0(
     signum: signal.Signals,
@@ -839,11 +811,11 @@ async def test_the_command_stops_on_a_signal_closes_1001_and_exits_0(
     command = [sys.executable, "-m", "provider_agent", "dev-coordinator", "--listen", "127.0.0.1:0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     async with await anyio.open_process(command, env=env) as process:
-        running = CoordinatorProcess(process)
+        running = ProcessLines(process)
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(running.collect)
-                listening = await running.line_with("dev-coordinator listening")
+                listening = await running.wait_for_line("dev-coordinator listening", timeout=20)
                 ws_url = listening.split("ws_url=")[1].split()[0]
                 async with connect(ws_url, compression=None) as ws:
                     assert orjson.loads(await ws.recv())["type"] == "auth_challenge"
