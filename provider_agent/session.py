@@ -401,11 +401,11 @@ class Session:
             log.info("reconnecting now")
         elif fault.kind is FaultKind.PLANNED:
             log.info(
-                "coordinator restarting: reconnect in %.2fs (%s)", action.delay_s, fault.detail
+                "coordinator restarting: reconnect in %.3fs (%s)", action.delay_s, fault.detail
             )
         else:
             log.warning(
-                "coordinator connection attempt=%d ended fault=%s cause=%s next_delay_s=%.2f",
+                "coordinator connection attempt=%d ended fault=%s cause=%s next_delay_s=%.3f",
                 self.core.attempts,
                 fault.kind.value,
                 fault.detail,
