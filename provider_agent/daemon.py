@@ -109,6 +109,8 @@ class Daemon:
         self.jobs: Executor
         self.outbox: Outbox | None = None
         self._last_failure_pass = -OUT_OF_CYCLE_PASS_S
+        #: Out-of-cycle passes are this far apart at least (tests shorten it).
+        self.out_of_cycle_pass_s = OUT_OF_CYCLE_PASS_S
         self.catalog: Catalog | None = None
         self.draining = False
         self.clock = anyio.current_time
@@ -257,7 +259,9 @@ class Daemon:
             if must_reconnect:
                 log.info("coordinator url or identity changed: reconnecting")
                 self.session.reconnect()
-        self.request_pass()
+            else:
+                self.session.push(self.capabilities())  # new limits and prices count now
+        self.request_pass()  # new or changed backends: with the next out-of-cycle pass
         return True
 
     # --- the tree --------------------------------------------------------------------------------
@@ -455,10 +459,16 @@ class Daemon:
                 await anyio.sleep(CRASH_RESTART_S)
 
     async def _discovery_loop(self) -> None:
+        """A pass every `interval_s`, and sooner when asked (auth_ok, reload, a failing
+        backend) — but out-of-cycle passes at most once per `out_of_cycle_pass_s`
+        (protocol.md §2), so a flapping coordinator cannot make the agent probe in a loop."""
+        last = self.clock()
         while True:
             with anyio.move_on_after(self.config.discovery.interval_s):
                 await self._pass_wanted.wait()
+                await anyio.sleep(max(0.0, last + self.out_of_cycle_pass_s - self.clock()))
             self._pass_wanted = anyio.Event()
+            last = self.clock()
             await self._refresh()
 
     async def _refresh(self) -> None:

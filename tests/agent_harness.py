@@ -69,9 +69,13 @@ def fast_policy(cap_s: float = 0.2, healthy_after_s: float = 30.0) -> ReconnectP
 
 @asynccontextmanager
 async def running_agent(
-    config_path: Path, policy: ReconnectPolicy | None = None
+    config_path: Path,
+    policy: ReconnectPolicy | None = None,
+    *,
+    out_of_cycle_pass_s: float = 0.0,
 ) -> AsyncIterator[Daemon]:
-    """A Daemon running in a task group of the test; stopped (gracefully) on exit."""
+    """A Daemon running in a task group of the test; stopped (gracefully) on exit. Out-of-cycle
+    passes are not spaced (tests wait on them) unless `out_of_cycle_pass_s` says so."""
     config = load(config_path, allow_insecure=True)
     daemon = Daemon(
         config,
@@ -81,6 +85,7 @@ async def running_agent(
         policy=policy or fast_policy(),
         handle_signals=False,
     )
+    daemon.out_of_cycle_pass_s = out_of_cycle_pass_s
     async with anyio.create_task_group() as group:
         group.start_soon(daemon.run)
         await daemon.started.wait()

@@ -520,3 +520,24 @@ async def test_watchdog_pings_only_while_the_session_makes_progress(
         assert len(pings) >= 5
     else:
         assert pings == []
+
+
+async def test_out_of_cycle_passes_are_spaced_however_often_they_are_asked_for(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """protocol.md §2: out-of-cycle discovery passes at most once per 10 s (here 0.5 s), so a
+    flapping coordinator (a pass asked for at every auth_ok) cannot make the agent probe in a
+    loop; the periodic pass is unaffected."""
+    cfg = write_config(tmp_path, coord.ws_url)
+    async with running_agent(cfg, out_of_cycle_pass_s=0.5) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        assert daemon.discovery is not None
+        before = daemon.discovery.passes
+        started = anyio.current_time()
+        for _ in range(20):
+            daemon.request_pass()
+            await anyio.sleep(0.05)  # asked for every 50 ms for a second
+        passes = daemon.discovery.passes - before
+        elapsed = anyio.current_time() - started
+    assert 1 <= passes <= elapsed / 0.5 + 1
+    coord.assert_no_violations()
