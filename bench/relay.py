@@ -32,7 +32,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from _common import BenchError, cpu_seconds, free_port, peak_rss_mb, percentile, verdict
 from aiohttp import web
 
 MODEL = "m"
@@ -244,26 +244,6 @@ async def run_load(
 # --- processes and /proc --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
-
-
 @dataclass
 class Child:
     name: str
@@ -316,10 +296,6 @@ def write_agent_config(directory: Path, coordinator_port: int, backend_port: int
     return path
 
 
-class BenchError(Exception):
-    """The benchmark could not run (a child failed to start, a peer never became ready)."""
-
-
 async def wait_until(
     http: aiohttp.ClientSession, url: str, ready: object, watched: Sequence[Child]
 ) -> None:
@@ -352,14 +328,6 @@ def agent_serves_model(agents: object) -> bool:
 
 
 # --- rounds and figures ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0–100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 @dataclass
@@ -484,10 +452,6 @@ async def run_pair(
         agent_rss_mb=peak_rss_mb(agent.process.pid),
         events=streams * tokens,
     )
-
-
-def verdict(ok: bool) -> str:
-    return "ok" if ok else "MISS"
 
 
 def misses(pair: Pair) -> list[str]:
