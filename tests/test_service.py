@@ -340,6 +340,9 @@ def test_not_root_on_the_command_line_exits_1() -> None:
     nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
     if subprocess.run([*nobody, sys.executable, "-c", "pass"], check=False).returncode != 0:
         pytest.skip("this Python cannot run as nobody here")
+    probe = [*nobody, sys.executable, "-c", "import provider_agent"]
+    if subprocess.run(probe, check=False, capture_output=True).returncode != 0:
+        pytest.skip("nobody cannot read this checkout (e.g. a clone inside a 0700 directory)")
     for action in ("install", "uninstall"):
         done = cli("service", action, user=nobody)
         assert done.returncode == 1
