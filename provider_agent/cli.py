@@ -750,8 +750,10 @@ def _dev_coordinator(listen: str) -> int:
     except ValueError as exc:
         print(f"dev-coordinator: {exc}", file=sys.stderr)
         return 2  # a usage error, as argparse's own
+    from provider_agent.daemon import event_loop_options
+
     try:
-        anyio.run(serve, host, port)
+        anyio.run(serve, host, port, backend_options=event_loop_options())
     except KeyboardInterrupt:
         pass  # SIGINT before the signal handlers were installed: a requested stop all the same
     except OSError as exc:

@@ -13,6 +13,25 @@ import pytest
 from aiohttp import ClientSession, web
 
 from provider_agent.backends.base import new_http_session
+from provider_agent.daemon import event_loop_options
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked `both_loops` run on asyncio's loop and on the loop the daemon runs on
+    (uvloop where installed); the rest on asyncio's."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if item.get_closest_marker("both_loops") is not None:
+        options = event_loop_options()
+        if options.get("use_uvloop"):
+            import uvloop
+
+            factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

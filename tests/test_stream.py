@@ -24,11 +24,15 @@ from provider_agent.usage import Usage, UsageMeter
 from tests.conftest import FakeServer, fixture_bytes
 from tests.realbackend import MODEL_ALIAS, llamacpp_server
 
+pytestmark = pytest.mark.both_loops
+
 KEY_ENV = "PA_TEST_STREAM_KEY"
 SECRET = "sk-test-0123456789abcdef-SECRET"
 BYOK_KINDS = ("openrouter", "venice")
-#: Every header the agent may send on a job's POST (aiohttp adds Host, Accept, Content-Length).
+#: Every header the agent may send on a job's POST (both readers add Host, Accept and
+#: Content-Length; the lean one, which opens a connection per job, `Connection: close`).
 OUR_HEADERS = {
+    "connection",
     "host",
     "accept",
     "accept-encoding",
@@ -47,6 +51,14 @@ BOUND_S = 10
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+@pytest.fixture(autouse=True, params=["lean", "aiohttp"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test holds both readers to the contract: `LeanStream` (what a plain-HTTP backend
+    gets) and `AiohttpStream` (what an https one gets; here over plain HTTP on loopback)."""
+    monkeypatch.setattr(Backend, "lean_reader", request.param == "lean")
+    return str(request.param)
 
 
 def backend_for(kind: str, root: str, http: aiohttp.ClientSession, *, key: bool = True) -> Backend:
@@ -309,12 +321,14 @@ class RawServer:
 
     script: Script
     url: str = ""
+    #: The request's head, as read.
+    head: bytes = b""
     got_request: anyio.Event = field(default_factory=anyio.Event)
     disconnected: anyio.Event = field(default_factory=anyio.Event)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = self.head = await reader.readuntil(b"\r\n\r\n")
             length = next(
                 int(line.split(b":", 1)[1])
                 for line in head.split(b"\r\n")
@@ -543,6 +557,96 @@ async def test_cancel_while_waiting_for_headers_closes_the_connection(
             group.cancel_scope.cancel()
         await server.disconnected.wait()
     assert not entered
+
+
+async def test_a_close_delimited_body_ends_at_the_close(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    """HTTP/1.0 style: no Content-Length, no chunking; the close is the body's end."""
+
+    async def close_delimited(conn: Conn) -> None:
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        conn.writer.write(b"data: [DONE]\n\n")
+        await conn.writer.drain()
+        conn.writer.close()
+
+    server = await raw_server(close_delimited)
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", server.url, http_session)) == b"data: [DONE]\n\n"
+
+
+async def test_an_interim_answer_is_skipped(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    async def early_hints_then_stream(conn: Conn) -> None:
+        conn.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+        await conn.head()
+        await conn.chunk(b"data: [DONE]\n\n")
+        await conn.chunk(b"")
+
+    server = await raw_server(early_hints_then_stream)
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", server.url, http_session)) == b"data: [DONE]\n\n"
+
+
+#: Tests of what only the lean reader does (aiohttp keeps waiting after malformed chunking
+#: until the job's deadline ends it, and keeps connections alive by design).
+lean_only = pytest.mark.parametrize("reader", ["lean"], indirect=True)
+
+
+@lean_only
+async def test_broken_chunking_mid_body_is_a_backend_error_after_the_bytes(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    client_has_it = anyio.Event()
+
+    async def bad_chunk(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(b"data: {}\n\n")
+        await client_has_it.wait()  # else the garbage could arrive in the same read
+        conn.writer.write(b"zz\r\nnot a chunk\r\n")
+        await conn.writer.drain()
+
+    server = await raw_server(bad_chunk)
+    received = []
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("vllm", server.url, http_session).stream(
+            "openai", BODY, deadline_in()
+        ) as chunks:
+            async for data in chunks:
+                received.append(data)
+                client_has_it.set()
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert b"".join(received) == b"data: {}\n\n"
+    assert "broke off after 10 bytes" in failure.message
+
+
+@lean_only
+async def test_the_lean_reader_asks_the_backend_to_close_and_leaves_nothing_open(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+
+    async def finish(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(b"data: [DONE]\n\n")
+        await conn.chunk(b"")
+
+    server = await raw_server(finish)
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", server.url, http_session)) == b"data: [DONE]\n\n"
+        await server.disconnected.wait()
+    assert b"\r\nconnection: close\r\n" in server.head.lower()
+
+
+async def test_a_key_with_a_line_break_is_refused_without_a_request(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-abc\r\nX-Injected: 1")
+    failure = await failure_of(backend_for("vllm", fake_server.url, http_session))
+    assert (failure.code, failure.fallback) == ("auth_rejected_by_backend", True)
+    assert "control characters" in failure.message and "sk-abc" not in failure.message
+    assert fake_server.requests == []
 
 
 async def test_a_finished_stream_gives_its_connection_back(fake_server: FakeServer) -> None:

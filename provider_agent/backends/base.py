@@ -21,7 +21,8 @@ import anyio
 import orjson
 
 from provider_agent import __version__
-from provider_agent.backends.stream import RefusedStream, UpstreamStream
+from provider_agent.backends.lean import LeanStream
+from provider_agent.backends.stream import AiohttpStream, RefusedStream
 from provider_agent.config import BackendConfig, WireFormat
 from provider_agent.errors import BackendAuthError, BackendError
 from provider_agent.listing import Health, ModelInfo, UpstreamPrice
@@ -93,6 +94,9 @@ class Backend:
     #: Path (under `url`) of the OpenAI-compatible API; BYOK bases already include /api/v1.
     api_prefix: ClassVar[str] = "/v1"
     health_path: ClassVar[str | None] = "/health"
+    #: Plain-HTTP jobs are read by `LeanStream`, https ones by the pooled aiohttp session (see
+    #: `backends.stream`); tests turn this off to hold the aiohttp reader to the same contract.
+    lean_reader: ClassVar[bool] = True
 
     def __init__(self, config: BackendConfig, http: aiohttp.ClientSession, timeout_s: float = 5):
         self.config = config
@@ -119,6 +123,11 @@ class Backend:
             raise BackendAuthError(
                 f"no API key: environment variable {env_name} is unset "
                 "(nor is $CREDENTIALS_DIRECTORY/" + env_name + ")"
+            )
+        if not key.isprintable() or " " in key:
+            raise BackendAuthError(
+                f"the API key in {env_name} contains spaces or control characters "
+                "(a stray line break?)"
             )
         return {"Authorization": f"Bearer {key}"}
 
@@ -264,14 +273,13 @@ class Backend:
             message = printable(f"{self.config.kind}: {exc}")
             return RefusedStream(RouteFailure("auth_rejected_by_backend", message, fallback=True))
         bearer = headers.get("Authorization", "").removeprefix("Bearer ")
-        return UpstreamStream(
-            self.http,
-            self.stream_url(fmt),
-            headers,
-            body,
-            deadline,
-            kind=self.config.kind,
-            secrets=(bearer,) if bearer else (),
+        secrets = (bearer,) if bearer else ()
+        url = self.stream_url(fmt)
+        if self.lean_reader and url.startswith("http://"):
+            headers["User-Agent"] = USER_AGENT
+            return LeanStream(url, headers, body, deadline, kind=self.config.kind, secrets=secrets)
+        return AiohttpStream(
+            self.http, url, headers, body, deadline, kind=self.config.kind, secrets=secrets
         )
 
 

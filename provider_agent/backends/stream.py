@@ -1,19 +1,27 @@
 """One job's upstream request: POST, check the answer, relay the body's bytes as they arrive.
 
-The one place where a job touches HTTP, kept to a small interface so a leaner reader can
-replace aiohttp here without touching routing or billing:
+The one place where a job touches HTTP, kept to a small interface so routing and billing never
+see which reader serves it:
 
     async with backend.stream(fmt, body, deadline) as chunks:
         async for data in chunks:
             ...
 
-Failures surface as `StreamFailed` with the protocol code (see `provider_agent.upstream`):
-before the first byte from `async with` (or from the first read), after it from the iteration.
-The deadline (an absolute `anyio.current_time()`) bounds connecting, waiting for headers and
-the body (a timer drops the connection when it passes); besides it only connecting has a
-timeout of its own, so a slow backend is waited for and never fallen back from. The response
-is released or closed on every way out — the normal end, an exception, a cancellation from
-outside — so an aborted job closes its connection and the backend sees it go.
+Two readers stand behind it. A plain-HTTP backend (the GPU host's own vLLM, llama.cpp, LM
+Studio, Ollama: the hot path) gets `LeanStream` (`backends.lean`): one connection per job, read by
+an asyncio Protocol with httptools, about half the CPU per event of aiohttp and a tenth of its
+cost to start a job. An https backend (BYOK, across the internet) gets `AiohttpStream` here: the
+daemon's pooled aiohttp session, so a job reuses a warm TLS connection instead of paying a
+handshake before its first token.
+
+Both share this contract. Failures surface as `StreamFailed` with the protocol code (see
+`provider_agent.upstream`): before the first byte from `async with` (or from the first read),
+after it from the iteration. The deadline (an absolute `anyio.current_time()`) bounds
+connecting, waiting for headers and the body (a timer drops the connection when it passes);
+besides it only connecting has a timeout of its own, so a slow backend is waited for and never
+fallen back from. The response is released or closed on every way out — the normal end, an
+exception, a cancellation from outside — so an aborted job closes its connection and the
+backend sees it go.
 """
 
 from __future__ import annotations
@@ -59,9 +67,41 @@ class RefusedStream:
         return None
 
 
-class UpstreamStream:
-    """The async context manager `Backend.stream()` returns; inside it, the async iterator of
-    the response body's bytes (after HTTP transfer decoding, exactly as read)."""
+class StreamFailures:
+    """How both readers word a failure: the backend's kind first, no secrets, one line."""
+
+    __slots__ = ("_kind", "_secrets", "relayed")
+
+    def __init__(self, kind: str, secrets: tuple[str, ...]) -> None:
+        self._kind = kind
+        self._secrets = secrets
+        #: Body bytes yielded so far.
+        self.relayed = 0
+
+    def _broken(self, what: str) -> RouteFailure:
+        """The connection failed: before the first byte the route is left for the next one."""
+        if self.relayed == 0:
+            return self._unreachable(what)
+        return self._cut_short(what)
+
+    def _cut_short(self, what: str) -> RouteFailure:
+        return self._failure(
+            "backend_error", f"the answer broke off after {self.relayed} bytes ({what})"
+        )
+
+    def _unreachable(self, what: str) -> RouteFailure:
+        return self._failure("backend_unreachable", what, fallback=True)
+
+    def _timeout(self, when: str) -> RouteFailure:
+        return self._failure("backend_timeout", f"the job's deadline passed {when}")
+
+    def _failure(self, code: ErrorCode, detail: str, *, fallback: bool = False) -> RouteFailure:
+        return RouteFailure(code, printable(f"{self._kind}: {detail}", self._secrets), fallback)
+
+
+class AiohttpStream(StreamFailures):
+    """The async context manager `Backend.stream()` returns for an https backend; inside it,
+    the async iterator of the response body's bytes (after HTTP transfer decoding, as read)."""
 
     __slots__ = (
         "_body",
@@ -69,13 +109,10 @@ class UpstreamStream:
         "_eof",
         "_headers",
         "_http",
-        "_kind",
         "_response",
-        "_secrets",
         "_timed_out",
         "_url",
         "_watchdog",
-        "relayed",
     )
 
     def __init__(
@@ -89,21 +126,18 @@ class UpstreamStream:
         kind: str,
         secrets: tuple[str, ...] = (),
     ) -> None:
+        super().__init__(kind, secrets)
         self._http = http
         self._url = url
         self._headers = headers
         self._body = body
         self._deadline = deadline
-        self._kind = kind
-        self._secrets = secrets
         self._response: aiohttp.ClientResponse | None = None
         self._eof = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._timed_out = False
-        #: Body bytes yielded so far.
-        self.relayed = 0
 
-    async def __aenter__(self) -> UpstreamStream:
+    async def __aenter__(self) -> AiohttpStream:
         response: aiohttp.ClientResponse | None = None
         with anyio.CancelScope(deadline=self._deadline):
             try:
@@ -115,7 +149,7 @@ class UpstreamStream:
                     allow_redirects=False,
                 )
             except _UNREACHABLE as exc:
-                raise StreamFailed(self._unreachable(exc, fallback=True)) from None
+                raise StreamFailed(self._unreachable(_describe(exc))) from None
             except aiohttp.ClientError as exc:
                 raise StreamFailed(self._failure("backend_error", _describe(exc))) from None
         if response is None:
@@ -151,7 +185,7 @@ class UpstreamStream:
         else:
             response.close()  # anything else: drop the connection, the backend sees it close
 
-    def __aiter__(self) -> UpstreamStream:
+    def __aiter__(self) -> AiohttpStream:
         return self
 
     async def __anext__(self) -> bytes:
@@ -163,7 +197,7 @@ class UpstreamStream:
         except (aiohttp.ClientError, OSError) as exc:
             if self._timed_out:
                 raise StreamFailed(self._timeout(f"after {self.relayed} bytes")) from None
-            raise StreamFailed(self._broken(exc)) from None
+            raise StreamFailed(self._broken(_describe(exc))) from None
         if not data:
             self._eof = True
             raise StopAsyncIteration
@@ -194,23 +228,6 @@ class UpstreamStream:
             except (aiohttp.ClientError, OSError):
                 pass  # keep what arrived; the status is the failure
         return b"".join(parts)
-
-    def _broken(self, exc: BaseException) -> RouteFailure:
-        if self.relayed == 0:
-            return self._unreachable(exc, fallback=True)
-        return self._failure(
-            "backend_error",
-            f"the answer broke off after {self.relayed} bytes ({_describe(exc)})",
-        )
-
-    def _unreachable(self, exc: BaseException, *, fallback: bool) -> RouteFailure:
-        return self._failure("backend_unreachable", _describe(exc), fallback=fallback)
-
-    def _timeout(self, when: str) -> RouteFailure:
-        return self._failure("backend_timeout", f"the job's deadline passed {when}")
-
-    def _failure(self, code: ErrorCode, detail: str, *, fallback: bool = False) -> RouteFailure:
-        return RouteFailure(code, printable(f"{self._kind}: {detail}", self._secrets), fallback)
 
 
 def _describe(exc: BaseException) -> str:

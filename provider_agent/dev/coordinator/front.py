@@ -113,9 +113,14 @@ class PendingJob:
         self._send, self._receive = anyio.create_memory_object_stream[Relayed](JOB_QUEUE_FRAMES)
 
     async def deliver(self, item: Relayed) -> None:
-        """Queue for the client, waiting while it is full; dropped once the client is gone."""
+        """Queue for the client, waiting only while it is full (the agent's reader then reads
+        every frame already received before yielding, so arrival stamps stay true under
+        load); dropped once the client is gone."""
         try:
-            await self._send.send(item)
+            try:
+                self._send.send_nowait(item)
+            except anyio.WouldBlock:
+                await self._send.send(item)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             log.debug("nobody waits for job_id=%s any more; frame dropped", self.record.job_id)
 
