@@ -127,6 +127,12 @@ class PendingJob:
     async def next(self) -> Relayed | _Lost:
         """The next item; `LOST` once the connection ended and what it delivered is read."""
         try:
+            return self._receive.receive_nowait()  # no checkpoint when one is waiting
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            return LOST
+        try:
             return await self._receive.receive()
         except anyio.EndOfStream:
             return LOST

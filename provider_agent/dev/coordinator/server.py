@@ -178,7 +178,8 @@ class DevCoordinator:
         self._links: dict[str, _Link] = {}
         self._open: set[_Link] = set()
         self._pending: dict[str, PendingJob] = {}
-        self._changed_event = anyio.Event()
+        #: Set on the next change; made only when a `wait_for` waits (a frame costs no Event).
+        self._changed_event: anyio.Event | None = None
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -280,6 +281,8 @@ class DevCoordinator:
         (frame, connection change, job), so tests synchronise without sleeping."""
         with anyio.fail_after(timeout):
             while True:
+                if self._changed_event is None:
+                    self._changed_event = anyio.Event()
                 event = self._changed_event
                 value = predicate(self)
                 if value:
@@ -425,8 +428,9 @@ class DevCoordinator:
         return link
 
     def _changed(self) -> None:
-        self._changed_event.set()
-        self._changed_event = anyio.Event()
+        event, self._changed_event = self._changed_event, None
+        if event is not None:
+            event.set()
 
     def _violation(self, provider_id: str | None, reason: str, text: str | bytes) -> None:
         violation = Violation(reason=reason, provider_id=provider_id, frame=excerpt(text))
