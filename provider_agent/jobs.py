@@ -352,11 +352,12 @@ class Executor:
         next_progress = self.tick() + PROGRESS_EVERY_S
         async with stream(job.format, body, running.deadline) as chunks:
             async for data in chunks:
-                if running.first_byte_at is None:
+                first = running.first_byte_at is None
+                if first:
                     running.first_byte_at = self.clock()
                 meter.feed(data)
                 running.relayed += len(data)
-                if self.outbound.chunk(job_id, data) > BACKPRESSURE_BYTES:
+                if self.outbound.chunk(job_id, data, first=first) > BACKPRESSURE_BYTES:
                     with anyio.move_on_after(SEND_STALL_S) as stalled:
                         await self.outbound.sent_down_to(job_id, BACKPRESSURE_BYTES)
                     if stalled.cancelled_caught:

@@ -15,13 +15,19 @@ the socket. Lanes, in the order a writer's batch takes them:
 `take()` is pure bookkeeping (no I/O), so the rules are tested without a socket; `batches()` is
 what a writer iterates. A batch says which terminal frames it carries, so the session can report
 them written and confirm their delivery (a ping after them, or `job_ack`).
+
+One exception to "wait for the writer": a job's FIRST bytes. While the writer is idle, the session
+lends the lanes a synchronous `SendNow` (`attach`), and `chunk(..., first=True)` hands that job's
+frame to it at once, from the relay's own step: a job's time to first token then does not wait
+a loop round for the writer (bench/relay.py: added TTFT p50 about 2.2 → 1.5 ms at 256 streams).
+Later bytes coalesce as before, which is what keeps the cost per event low.
 """
 
 from __future__ import annotations
 
 import base64
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -30,6 +36,9 @@ import orjson
 #: One frame carries at most 1 MiB of JSON (a coordinator's default limit; protocol.md §4).
 MAX_FRAME_JSON = 1024 * 1024
 CONTROL_ORDER = ("capabilities", "heartbeat")
+#: Writes frames on the spot and says whether it did (False: the writer is busy or the socket is
+#: not open; the frames then wait in their lane).
+SendNow = Callable[[list[str]], bool]
 
 
 @dataclass
@@ -73,6 +82,7 @@ class Outbound:
         self._wakeup = anyio.Event()
         self._progress = anyio.Event()
         self._finished = False
+        self._send_now: SendNow | None = None
 
     # --- producers: never block ------------------------------------------------------------------
 
@@ -81,14 +91,39 @@ class Outbound:
         self._control[kind] = text
         self._wake()
 
-    def chunk(self, job_id: str, data: bytes) -> int:
-        """Append upstream bytes of a job; returns how many of its bytes now wait to be sent."""
+    def chunk(self, job_id: str, data: bytes, *, first: bool = False) -> int:
+        """Append upstream bytes of a job; returns how many of its bytes now wait to be sent.
+
+        `first`: the job's first bytes, sent at once when the session lent a `SendNow` and no
+        undelivered frame of an earlier connection waits (those go first after `auth_ok`)."""
         pending = self._chunks.get(job_id)
         if pending is None:
+            if first and self._sent_now(job_id, data):
+                return 0
             pending = self._chunks[job_id] = bytearray()
         pending += data
         self._wake()
         return len(pending)
+
+    def _sent_now(self, job_id: str, data: bytes) -> bool:
+        """Send a job's first bytes on the spot, and with them every job's waiting bytes (among
+        them first bytes that found the writer busy a moment ago)."""
+        send_now = self._send_now
+        if send_now is None or self._resend or len(data) > ALWAYS_FITS:
+            return False
+        waiting = [job for job, pending in self._chunks.items() if len(pending) <= ALWAYS_FITS]
+        frames = [chunk_frame(job, bytes(self._chunks[job])) for job in waiting]
+        frames.append(chunk_frame(job_id, data))
+        if not send_now(frames):
+            return False
+        for job in waiting:
+            del self._chunks[job]
+        self._sent()
+        return True
+
+    def attach(self, send_now: SendNow | None) -> None:
+        """The session's writer lends (or, with None, takes back) its on-the-spot sender."""
+        self._send_now = send_now
 
     def terminal(self, job_id: str, text: str) -> None:
         """A terminal frame, sent after every byte of its job that is still waiting."""
@@ -154,8 +189,7 @@ class Outbound:
                 batch.terminal_ids.append(job_id)
         self._terminal = kept
         if batch.frames:
-            self._progress.set()
-            self._progress = anyio.Event()
+            self._sent()
         return batch
 
     def idle(self) -> bool:
@@ -180,3 +214,8 @@ class Outbound:
 
     def _wake(self) -> None:
         self._wakeup.set()
+
+    def _sent(self) -> None:
+        """Bytes left the lanes: whoever waits in `sent_down_to` looks again."""
+        self._progress.set()
+        self._progress = anyio.Event()

@@ -19,6 +19,7 @@ import anyio.abc
 import anyio.lowlevel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as SocketState
 
 from provider_agent import __version__
 from provider_agent.backends.base import USER_AGENT
@@ -297,10 +298,23 @@ class Session:
 
     async def _writer(self, ws: ClientConnection, scope: anyio.CancelScope) -> None:
         """The one sender. Ends the session when the lanes finish (graceful stop) or the socket
-        fails."""
+        fails. While it waits for frames it lends the lanes `send_now` (a job's first bytes)."""
+        writing = False
+
+        def send_now(frames: list[str]) -> bool:
+            if writing or ws.protocol.state is not SocketState.OPEN or ws.paused:
+                return False
+            for frame in frames:
+                ws.protocol.send_text(frame.encode())
+            ws.send_data()
+            return True
+
+        self.outbound.attach(send_now)
         try:
             async for batch in self.outbound.batches():
+                writing = True
                 await send_all(ws, batch.frames)
+                writing = False
                 if batch.terminal_ids:
                     for action in self.core.handle(Written(tuple(batch.terminal_ids))):
                         await self._perform(action, ws)
@@ -308,6 +322,7 @@ class Session:
         except ConnectionClosed:
             pass  # the reader or `_end_of` says why
         finally:
+            self.outbound.attach(None)
             scope.cancel()
 
     async def _reader(self, ws: ClientConnection, scope: anyio.CancelScope) -> None:

@@ -140,3 +140,68 @@ async def test_sent_down_to_waits_for_the_writer() -> None:
         assert not released.is_set()
         out.take()
         await released.wait()
+
+
+# --- a job's first bytes, sent on the spot -------------------------------------------------------
+
+
+class Spot:
+    """A writer's on-the-spot sender: records what it sent, or refuses while `busy`."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.busy = False
+
+    def __call__(self, frames: list[str]) -> bool:
+        if self.busy:
+            return False
+        self.sent.extend(frames)
+        return True
+
+
+def test_a_jobs_first_bytes_leave_at_once_through_the_lent_sender() -> None:
+    out, spot = Outbound(), Spot()
+    out.attach(spot)
+    assert out.chunk("j", b"data: first\n\n", first=True) == 0
+    assert spot.sent == [chunk_frame("j", b"data: first\n\n")]
+    assert out.idle()  # nothing left for the writer
+    out.chunk("j", b"data: second\n\n")  # later bytes coalesce in the lane as before
+    assert spot.sent == [chunk_frame("j", b"data: first\n\n")]
+    assert [chunk_bytes(f) for f in out.take().frames] == [b"data: second\n\n"]
+
+
+def test_first_bytes_wait_in_the_lane_when_they_cannot_leave_at_once() -> None:
+    out, spot = Outbound(), Spot()
+    out.chunk("no-sender", b"a", first=True)  # no writer lent one
+    out.attach(spot)
+    spot.busy = True
+    out.chunk("busy", b"b", first=True)  # the writer is mid-write
+    spot.busy = False
+    out.chunk("no-sender", b"c", first=True)  # bytes already wait: order first
+    out.chunk("huge", b"x" * (MAX_FRAME_JSON + 1), first=True)  # needs the lane's splitting
+    out.attach(None)
+    out.chunk("taken-back", b"d", first=True)
+    assert spot.sent == []
+    frames = out.take().frames
+    assert [decoded(f)["job_id"] for f in frames] == ["no-sender", "busy", "huge", "taken-back"]
+    assert chunk_bytes(frames[0]) == b"ac"
+
+
+def test_first_bytes_take_every_jobs_waiting_bytes_along() -> None:
+    out, spot = Outbound(), Spot()
+    out.chunk("a", b"1", first=True)  # no sender yet: waits
+    out.chunk("a", b"2")
+    out.chunk("big", b"x" * (MAX_FRAME_JSON + 1))  # too big for one frame: left to the writer
+    out.attach(spot)
+    out.chunk("b", b"3", first=True)
+    assert spot.sent == [chunk_frame("a", b"12"), chunk_frame("b", b"3")]
+    assert out.pending("a") == 0 and out.pending("big") == MAX_FRAME_JSON + 1
+
+
+def test_first_bytes_never_overtake_frames_resent_after_a_reconnect() -> None:
+    out, spot = Outbound(), Spot()
+    out.begin([("old", "done-old")])
+    out.attach(spot)
+    out.chunk("new", b"data: x\n\n", first=True)
+    assert spot.sent == []
+    assert out.take().frames == ["done-old", chunk_frame("new", b"data: x\n\n")]
