@@ -42,16 +42,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import orjson
 from _common import BenchError, cpu_seconds, free_port, peak_rss_mb, percentile, verdict
 from aiohttp import web
 
+_T = TypeVar("_T")
 MODEL = "m"
 TARGET_RATIO = 1.1
 TARGET_ADDED_P50_MS = 2.0
@@ -166,8 +167,7 @@ class StreamClient(asyncio.Protocol):
         self.tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.request)
+        cast(asyncio.Transport, transport).write(self.request)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -362,6 +362,8 @@ class Pair:
     through: Round
     agent_cpu_s: float
     coordinator_cpu_s: float
+    #: The simulated backend's CPU seconds in the direct round and in the round via the agent.
+    backend_cpu_s: tuple[float, float]
     agent_rss_mb: float
     events: int
 
@@ -425,9 +427,10 @@ async def run_pair(
     http: aiohttp.ClientSession,
     backend_port: int,
     coordinator_port: int,
+    *,
     agent: Child,
     coordinator: Child,
-    *,
+    backend_child: Child,
     label: str,
     streams: int,
     rate: float,
@@ -436,9 +439,12 @@ async def run_pair(
     backend = f"http://127.0.0.1:{backend_port}"
     async with http.post(f"{backend}/reset", params={"rate": str(rate)}) as response:
         response.raise_for_status()
+    backend_cpu = cpu_seconds(backend_child.process.pid)
     direct = await measure(
         http, backend, backend_port, label=f"{label}d", streams=streams, tokens=tokens
     )
+    backend_direct_cpu = cpu_seconds(backend_child.process.pid) - backend_cpu
+    backend_cpu = cpu_seconds(backend_child.process.pid)
     agent_cpu, coord_cpu = cpu_seconds(agent.process.pid), cpu_seconds(coordinator.process.pid)
     through = await measure(
         http,
@@ -455,6 +461,7 @@ async def run_pair(
         through=through,
         agent_cpu_s=cpu_seconds(agent.process.pid) - agent_cpu,
         coordinator_cpu_s=cpu_seconds(coordinator.process.pid) - coord_cpu,
+        backend_cpu_s=(backend_direct_cpu, cpu_seconds(backend_child.process.pid) - backend_cpu),
         agent_rss_mb=peak_rss_mb(agent.process.pid),
         events=streams * tokens,
     )
@@ -588,6 +595,12 @@ def print_table(runs: Runs, streams: int, tokens: int, *, held_to_targets: bool)
             "",
         ),
         (
+            "backend µs/event",
+            f"{runs.median(lambda p: p.backend_cpu_s[0] / p.events * 1e6):.1f}",
+            f"{runs.median(lambda p: p.backend_cpu_s[1] / p.events * 1e6):.1f}",
+            "",
+        ),
+        (
             "failed streams",
             str(sum(p.direct.failed for p in runs.pairs)),
             str(sum(p.through.failed for p in runs.pairs)),
@@ -660,8 +673,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
                         http,
                         backend_port,
                         coordinator_port,
-                        agent,
-                        coordinator,
+                        agent=agent,
+                        coordinator=coordinator,
+                        backend_child=backend,
                         label=f"r{n}x{k}",
                         streams=args.streams,
                         rate=rate,
@@ -690,6 +704,17 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
     return 1 if missed else 0
 
 
+def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
+    """On uvloop where installed, as the agent and the reference coordinator run: the harness's
+    own processes (the simulated backend, the clients) then take less of the two cores that
+    the agent's figures depend on."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=256, help="concurrent streams (256)")
@@ -709,7 +734,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve_backend is not None:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_backend(args.serve_backend, args.tokens_per_s, args.tokens))
+            run_loop(serve_backend(args.serve_backend, args.tokens_per_s, args.tokens))
         return 0
     if args.streams < 1 or args.rate <= 0 or args.tokens < 1 or args.repeat < 1:
         parser.error("--streams, --rate, --tokens and --repeat must be positive")
@@ -717,7 +742,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as workdir:
         try:
-            return asyncio.run(bench(args, Path(workdir)))
+            return run_loop(bench(args, Path(workdir)))
         except BenchError as exc:
             print(f"relay: cannot run: {exc}", file=sys.stderr)
             return 2

@@ -71,7 +71,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from typing import Any, Final, Literal, Self, TypeVar, cast
 
 import anyio
 import orjson
@@ -687,8 +687,7 @@ class _Reset(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        assert isinstance(transport, asyncio.Transport)
-        transport.abort()
+        cast(asyncio.Transport, transport).abort()  # uvloop's transports are not subclasses
 
 
 Handler = Callable[[web.Request, SimRequest], Awaitable[web.StreamResponse]]
@@ -711,7 +710,7 @@ class _PacedStream:
         interval: float,
         chunked: bool,
     ) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = cast(asyncio.WriteTransport, transport)  # uvloop's are not subclasses
 
         def frame(data: bytes) -> bytes:  # what aiohttp's chunked writer would send
             return b"%x\r\n%b\r\n" % (len(data), data) if chunked else data
