@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -111,11 +111,34 @@ class PendingJob:
         self.attempt = attempt
         self.lost = False
         self._send, self._receive = anyio.create_memory_object_stream[Relayed](JOB_QUEUE_FRAMES)
+        #: The client's streaming response, once the handler hands it over (`stream_to`).
+        self._sink: Callable[[bytes], Awaitable[None]] | None = None
+
+    def stream_to(self, write: Callable[[bytes], Awaitable[None]]) -> bool:
+        """The client's response streams: from now on the agent's reader writes the job's bytes
+        to it itself (no hop through the handler's task per token). Only while nothing waits
+        in the queue, so bytes keep their order; the handler still gets the terminal frame."""
+        if self._receive.statistics().current_buffer_used:
+            return False
+        self._sink = write
+        return True
 
     async def deliver(self, item: Relayed) -> None:
         """Queue for the client, waiting only while it is full (the agent's reader then reads
         every frame already received before yielding, so arrival stamps stay true under
-        load); dropped once the client is gone."""
+        load); dropped once the client is gone. Bytes go straight to a streaming response."""
+        sink = self._sink
+        if sink is not None and isinstance(item, bytes):
+            try:
+                await sink(item)
+            except ConnectionError:  # the client left: its handler ends (and cancels the job)
+                log.debug("the client of job_id=%s left; bytes dropped", self.record.job_id)
+                self._sink = None
+                self._send.close()
+            except RuntimeError:  # written after the handler ended the response (its deadline)
+                if self._sink is sink:
+                    raise
+            return
         try:
             try:
                 self._send.send_nowait(item)
@@ -142,8 +165,13 @@ class PendingJob:
         self.lost = True
         self._send.close()
 
+    def unstream(self) -> None:
+        """The handler ends the response: bytes go to the queue again (and are dropped)."""
+        self._sink = None
+
     def abandon(self) -> None:
         """The client is done: later deliveries are dropped, a blocked one goes on."""
+        self._sink = None
         self._receive.close()
         self._send.close()
 
@@ -230,8 +258,10 @@ async def _relay(request: web.Request, pending: PendingJob, budget_s: float) -> 
                 if response is None:
                     response = await _start_stream(request, record)
                 await response.write(item)
+                pending.stream_to(response.write)
                 continue
             if response is not None:
+                pending.unstream()
                 await response.write_eof()
                 return response
             if isinstance(item, JobDone):
@@ -243,6 +273,7 @@ async def _relay(request: web.Request, pending: PendingJob, budget_s: float) -> 
                 return _error(status, item.error_code, item.message, record)
             return _error(502, "connection_lost", "the agent's connection ended", record)
     log.warning("job timed out job_id=%s", record.job_id)
+    pending.unstream()
     if response is not None:
         await response.write_eof()
         return response
