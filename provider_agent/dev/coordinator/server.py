@@ -178,6 +178,9 @@ class DevCoordinator:
         self._links: dict[str, _Link] = {}
         self._open: set[_Link] = set()
         self._pending: dict[str, PendingJob] = {}
+        #: One job frame goes out per turn of the event loop: a burst of HTTP requests then
+        #: never keeps the agents' frames unread (their arrival times are what benchmarks read).
+        self._dispatch_turn = anyio.Lock()
         #: Set on the next change; made only when a `wait_for` waits (a frame costs no Event).
         self._changed_event: anyio.Event | None = None
         self._runner: web.AppRunner | None = None
@@ -378,18 +381,21 @@ class DevCoordinator:
         """Send `job` to a connected agent for an HTTP client and yield what the agent relays
         (None: the connection ended before it went out). On exit, a job still running at the
         agent is cancelled there."""
-        link = self._links[provider_id]
-        record = self._dispatched(link, job)
-        pending = self._pending[job.job_id] = PendingJob(record, link.attempt.index)
-        log.info(
-            "job dispatched job_id=%s provider_id=%s model=%s format=%s",
-            job.job_id,
-            provider_id,
-            job.model_id,
-            job.format,
-        )
+        async with self._dispatch_turn:
+            link = self._links[provider_id]
+            record = self._dispatched(link, job)
+            pending = self._pending[job.job_id] = PendingJob(record, link.attempt.index)
+            log.info(
+                "job dispatched job_id=%s provider_id=%s model=%s format=%s",
+                job.job_id,
+                provider_id,
+                job.model_id,
+                job.format,
+            )
+            sent = await self._send_quietly(link, job)
+            await anyio.lowlevel.checkpoint()
         try:
-            yield pending if await self._send_quietly(link, job) else None
+            yield pending if sent else None
         finally:
             del self._pending[job.job_id]
             pending.abandon()
