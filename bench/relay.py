@@ -1,6 +1,6 @@
 """Benchmark: the hot path, the same streaming load direct to a backend and through the agent.
 
-    .venv/bin/python bench/relay.py [--streams 256] [--rate 40] [--tokens 200] [--repeat 3]
+    .venv/bin/python bench/relay.py [--streams 256] [--rate 40] [--tokens 200] [--repeat 5]
                                     [--no-double]
 
 Three separate processes on loopback: a simulated vLLM (this file, `--serve-backend`), the
@@ -20,7 +20,7 @@ Figures (targets from docs' benchmarks contract):
 - agent CPU (utime + stime from /proc/<pid>/stat) per relayed token event (≤ 40 µs) and the
   ceiling it implies (events/s one core relays);
 - agent peak RSS (VmHWM from /proc/<pid>/status, ≤ 150 MB, MB = 2**20 bytes).
-The pair (direct, then through the agent) runs `--repeat` times (3) against the same processes
+The pair (direct, then through the agent) runs `--repeat` times (5) against the same processes
 and every figure is the median of the runs (the RSS: the highest): a shared 2-core machine
 where four processes compete is noisy, and one lucky or unlucky run decides nothing. Each run's
 own figures are printed too.
@@ -728,7 +728,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="tokens/s per stream (40)")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per response (200)")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="runs of each pair; figures are medians (3)"
+        "--repeat", type=int, default=5, help="runs of each pair; figures are medians (5)"
     )
     parser.add_argument(
         "--double",
