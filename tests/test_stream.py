@@ -159,6 +159,17 @@ async def test_relays_the_body_verbatim_with_our_headers_only(
     assert ("anthropic-version" in headers) == (fmt == "anthropic")
 
 
+async def test_a_backend_named_by_hostname_is_reached(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    """`localhost` resolves to ::1 and 127.0.0.1; the server listens on the second only."""
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler([b"data: [DONE]\n\n"]))
+    url = fake_server.url.replace("127.0.0.1", "localhost")
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", url, http_session)) == b"data: [DONE]\n\n"
+    assert fake_server.requests[0].headers["Host"] == url.removeprefix("http://")
+
+
 async def test_a_local_backend_without_a_key_sends_no_authorization(
     fake_server: FakeServer, http_session: aiohttp.ClientSession
 ) -> None:
