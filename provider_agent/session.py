@@ -302,7 +302,12 @@ class Session:
         writing = False
 
         def send_now(frames: list[str]) -> bool:
-            if writing or ws.protocol.state is not SocketState.OPEN or ws.paused:
+            if (
+                writing
+                or ws.protocol.state is not SocketState.OPEN
+                or ws.paused
+                or ws.transport.is_closing()
+            ):
                 return False
             for frame in frames:
                 ws.protocol.send_text(frame.encode())
