@@ -44,7 +44,7 @@ from provider_agent.outbox import FILE_NAME as OUTBOX_FILE
 from provider_agent.outbox import UNDELIVERED_KEEP_S, describe_sqlite_error
 from provider_agent.probe import tiny_completion
 from provider_agent.protocol import AuthChallenge, GpuSample, decode
-from provider_agent.telemetry import GpuTelemetry, Nvml, load_nvml
+from provider_agent.telemetry import PACKAGE_MISSING, GpuTelemetry, Nvml, load_nvml
 from provider_agent.text import printable
 
 Grade = Literal["ok", "warn", "fail"]
@@ -518,18 +518,21 @@ def _read_depth(path: Path) -> tuple[int, float | None] | None:
     return int(count), max(0.0, time.time() - oldest_ms / 1000)
 
 
-async def check_nvml(config: Config, load: Callable[[], Nvml | None] = load_nvml) -> list[Check]:
+async def check_nvml(config: Config, load: Callable[[], Nvml | str] = load_nvml) -> list[Check]:
     """NVML through the agent's own telemetry (the same sampling the heartbeat uses: a worker
     thread under a deadline, since a wedged driver can hang it): the driver and each GPU."""
     if config.telemetry.gpu == "off":
         return [Check("nvml", "ok", "GPU telemetry is off ([telemetry] gpu)")]
     device = nvidia_device_present()
     nvml = load()
-    if nvml is None:
-        if device:
+    if isinstance(nvml, str):
+        if not device:
+            return [Check("nvml", "ok", "no NVIDIA driver: no GPU telemetry")]
+        if nvml == PACKAGE_MISSING:
             hint = "install nvidia-ml-py into the agent's environment"
             return [Check("nvml", "warn", "NVIDIA driver present, nvidia-ml-py missing", hint)]
-        return [Check("nvml", "ok", "no NVIDIA driver: no GPU telemetry")]
+        detail = printable(f"NVIDIA device present, but {nvml}", TEXT_LIMIT)
+        return [Check("nvml", "fail", detail, "check `nvidia-smi` (is the driver installed?)")]
     telemetry = GpuTelemetry(
         lambda: nvml, init_timeout_s=NVML_TIMEOUT_S, sample_timeout_s=NVML_TIMEOUT_S
     )

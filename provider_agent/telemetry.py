@@ -22,7 +22,9 @@ heartbeat reads `latest`, never NVML.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -49,12 +51,23 @@ MIB = 2**20
 Nvml = Any
 
 
-def load_nvml() -> Nvml | None:
-    """`pynvml`, imported only when telemetry is on; None when the package is not installed."""
+#: The driver's library, as pynvml loads it on Linux.
+NVML_LIBRARY = "libnvidia-ml.so.1"
+PACKAGE_MISSING = "the nvidia-ml-py package is not installed"
+
+
+def load_nvml() -> Nvml | str:
+    """`pynvml`, imported only when telemetry is on and NVIDIA's library loads; else why not.
+    pynvml is ~3 MB of Python: a host without the driver (a BYOK-only host) never imports it."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(NVML_LIBRARY)
+        except OSError as exc:
+            return f"NVML unavailable ({exc})"
     try:
         import pynvml
     except ImportError:
-        return None
+        return PACKAGE_MISSING
     return pynvml
 
 
@@ -208,7 +221,7 @@ class GpuTelemetry:
 
     def __init__(
         self,
-        load: Callable[[], Nvml | None] = load_nvml,
+        load: Callable[[], Nvml | str] = load_nvml,
         *,
         init_timeout_s: float = INIT_TIMEOUT_S,
         sample_timeout_s: float = SAMPLE_TIMEOUT_S,
@@ -275,8 +288,8 @@ class GpuTelemetry:
         if self.absent:
             return None
         nvml = self._load()
-        if nvml is None:
-            self._give_up("the nvidia-ml-py package is not installed")
+        if isinstance(nvml, str):
+            self._give_up(nvml)
             return None
         self._reader = NvmlReader(nvml)
         return self._reader

@@ -44,6 +44,7 @@ from provider_agent.doctor import (
 )
 from provider_agent.identity import load_or_create
 from provider_agent.outbox import Outbox
+from provider_agent.telemetry import PACKAGE_MISSING
 from tests.agent_harness import agent_where, running_agent, write_config
 from tests.nvml_stand_in import StandInGpu, StandInNvml, gpu_lost
 
@@ -259,11 +260,16 @@ async def test_nvml_that_raises_means_no_driver_here(
 async def test_nvml_without_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = config_for(tmp_path)
     monkeypatch.setattr(doctor, "nvidia_device_present", lambda: True)
-    [missing] = await check_nvml(config, lambda: None)
+    [missing] = await check_nvml(config, lambda: PACKAGE_MISSING)
     assert missing.grade == "warn" and missing.hint and "nvidia-ml-py" in missing.hint
+    no_library = "NVML unavailable (libnvidia-ml.so.1: cannot open shared object file)"
+    [broken] = await check_nvml(config, lambda: no_library)
+    assert broken.grade == "fail" and "libnvidia-ml.so.1" in broken.detail
     monkeypatch.setattr(doctor, "nvidia_device_present", lambda: False)
-    [none] = await check_nvml(config, lambda: None)
+    [none] = await check_nvml(config, lambda: PACKAGE_MISSING)
     assert none.grade == "ok" and "no NVIDIA driver" in none.detail
+    [no_driver] = await check_nvml(config, lambda: no_library)
+    assert no_driver.grade == "ok" and "no NVIDIA driver" in no_driver.detail
 
 
 async def test_nvml_is_not_asked_with_telemetry_off(tmp_path: Path) -> None:
