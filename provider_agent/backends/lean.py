@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import anyio
 import httptools
 
-from provider_agent.backends.stream import CONNECT_TIMEOUT_S, ERROR_BODY_CAP, StreamFailures
+from provider_agent.backends.stream import CONNECT_TIMEOUT_S, ERROR_BODY_CAP, UpstreamBody
 from provider_agent.errors import StreamFailed
 from provider_agent.upstream import RouteFailure, error_for_status
 
@@ -168,20 +167,11 @@ def request_head(url: str, headers: Mapping[str, str], length: int) -> tuple[str
     return host, parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-class LeanStream(StreamFailures):
+class LeanStream(UpstreamBody):
     """The async context manager `Backend.stream()` returns for a plain-HTTP backend; inside
     it, the async iterator of the response body's bytes (after transfer decoding, as read)."""
 
-    __slots__ = (
-        "_deadline",
-        "_eof",
-        "_exchange",
-        "_host",
-        "_port",
-        "_request",
-        "_timed_out",
-        "_watchdog",
-    )
+    __slots__ = ("_exchange", "_host", "_port", "_request")
 
     def __init__(
         self,
@@ -193,14 +183,10 @@ class LeanStream(StreamFailures):
         kind: str,
         secrets: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(kind, secrets)
+        super().__init__(kind, secrets, deadline)
         self._host, self._port, head = request_head(url, headers, len(body))
         self._request = head + body
-        self._deadline = deadline
         self._exchange: Exchange | None = None
-        self._eof = False
-        self._timed_out = False
-        self._watchdog: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> LeanStream:
         if anyio.current_time() >= self._deadline:
@@ -235,28 +221,7 @@ class LeanStream(StreamFailures):
                 error_for_status(exchange.status, self._kind, excerpt, self._secrets)
             )
         self._exchange = exchange
-        # The body's deadline is one timer, not a cancel scope around every read.
-        self._watchdog = loop.call_at(self._deadline, self._expire)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        exchange, self._exchange = self._exchange, None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if exchange is None:
-            return
-        if self._eof and exc_type is None:
-            exchange.close()
-        else:
-            exchange.abort()  # anything else: drop it, the backend sees the client go
-
-    def __aiter__(self) -> LeanStream:
+        self._watch_deadline()
         return self
 
     async def __anext__(self) -> bytes:
@@ -283,13 +248,21 @@ class LeanStream(StreamFailures):
             return self._broken(words)
         return self._cut_short(words) if self.relayed else self._failure("backend_error", words)
 
-    def _expire(self) -> None:
-        """The deadline passed while the body streams: drop the connection (the backend sees
-        it go even if nobody is reading); the next read raises the timeout."""
+    def _drop(self) -> bool:
         exchange = self._exchange
-        if exchange is not None and not exchange.complete:
-            self._timed_out = True
-            exchange.abort()
+        if exchange is None or exchange.complete:
+            return False
+        exchange.abort()
+        return True
+
+    def _let_go(self, *, clean: bool) -> None:
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            return
+        if clean:
+            exchange.close()
+        else:
+            exchange.abort()  # anything else: drop it, the backend sees the client go
 
     async def _excerpt(self, exchange: Exchange) -> bytes:
         """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline; best effort, as

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
+from typing import Self
 
 import aiohttp
 import anyio
@@ -67,16 +68,56 @@ class RefusedStream:
         return None
 
 
-class StreamFailures:
-    """How both readers word a failure: the backend's kind first, no secrets, one line."""
+class UpstreamBody:
+    """What both readers share: failures worded the same way (the backend's kind first, no
+    secrets, one line), the body's deadline as one timer (a cancel scope around every read
+    costs microseconds on the hot path; anyio's clock on asyncio is the loop's), and the way
+    out: a body read to its end is let go cleanly, anything else drops the connection."""
 
-    __slots__ = ("_kind", "_secrets", "relayed")
+    __slots__ = ("_deadline", "_eof", "_kind", "_secrets", "_timed_out", "_watchdog", "relayed")
 
-    def __init__(self, kind: str, secrets: tuple[str, ...]) -> None:
+    def __init__(self, kind: str, secrets: tuple[str, ...], deadline: float) -> None:
         self._kind = kind
         self._secrets = secrets
+        self._deadline = deadline
+        #: The body was read to its end.
+        self._eof = False
+        #: The deadline passed while the body streamed (the next read raises the timeout).
+        self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
         #: Body bytes yielded so far.
         self.relayed = 0
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._let_go(clean=self._eof and exc_type is None)
+
+    def _watch_deadline(self) -> None:
+        """Once the body streams: when the deadline passes, the connection is dropped (the
+        backend sees it go even if nobody is reading)."""
+        self._watchdog = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+
+    def _expire(self) -> None:
+        if self._drop():
+            self._timed_out = True
+
+    def _drop(self) -> bool:
+        """Drop the connection if the body is still coming; whether it was."""
+        raise NotImplementedError
+
+    def _let_go(self, *, clean: bool) -> None:
+        """Leaving: release the connection (`clean`) or drop it."""
+        raise NotImplementedError
 
     def _broken(self, what: str) -> RouteFailure:
         """The connection failed: before the first byte the route is left for the next one."""
@@ -99,21 +140,11 @@ class StreamFailures:
         return RouteFailure(code, printable(f"{self._kind}: {detail}", self._secrets), fallback)
 
 
-class AiohttpStream(StreamFailures):
+class AiohttpStream(UpstreamBody):
     """The async context manager `Backend.stream()` returns for an https backend; inside it,
     the async iterator of the response body's bytes (after HTTP transfer decoding, as read)."""
 
-    __slots__ = (
-        "_body",
-        "_deadline",
-        "_eof",
-        "_headers",
-        "_http",
-        "_response",
-        "_timed_out",
-        "_url",
-        "_watchdog",
-    )
+    __slots__ = ("_body", "_headers", "_http", "_response", "_url")
 
     def __init__(
         self,
@@ -126,16 +157,12 @@ class AiohttpStream(StreamFailures):
         kind: str,
         secrets: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(kind, secrets)
+        super().__init__(kind, secrets, deadline)
         self._http = http
         self._url = url
         self._headers = headers
         self._body = body
-        self._deadline = deadline
         self._response: aiohttp.ClientResponse | None = None
-        self._eof = False
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._timed_out = False
 
     async def __aenter__(self) -> AiohttpStream:
         response: aiohttp.ClientResponse | None = None
@@ -163,29 +190,7 @@ class AiohttpStream(StreamFailures):
                 error_for_status(response.status, self._kind, excerpt, self._secrets)
             )
         self._response = response
-        # One timer for the body instead of a cancel scope around every read (a scope costs
-        # microseconds per read on the hot path). anyio's clock on asyncio is the loop's.
-        self._watchdog = asyncio.get_running_loop().call_at(self._deadline, self._expire)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        response, self._response = self._response, None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if response is None:
-            return
-        if self._eof and exc_type is None:
-            response.release()  # read to the end: the connection may serve the next request
-        else:
-            response.close()  # anything else: drop the connection, the backend sees it close
-
-    def __aiter__(self) -> AiohttpStream:
+        self._watch_deadline()
         return self
 
     async def __anext__(self) -> bytes:
@@ -204,12 +209,20 @@ class AiohttpStream(StreamFailures):
         self.relayed += len(data)
         return data
 
-    def _expire(self) -> None:
-        """The deadline passed while the body streams: drop the connection (the backend sees
-        it go even if nobody is reading); the next read raises the timeout."""
-        self._timed_out = True
-        if self._response is not None:
-            self._response.close()
+    def _drop(self) -> bool:
+        if self._response is None:
+            return False
+        self._response.close()
+        return True
+
+    def _let_go(self, *, clean: bool) -> None:
+        response, self._response = self._response, None
+        if response is None:
+            return
+        if clean:
+            response.release()  # read to the end: the connection may serve the next request
+        else:
+            response.close()  # anything else: drop the connection, the backend sees it close
 
     async def _excerpt(self, response: aiohttp.ClientResponse) -> bytes:
         """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline. Best effort: the
