@@ -52,6 +52,8 @@ import orjson
 from _common import BenchError, cpu_seconds, free_port, peak_rss_mb, percentile, verdict
 from aiohttp import web
 
+from provider_agent.runtime import event_loop_options, settle_heap
+
 _T = TypeVar("_T")
 MODEL = "m"
 TARGET_RATIO = 1.1
@@ -712,14 +714,16 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
 
 
 def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
-    """On uvloop where installed, as the agent and the reference coordinator run: the harness's
-    own processes (the simulated backend, the clients) then take less of the two cores that
-    the agent's figures depend on."""
-    try:
+    """On the loop the agent and the reference coordinator run on, with the heap settled as
+    theirs is (`provider_agent.runtime`): the harness's own processes (the simulated backend,
+    the clients) then take less of the two cores that the agent's figures depend on, and none
+    stalls every stream at once with a full garbage collection."""
+    settle_heap()
+    if event_loop_options().get("use_uvloop"):
         import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def main() -> int:

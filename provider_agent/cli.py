@@ -750,8 +750,9 @@ def _dev_coordinator(listen: str) -> int:
     except ValueError as exc:
         print(f"dev-coordinator: {exc}", file=sys.stderr)
         return 2  # a usage error, as argparse's own
-    from provider_agent.daemon import event_loop_options
+    from provider_agent.runtime import event_loop_options, settle_heap
 
+    settle_heap()
     try:
         anyio.run(serve, host, port, backend_options=event_loop_options())
     except KeyboardInterrupt:

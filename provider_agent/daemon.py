@@ -47,6 +47,7 @@ from provider_agent.outbox import Outbox, keep_days_of
 from provider_agent.probe import tiny_completion
 from provider_agent.protocol import Capabilities, ErrorCode, Heartbeat
 from provider_agent.ratelimit import TokenWindow
+from provider_agent.runtime import event_loop_options, settle_heap
 from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
 from provider_agent.systemd import Notifier
@@ -602,14 +603,5 @@ def run_daemon(config_path: Path, allow_insecure: bool, log_level: str | None) -
             log.error("cannot start: %s", exc)
             return 1
 
+    settle_heap()
     return anyio.run(main, backend_options=event_loop_options())
-
-
-def event_loop_options() -> dict[str, bool]:
-    """uvloop where it is installed (Linux: a default dependency) — it halves the relay's cost
-    per event (bench/relay.py); the stdlib loop elsewhere."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from provider_agent.backends.base import new_http_session
-from provider_agent.daemon import event_loop_options
+from provider_agent.runtime import event_loop_options
 
 
 def pytest_asyncio_loop_factories(
