@@ -26,6 +26,7 @@ Later bytes coalesce as before, which is what keeps the cost per event low.
 from __future__ import annotations
 
 import base64
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class Outbound:
         self._chunks: dict[str, bytearray] = {}
         self._terminal: deque[tuple[str, str]] = deque()
         self._wakeup = anyio.Event()
-        self._progress = anyio.Event()
+        #: Made by the first waiter in `sent_down_to`, so a batch nobody waits for makes none.
+        self._progress: anyio.Event | None = None
         self._finished = False
         self._send_now: SendNow | None = None
 
@@ -195,9 +197,11 @@ class Outbound:
     def idle(self) -> bool:
         return not (self._resend or self._control or self._chunks or self._terminal)
 
-    async def batches(self) -> AsyncIterator[Batch]:
+    async def batches(self, spacing_s: float = 0.0) -> AsyncIterator[Batch]:
         """What a writer iterates: a batch whenever something waits; ends after `finish()` once
-        everything has left."""
+        everything has left. `spacing_s`: a batch is taken at least that long after the previous
+        one, so what arrives in between leaves together (one write for many events)."""
+        taken_at = -math.inf
         while True:
             if self.idle():
                 if self._finished:
@@ -205,11 +209,17 @@ class Outbound:
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 continue
+            early = taken_at + spacing_s - anyio.current_time()
+            if early > 0 and not self._finished:
+                await anyio.sleep(early)
+            taken_at = anyio.current_time()
             yield self.take()
 
     async def sent_down_to(self, job_id: str, limit: int) -> None:
         """Wait until at most `limit` bytes of a job wait here (the job's backpressure)."""
         while self.pending(job_id) > limit:
+            if self._progress is None:
+                self._progress = anyio.Event()
             await self._progress.wait()
 
     def _wake(self) -> None:
@@ -217,5 +227,6 @@ class Outbound:
 
     def _sent(self) -> None:
         """Bytes left the lanes: whoever waits in `sent_down_to` looks again."""
-        self._progress.set()
-        self._progress = anyio.Event()
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None

@@ -64,6 +64,9 @@ PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 HANDSHAKE_TIMEOUT_S = 15.0
 CLOSE_GOING_AWAY = 1001
+#: The writer writes at most once a millisecond; whatever arrives in between leaves in the same
+#: write. A job's first bytes never wait for it (`Outbound.chunk(first=True)`).
+WRITE_SPACING_S = 0.001
 
 
 class SavesProviderId(Signer, Protocol):
@@ -82,6 +85,20 @@ async def send_all(ws: ClientConnection, frames: list[str]) -> None:
     async with ws.send_context():
         for frame in frames:
             ws.protocol.send_text(frame.encode())
+
+
+def write_at_once(ws: ClientConnection, frames: list[str]) -> bool:
+    """Write frames without awaiting, when nothing can make the write wait or fail here: the
+    socket is open, not paused by flow control, its transport not closing. Returns False,
+    having written nothing, otherwise (then `send_all` waits for the drain or the close)."""
+    if ws.protocol.state is not SocketState.OPEN or ws.paused or ws.transport.is_closing():
+        return False
+    for frame in frames:
+        ws.protocol.send_text(frame.encode())
+    # One writelines (one writev) for the lot: websockets' `send_data()` writes frame by frame.
+    # An open socket's pending data holds frames only, never the end-of-stream marker (b"").
+    ws.transport.writelines(ws.protocol.data_to_send())
+    return True
 
 
 async def _ignore_confirmed(job_ids: Sequence[str]) -> None:
@@ -302,24 +319,15 @@ class Session:
         writing = False
 
         def send_now(frames: list[str]) -> bool:
-            if (
-                writing
-                or ws.protocol.state is not SocketState.OPEN
-                or ws.paused
-                or ws.transport.is_closing()
-            ):
-                return False
-            for frame in frames:
-                ws.protocol.send_text(frame.encode())
-            ws.send_data()
-            return True
+            return not writing and write_at_once(ws, frames)
 
         self.outbound.attach(send_now)
         try:
-            async for batch in self.outbound.batches():
-                writing = True
-                await send_all(ws, batch.frames)
-                writing = False
+            async for batch in self.outbound.batches(WRITE_SPACING_S):
+                if not write_at_once(ws, batch.frames):
+                    writing = True
+                    await send_all(ws, batch.frames)
+                    writing = False
                 if batch.terminal_ids:
                     for action in self.core.handle(Written(tuple(batch.terminal_ids))):
                         await self._perform(action, ws)

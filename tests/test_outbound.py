@@ -125,6 +125,48 @@ async def test_writer_batches_end_after_finish_once_everything_left() -> None:
     assert written == [chunk_frame("j", b"one"), "done"]
 
 
+async def test_spaced_batches_gather_what_arrives_between_them() -> None:
+    out = Outbound()
+    taken: list[tuple[float, list[str]]] = []
+    spacing = 0.05
+
+    async def writer() -> None:
+        async for batch in out.batches(spacing):
+            taken.append((anyio.current_time(), batch.frames))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(writer)
+        out.chunk("a", b"1")
+        await out.sent_down_to("a", 0)  # the first batch leaves at once
+        for job in ("b", "c", "d"):
+            out.chunk(job, b"2")
+            await anyio.lowlevel.checkpoint()  # the writer runs between them: it must wait
+        await out.sent_down_to("d", 0)
+        out.finish()
+    assert [frames for _, frames in taken] == [
+        [chunk_frame("a", b"1")],
+        [chunk_frame(job, b"2") for job in ("b", "c", "d")],
+    ]
+    assert taken[1][0] - taken[0][0] >= spacing
+
+
+async def test_a_finished_writer_does_not_wait_out_its_spacing() -> None:
+    out = Outbound()
+    out.chunk("a", b"1")
+    async with anyio.create_task_group() as group:
+
+        async def writer() -> None:
+            async for batch in out.batches(3600):
+                if batch.frames == [chunk_frame("a", b"1")]:
+                    out.chunk("b", b"2")  # one more after the first batch, then the stop
+                    out.finish()
+
+        group.start_soon(writer)
+        with anyio.fail_after(5):  # spacing would be an hour: finish() cut it short
+            await out.sent_down_to("b", 0)
+    assert out.idle()
+
+
 async def test_sent_down_to_waits_for_the_writer() -> None:
     out = Outbound()
     out.chunk("j", b"x" * 1000)
