@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -209,10 +210,10 @@ class Outbound:
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 continue
-            early = taken_at + spacing_s - anyio.current_time()
+            early = taken_at + spacing_s - time.monotonic()
             if early > 0 and not self._finished:
                 await anyio.sleep(early)
-            taken_at = anyio.current_time()
+            taken_at = time.monotonic()
             yield self.take()
 
     async def sent_down_to(self, job_id: str, limit: int) -> None:
