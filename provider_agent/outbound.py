@@ -20,7 +20,9 @@ One exception to "wait for the writer": a job's FIRST bytes. While the writer is
 lends the lanes a synchronous `SendNow` (`attach`), and `chunk(..., first=True)` hands that job's
 frame to it at once, from the relay's own step: a job's time to first token then does not wait
 a loop round for the writer (bench/relay.py, 256 streams: added TTFT p50 about 2.2 → 1.0 ms).
-Later bytes coalesce as before, which is what keeps the cost per event low.
+Later bytes coalesce: the session's writer takes a batch at most once a millisecond
+(`batches(spacing_s)`), so at 10,000 events/s one write carries about ten events' frames
+(bench/relay.py: 46 → 38 µs of agent CPU per event), at most 1 ms later than they came.
 """
 
 from __future__ import annotations
