@@ -24,7 +24,7 @@ import httptools
 
 from provider_agent.backends.stream import CONNECT_TIMEOUT_S, ERROR_BODY_CAP, UpstreamBody
 from provider_agent.errors import StreamFailed
-from provider_agent.upstream import RouteFailure, error_for_status
+from provider_agent.upstream import RouteFailure
 
 #: Body bytes held for a slow reader before the socket stops being read (TCP backpressure).
 READ_HIGH_WATER = 256 * 1024
@@ -212,17 +212,8 @@ class LeanStream(UpstreamBody):
             raise StreamFailed(self._faulted(*exchange.fault))
         if not exchange.headers_done:
             raise StreamFailed(self._timeout("before the backend answered"))
-        if not 200 <= exchange.status < 300:
-            try:
-                excerpt = await self._excerpt(exchange)
-            finally:
-                exchange.abort()
-            raise StreamFailed(
-                error_for_status(exchange.status, self._kind, excerpt, self._secrets)
-            )
         self._exchange = exchange
-        self._watch_deadline()
-        return self
+        return await self._answered(exchange.status)
 
     async def __anext__(self) -> bytes:
         exchange = self._exchange
@@ -264,9 +255,9 @@ class LeanStream(UpstreamBody):
         else:
             exchange.abort()  # anything else: drop it, the backend sees the client go
 
-    async def _excerpt(self, exchange: Exchange) -> bytes:
-        """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline; best effort, as
-        the status already decides the failure."""
+    async def _excerpt(self) -> bytes:
+        exchange = self._exchange
+        assert exchange is not None
         with anyio.CancelScope(deadline=self._deadline):
             while (
                 exchange.buffered < ERROR_BODY_CAP

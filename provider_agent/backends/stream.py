@@ -27,6 +27,7 @@ backend sees it go.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Self
@@ -68,7 +69,7 @@ class RefusedStream:
         return None
 
 
-class UpstreamBody:
+class UpstreamBody(ABC):
     """What both readers share: failures worded the same way (the backend's kind first, no
     secrets, one line), the body's deadline as one timer (a cancel scope around every read
     costs microseconds on the hot path; anyio's clock on asyncio is the loop's), and the way
@@ -111,13 +112,31 @@ class UpstreamBody:
         if self._drop():
             self._timed_out = True
 
+    async def _answered(self, status: int) -> Self:
+        """The answer's head is in and its connection held: a 2xx streams under the deadline's
+        watchdog; any other status is read for an excerpt, dropped and raised."""
+        if not 200 <= status < 300:
+            try:
+                excerpt = await self._excerpt()
+            finally:
+                self._let_go(clean=False)
+            raise StreamFailed(error_for_status(status, self._kind, excerpt, self._secrets))
+        self._watch_deadline()
+        return self
+
+    @abstractmethod
     def _drop(self) -> bool:
         """Drop the connection if the body is still coming; whether it was."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _let_go(self, *, clean: bool) -> None:
         """Leaving: release the connection (`clean`) or drop it."""
-        raise NotImplementedError
+
+    @abstractmethod
+    async def _excerpt(self) -> bytes:
+        """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline. Best effort: the
+        status already decides the failure, so a body that breaks off or does not come in time
+        just gives a shorter message."""
 
     def _broken(self, what: str) -> RouteFailure:
         """The connection failed: before the first byte the route is left for the next one."""
@@ -181,17 +200,8 @@ class AiohttpStream(UpstreamBody):
                 raise StreamFailed(self._failure("backend_error", _describe(exc))) from None
         if response is None:
             raise StreamFailed(self._timeout("before the backend answered"))
-        if not 200 <= response.status < 300:
-            try:
-                excerpt = await self._excerpt(response)
-            finally:
-                response.close()
-            raise StreamFailed(
-                error_for_status(response.status, self._kind, excerpt, self._secrets)
-            )
         self._response = response
-        self._watch_deadline()
-        return self
+        return await self._answered(response.status)
 
     async def __anext__(self) -> bytes:
         response = self._response
@@ -224,10 +234,9 @@ class AiohttpStream(UpstreamBody):
         else:
             response.close()  # anything else: drop the connection, the backend sees it close
 
-    async def _excerpt(self, response: aiohttp.ClientResponse) -> bytes:
-        """Up to ERROR_BODY_CAP bytes of an error answer, within the deadline. Best effort: the
-        status already decides the failure, so a body that breaks off or does not come in time
-        just gives a shorter message."""
+    async def _excerpt(self) -> bytes:
+        response = self._response
+        assert response is not None
         parts: list[bytes] = []
         size = 0
         with anyio.CancelScope(deadline=self._deadline):
