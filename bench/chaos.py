@@ -92,6 +92,8 @@ from _common import (
 from aiohttp import web
 
 from provider_agent.dev.coordinator import DevCoordinator
+from provider_agent.inflight import FILE_NAME as INFLIGHT_FILE
+from provider_agent.inflight import replay
 from provider_agent.protocol import AuthResponse, Job, JobDone, JobError
 from provider_agent.session_state import ReconnectPolicy
 
@@ -410,12 +412,13 @@ def read_outbox(state_dir: Path) -> Outbox:
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         frames = {row[0] for row in db.execute("SELECT job_id FROM frames")}
-        jobs = {row[0] for row in db.execute("SELECT job_id FROM jobs")}
         (undelivered,) = db.execute(
             "SELECT count(*) FROM frames WHERE delivered_ms IS NULL"
         ).fetchone()
     finally:
         db.close()
+    journal = state_dir / INFLIGHT_FILE
+    jobs = set(replay(journal.read_bytes())[0]) if journal.exists() else set()
     return Outbox(frames | jobs, int(undelivered), len(jobs))
 
 

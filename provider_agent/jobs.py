@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 
 from provider_agent.catalog import Route
-from provider_agent.errors import StreamFailed
+from provider_agent.errors import OutboxError, StreamFailed
 from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import FinishedJob, JobStats
 from provider_agent.outbound import Outbound
@@ -282,17 +282,18 @@ class Executor:
         job = running.job
         outcome: Outcome | None = None
         try:
-            # The accept record (for `connection_lost` after a crash) is written while the
-            # upstream request starts, not before it: a commit on the dispatch path would delay
-            # every job's first token. The group waits for it before the terminal frame.
-            async with anyio.create_task_group() as accepting:
-                accepting.start_soon(self.outbox.accept, job.job_id, job.model_id)
-                with running.scope:
-                    running.scope.deadline = running.deadline + DEADLINE_GRACE_S
-                    outcome = await self._serve(running)
+            # Written ahead of the upstream request (the in-flight journal, a few µs): whatever
+            # the coordinator sees of this job, a crash reports it `connection_lost` after restart.
+            await self.outbox.accept(job.job_id, job.model_id)
+            with running.scope:
+                running.scope.deadline = running.deadline + DEADLINE_GRACE_S
+                outcome = await self._serve(running)
             if outcome is None:
                 code, message = running.stop_reason or ("backend_timeout", "deadline_ms passed")
                 outcome = Outcome(code, message)
+        except OutboxError as exc:  # the state dir is full or gone: one line, not a traceback
+            log.error("job failed job_id=%s: %s", printable(job.job_id), exc)
+            outcome = Outcome("internal", "the agent could not record the job")
         except Exception as exc:  # a bug must cost one job, never the agent
             log.exception("job failed internally job_id=%s", printable(job.job_id))
             outcome = Outcome("internal", f"internal error ({type(exc).__name__})")

@@ -2,9 +2,11 @@
 
 Why (protocol.md §4–§5): a terminal frame is a billing record. It is written here before it is
 sent, kept until the coordinator confirms it, and kept 24 h more so that a repeated `job` gets the
-SAME frame back; a job accepted but never ended (the agent was killed) is found again at start.
-Each stored terminal frame is also one ledger row, written in the same transaction, so a ledger
-row exists exactly when a billing record does.
+SAME frame back. Each stored terminal frame is also one ledger row, written in the same
+transaction, so a ledger row exists exactly when a billing record does. The jobs accepted and not
+yet ended (found again at start when the agent was killed) are kept beside it, in the in-flight
+journal (`inflight.py`): their record must be written before a job's first byte leaves, and a
+sqlite commit is too slow for that.
 
 Durability: WAL with `synchronous=FULL`. A commit returns once its WAL frames are written and
 fsynced, so a stored record survives SIGKILL of the agent (which NORMAL would too: the bytes are
@@ -23,6 +25,7 @@ file; `Outbox` is the I/O around them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -39,11 +42,13 @@ import anyio.to_thread
 import orjson
 
 from provider_agent.errors import OutboxError
+from provider_agent.inflight import FILE_NAME as JOURNAL_NAME
+from provider_agent.inflight import InFlight, Journal
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "outbox.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: `PRAGMA application_id`: marks the file as ours ("PAG1"), so a foreign sqlite file is refused.
 APPLICATION_ID = 0x50414731
 #: Delivered frames are kept this long to answer a repeated `job` (protocol.md §5).
@@ -90,6 +95,10 @@ _SCHEMA: tuple[str, ...] = (
         amount_micro_usdc INTEGER NOT NULL
     );
     CREATE INDEX ledger_time ON ledger (time_ms);
+    """,
+    # v2. Jobs in flight moved to the journal (`inflight.py`); `_prepare` carries v1's rows over.
+    """
+    DROP TABLE jobs;
     """,
 )
 assert len(_SCHEMA) == SCHEMA_VERSION
@@ -161,12 +170,15 @@ class Outbox:
         path: Path,
         connection: sqlite3.Connection,
         known: set[str],
+        journal: Journal,
+        *,
         clock: Callable[[], float],
         keep_days: int,
     ) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = connection
         self._known = known
+        self._journal = journal
         self._clock = clock
         self._keep_days = keep_days
         self._queue: list[_Call[Any]] = []
@@ -186,10 +198,10 @@ class Outbox:
         """Open (creating it if needed) the store in `state_dir`; OutboxError with one line
         naming the file when it is corrupt, foreign, newer than this agent, or unwritable."""
         path = state_dir / FILE_NAME
-        connection, known = await anyio.to_thread.run_sync(
+        connection, known, journal = await anyio.to_thread.run_sync(
             _open_store, state_dir, path, synchronous, _ms(clock())
         )
-        return cls(path, connection, known, clock, keep_days)
+        return cls(path, connection, known, journal, clock=clock, keep_days=keep_days)
 
     async def __aenter__(self) -> Outbox:
         return self
@@ -204,30 +216,21 @@ class Outbox:
         return job_id in self._known
 
     async def accept(self, job_id: str, model_id: str) -> None:
-        """Record a job the executor accepted; it stays an orphan until `finish`."""
+        """Record a job the executor accepted; it stays an orphan until `finish`. Written to the
+        journal before this returns, without a suspension point: nothing else runs in between.
+        An id already in flight records nothing new. (An id that ended is never accepted again
+        while its frame is kept: the executor answers it with `stored_frame`.)"""
+        if self._conn is None or self._closing:
+            raise OutboxError(f"outbox {self.path}: used after it was closed")
+        if job_id in self._journal.jobs:
+            return
         self._remember(job_id)
-        now = self._now()
-
-        def op(db: sqlite3.Connection) -> None:
-            _forget_expired(db, job_id, now)
-            db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, model, accepted_ms) SELECT ?, ?, ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM frames WHERE job_id = ?)",
-                (job_id, model_id, now, job_id),
-            )
-
-        await self._run(op)
+        self._journal.accepted(job_id, model_id, self._now())
 
     async def progress(self, job_id: str, bytes_relayed: int) -> None:
         """Record how many upstream bytes were relayed so far (for `connection_lost` after a
-        crash). Batched with whatever else is pending; meant for at most ~1 call/s per job."""
-
-        def op(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE jobs SET bytes_relayed = ? WHERE job_id = ?", (bytes_relayed, job_id)
-            )
-
-        await self._run(op)
+        crash); meant for at most ~1 call/s per job."""
+        self._journal.progressed(job_id, min(bytes_relayed, _INT64_MAX))
 
     async def finish(self, job_id: str, frame: str, ledger: LedgerEntry | None) -> str:
         """Store the terminal frame (undelivered) and its ledger row in one transaction, and
@@ -239,6 +242,8 @@ class Outbox:
         """
         self._remember(job_id)
         now = self._now()
+        in_flight = self._journal.jobs.get(job_id)
+        entry = ledger or entry_from_frame(frame, in_flight.model if in_flight else "")
 
         def op(db: sqlite3.Connection) -> tuple[bool, str]:
             _forget_expired(db, job_id, now)
@@ -247,15 +252,8 @@ class Outbox:
                 (job_id, frame, now),
             )
             if cursor.rowcount == 0:
-                db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
                 row = db.execute("SELECT frame FROM frames WHERE job_id = ?", (job_id,)).fetchone()
                 return False, str(row[0])
-            entry = ledger
-            if entry is None:
-                accepted = db.execute(
-                    "SELECT model FROM jobs WHERE job_id = ?", (job_id,)
-                ).fetchone()
-                entry = entry_from_frame(frame, str(accepted[0]) if accepted else "")
             db.execute(
                 "INSERT INTO ledger (time_ms, job_id, model, backend, outcome, tokens_in,"
                 " tokens_out, usage_source, input_per_1m, output_per_1m, amount_micro_usdc)"
@@ -274,10 +272,10 @@ class Outbox:
                     entry.amount_micro_usdc,
                 ),
             )
-            db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
             return True, frame
 
         first, stored = await self._run(op)
+        self._journal.ended(job_id)
         if not first:
             log.warning("outbox: job_id=%s already has a terminal frame; keeping the first", job_id)
         elif ledger is None and stored_type(frame) == "job_done":
@@ -313,12 +311,8 @@ class Outbox:
         """(job_id, model, bytes_relayed) of jobs accepted and never ended, oldest first. At
         start these are the jobs a killed agent left behind; each gets `connection_lost`."""
 
-        def op(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
-            return db.execute(
-                "SELECT job_id, model, bytes_relayed FROM jobs ORDER BY accepted_ms, job_id"
-            ).fetchall()
-
-        return await self._run(op)
+        jobs = sorted(self._journal.jobs.items(), key=lambda item: (item[1].accepted_ms, item[0]))
+        return [(job_id, job.model, job.bytes_relayed) for job_id, job in jobs]
 
     async def stored_frame(self, job_id: str) -> str | None:
         """The terminal frame stored for `job_id`: undelivered, or delivered in the last 24 h."""
@@ -352,21 +346,16 @@ class Outbox:
                 " ORDER BY seq",
                 (cuts.undelivered,),
             ).fetchall()
-            orphans = db.execute(
-                "SELECT job_id FROM jobs WHERE accepted_ms < ? ORDER BY accepted_ms",
-                (cuts.undelivered,),
-            ).fetchall()
             db.execute("DELETE FROM frames WHERE delivered_ms < ?", (cuts.delivered,))
             db.execute(
                 "DELETE FROM frames WHERE delivered_ms IS NULL AND finished_ms < ?",
                 (cuts.undelivered,),
             )
-            db.execute("DELETE FROM jobs WHERE accepted_ms < ?", (cuts.undelivered,))
             ledger = db.execute("DELETE FROM ledger WHERE time_ms < ?", (cuts.ledger,))
             return PruneReport(
                 delivered=tuple(row[0] for row in delivered),
                 dropped_undelivered=tuple(row[0] for row in stale),
-                dropped_orphans=tuple(row[0] for row in orphans),
+                dropped_orphans=(),
                 ledger_rows=ledger.rowcount,
             )
 
@@ -377,6 +366,14 @@ class Outbox:
             report = await self._run(op)
         finally:
             self._seen_while_pruning.remove(seen_meanwhile)
+        old = sorted(
+            (job.accepted_ms, job_id)
+            for job_id, job in self._journal.jobs.items()
+            if job.accepted_ms < cuts.undelivered
+        )
+        for _, job_id in old:
+            self._journal.ended(job_id)
+        report = dataclasses.replace(report, dropped_orphans=tuple(job_id for _, job_id in old))
         self._known.difference_update(
             job_id
             for job_id in (*report.delivered, *report.dropped_undelivered, *report.dropped_orphans)
@@ -423,6 +420,7 @@ class Outbox:
                     await self._flush_done.wait()
             connection, self._conn = self._conn, None
             await anyio.to_thread.run_sync(connection.close)
+            self._journal.close()
 
     # -- the batching engine ---------------------------------------------------------------
 
@@ -636,9 +634,9 @@ def _rollback(connection: sqlite3.Connection) -> None:
 
 def _open_store(
     state_dir: Path, path: Path, synchronous: str, now_ms: int
-) -> tuple[sqlite3.Connection, set[str]]:
+) -> tuple[sqlite3.Connection, set[str], Journal]:
     """(worker thread) Create or open the file, check it is ours and sound, migrate it, prove
-    it writable, and load the ids it holds."""
+    it writable, open the in-flight journal beside it, and load the ids both hold."""
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -667,16 +665,18 @@ def _open_store(
     except sqlite3.Error as exc:
         raise _outbox_error(path, exc) from None
     try:
-        known = _prepare(connection, path, synchronous, now_ms)
+        known, journal = _prepare(connection, path, synchronous, now_ms)
     except BaseException as exc:
         connection.close()
         if isinstance(exc, sqlite3.Error):
             raise _outbox_error(path, exc) from None
         raise
-    return connection, known
+    return connection, known, journal
 
 
-def _prepare(connection: sqlite3.Connection, path: Path, synchronous: str, now_ms: int) -> set[str]:
+def _prepare(
+    connection: sqlite3.Connection, path: Path, synchronous: str, now_ms: int
+) -> tuple[set[str], Journal]:
     # Look before changing anything: a foreign or newer file is left exactly as it was.
     _check_identity(connection, path)
     problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
@@ -690,18 +690,39 @@ def _prepare(connection: sqlite3.Connection, path: Path, synchronous: str, now_m
         raise OutboxError(f"outbox {path}: cannot use write-ahead logging here (got {mode})")
     connection.execute(f"PRAGMA synchronous = {synchronous}")
     connection.execute("BEGIN IMMEDIATE")
+    journal: Journal | None = None
     try:
+        # A v1 file kept jobs in flight in a table: they move to the journal (fsynced) before
+        # the migration drops it; a kill in between carries them again, which changes nothing.
+        carried = (
+            [
+                (str(job_id), InFlight(str(model), int(accepted_ms), int(relayed)))
+                for job_id, model, accepted_ms, relayed in connection.execute(
+                    "SELECT job_id, model, accepted_ms, bytes_relayed FROM jobs"
+                )
+            ]
+            if _has_table(connection, "jobs")
+            else []
+        )
+        journal = Journal.open(path.with_name(JOURNAL_NAME), carried)
         _migrate(connection, path)
         connection.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_ms', ?)", (str(now_ms),)
         )
-        known = {row[0] for row in connection.execute("SELECT job_id FROM jobs")}
+        known = set(journal.jobs)
         known.update(row[0] for row in connection.execute("SELECT job_id FROM frames"))
         connection.execute("COMMIT")
     except BaseException:
         _rollback(connection)
+        if journal is not None:
+            journal.close()
         raise
-    return known
+    return known, journal
+
+
+def _has_table(connection: sqlite3.Connection, name: str) -> bool:
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return connection.execute(query, (name,)).fetchone() is not None
 
 
 def _check_identity(connection: sqlite3.Connection, path: Path) -> int:

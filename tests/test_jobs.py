@@ -7,16 +7,30 @@ job got exactly one terminal frame.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import anyio
 import orjson
 import pytest
 
+from provider_agent.backends import Registry
+from provider_agent.catalog import Price, Route
 from provider_agent.dev.coordinator import DevCoordinator, JobRecord
-from provider_agent.protocol import Job, JobDone, JobError
-from tests.agent_harness import agent_where, fake_vllm, running_agent, write_config
+from provider_agent.jobs import Executor, ExecutorHooks
+from provider_agent.metrics import JobStats
+from provider_agent.outbound import Outbound
+from provider_agent.protocol import Job, JobDone, JobError, decode
+from provider_agent.ratelimit import TokenWindow
+from provider_agent.selftest import MemoryStore
+from tests.agent_harness import (
+    agent_where,
+    fake_vllm,
+    running_agent,
+    sse_chunk,
+    write_config,
+)
 
 REQUEST = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -533,3 +547,61 @@ async def test_ledger_totals_equal_the_job_dones_the_coordinator_received(
     total = totals["m"]
     assert (total.jobs, total.tokens_in, total.tokens_out) == (4, done_in, done_out)
     assert totals["unknown-model"].jobs == totals["unknown-model"].failed == 2
+
+
+FIRST_PIECE = sse_chunk({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
+
+
+class AcceptOnCue(MemoryStore):
+    """A job store whose accept record is stored only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cue = anyio.Event()
+        self.stored = False
+
+    async def accept(self, job_id: str, model_id: str) -> None:
+        await self.cue.wait()
+        await super().accept(job_id, model_id)
+        self.stored = True
+
+
+async def test_no_byte_of_a_job_is_handed_on_before_its_accept_record_is_stored() -> None:
+    """Write-ahead: the coordinator may see a chunk only of a job that a crash would report as
+    `connection_lost` after the restart (CI once SIGKILLed the agent in that window)."""
+    store, outbound = AcceptOnCue(), Outbound()
+    #: When the relay asks for the second piece: (accept stored?, the first piece handed on?).
+    asked_again: list[tuple[bool, int]] = []
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE
+        asked_again.append((store.stored, outbound.pending("j1")))
+        yield b"data: [DONE]\n\n"
+
+    class OneBackend:
+        def get(self, _: str) -> OneBackend:
+            return self
+
+        @asynccontextmanager
+        async def stream(self, *_: object) -> AsyncIterator[AsyncIterator[bytes]]:
+            yield pieces()
+
+    route = Route("b", "vllm", "m", Price(1, 1), frozenset({"openai"}), None, None, 0, 0)
+    hooks = ExecutorHooks(
+        routes=lambda: {"m": (route,)},
+        registry=lambda: cast(Registry, OneBackend()),
+        max_concurrent=lambda: 4,
+        accepting=lambda: True,
+        backend_failed=lambda _: None,
+    )
+    executor = Executor(outbound, JobStats(), store, hooks, TokenWindow(None))
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+        await anyio.wait_all_tasks_blocked()  # the relay has gone as far as it can
+        assert outbound.pending("j1") == 0 and not asked_again
+        store.cue.set()
+        frame = await store.ended("j1")
+        group.cancel_scope.cancel()
+    assert asked_again == [(True, len(FIRST_PIECE))]
+    assert isinstance(decode(frame), JobDone)

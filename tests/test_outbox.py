@@ -166,8 +166,9 @@ async def test_refusals_never_accepted_are_stored_and_recorded(tmp_path: Path) -
         assert await outbox.finish("r1", frame, None) == frame
         assert outbox.in_store("r1")
         assert await outbox.stored_frame("r1") == frame
-        # Accepting an id that already ended records nothing new: it stays ended.
+        # Accepted again by mistake and ended again (as after a crash): still the first frame.
         await outbox.accept("r1", "m")
+        assert await outbox.finish("r1", failed("r1", "connection_lost"), None) == frame
         assert await outbox.orphans() == []
     assert ledger_rows(tmp_path) == [("r1", "out_of_capacity", 0, 0, 0)]
 
@@ -199,20 +200,20 @@ async def test_a_record_handed_over_is_written_even_if_its_caller_is_cancelled(
 async def test_one_failing_call_in_a_batch_fails_only_itself(tmp_path: Path) -> None:
     outcomes: dict[str, object] = {}
     async with await Outbox.open(tmp_path) as outbox:
-        await outbox.accept("big", "m")
 
         async def call(name: str, coro_fn: object) -> None:
             try:
                 outcomes[name] = await coro_fn()  # type: ignore[operator]
-            except OverflowError as exc:
+            except UnicodeEncodeError as exc:
                 outcomes[name] = exc
 
+        unstorable = done("bad").replace("bad", "\ud800")  # a lone surrogate: not UTF-8
         async with anyio.create_task_group() as tasks:
             # The first call runs alone; the next two queue behind it and share one batch.
             tasks.start_soon(call, "a", lambda: outbox.finish("a", done("a"), entry()))
-            tasks.start_soon(call, "overflow", lambda: outbox.progress("big", 2**70))
+            tasks.start_soon(call, "bad", lambda: outbox.finish("bad", unstorable, entry()))
             tasks.start_soon(call, "b", lambda: outbox.finish("b", done("b"), entry()))
-        assert isinstance(outcomes["overflow"], OverflowError)
+        assert isinstance(outcomes["bad"], UnicodeEncodeError)
         assert outcomes["a"] == done("a") and outcomes["b"] == done("b")
         assert [job for job, _ in await outbox.undelivered()] == ["a", "b"]
 
