@@ -124,18 +124,22 @@ class Journal:
         return journal
 
     def accepted(self, job_id: str, model: str, now_ms: int) -> None:
-        job = self.jobs[job_id] = InFlight(model, now_ms)
+        job = InFlight(model, now_ms)
         self._write(accepted_line(job_id, job))
+        self.jobs[job_id] = job
 
     def progressed(self, job_id: str, bytes_relayed: int) -> None:
         job = self.jobs.get(job_id)
-        if job is None:
+        if job is None or self._fd is None:
             return
         job.bytes_relayed = bytes_relayed
         self._write(orjson.dumps({"p": job_id, "b": bytes_relayed}) + b"\n")
 
     def ended(self, job_id: str) -> None:
-        if self.jobs.pop(job_id, None) is None:
+        """A job whose terminal frame is stored. After `close` (a `finish` that completed as
+        the outbox closed) nothing is written: the next start finds the job open, and its
+        `connection_lost` changes nothing, since the stored frame is kept."""
+        if self.jobs.pop(job_id, None) is None or self._fd is None:
             return
         self._write(orjson.dumps({"e": job_id}) + b"\n")
         if self._size > COMPACT_BYTES:

@@ -120,6 +120,8 @@ def test_a_failing_write_is_an_outbox_error_naming_the_file(tmp_path: Path) -> N
     journal.close()
     with pytest.raises(OutboxError, match="closed"):
         journal.accepted("j", "m", 1)
+    journal.progressed("j", 5)  # a finish or progress completing as the outbox closes
+    journal.ended("j")
 
 
 @pytest.mark.parametrize("kind", ["directory", "symlink", "dangling symlink"])

@@ -6,7 +6,7 @@ job got exactly one terminal frame.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import cast
@@ -18,6 +18,7 @@ import pytest
 from provider_agent.backends import Registry
 from provider_agent.catalog import Price, Route
 from provider_agent.dev.coordinator import DevCoordinator, JobRecord
+from provider_agent.errors import OutboxError
 from provider_agent.jobs import Executor, ExecutorHooks
 from provider_agent.metrics import JobStats
 from provider_agent.outbound import Outbound
@@ -552,6 +553,35 @@ async def test_ledger_totals_equal_the_job_dones_the_coordinator_received(
 FIRST_PIECE = sse_chunk({"choices": [{"index": 0, "delta": {"content": "hi"}}]})
 
 
+class OneBackend:
+    """A registry of one backend whose stream yields `pieces()` (a stand-in: the tests below
+    look at what the executor does between two pieces, which a real socket cannot pin down)."""
+
+    def __init__(self, pieces: Callable[[], AsyncIterator[bytes]]) -> None:
+        self.pieces = pieces
+        self.opened = 0
+
+    def get(self, _: str) -> OneBackend:
+        return self
+
+    @asynccontextmanager
+    async def stream(self, *_: object) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.opened += 1
+        yield self.pieces()
+
+
+def executor_of(store: MemoryStore, outbound: Outbound, backend: OneBackend) -> Executor:
+    route = Route("b", "vllm", "m", Price(1, 1), frozenset({"openai"}), None, None, 0, 0)
+    hooks = ExecutorHooks(
+        routes=lambda: {"m": (route,)},
+        registry=lambda: cast(Registry, backend),
+        max_concurrent=lambda: 4,
+        accepting=lambda: True,
+        backend_failed=lambda _: None,
+    )
+    return Executor(outbound, JobStats(), store, hooks, TokenWindow(None))
+
+
 class AcceptOnCue(MemoryStore):
     """A job store whose accept record is stored only when the test says so."""
 
@@ -578,23 +608,7 @@ async def test_no_byte_of_a_job_is_handed_on_before_its_accept_record_is_stored(
         asked_again.append((store.stored, outbound.pending("j1")))
         yield b"data: [DONE]\n\n"
 
-    class OneBackend:
-        def get(self, _: str) -> OneBackend:
-            return self
-
-        @asynccontextmanager
-        async def stream(self, *_: object) -> AsyncIterator[AsyncIterator[bytes]]:
-            yield pieces()
-
-    route = Route("b", "vllm", "m", Price(1, 1), frozenset({"openai"}), None, None, 0, 0)
-    hooks = ExecutorHooks(
-        routes=lambda: {"m": (route,)},
-        registry=lambda: cast(Registry, OneBackend()),
-        max_concurrent=lambda: 4,
-        accepting=lambda: True,
-        backend_failed=lambda _: None,
-    )
-    executor = Executor(outbound, JobStats(), store, hooks, TokenWindow(None))
+    executor = executor_of(store, outbound, OneBackend(pieces))
     async with anyio.create_task_group() as group:
         await group.start(executor.run)
         executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
@@ -605,3 +619,34 @@ async def test_no_byte_of_a_job_is_handed_on_before_its_accept_record_is_stored(
         group.cancel_scope.cancel()
     assert asked_again == [(True, len(FIRST_PIECE))]
     assert isinstance(decode(frame), JobDone)
+
+
+class UnwritableStore(MemoryStore):
+    """The state directory is full: nothing can be recorded as accepted."""
+
+    async def accept(self, job_id: str, model_id: str) -> None:
+        raise OutboxError("outbox /state/inflight.jsonl: cannot write: No space left on device")
+
+
+async def test_a_job_that_cannot_be_recorded_is_never_started_and_ends_internal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, outbound = UnwritableStore(), Outbound()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE
+
+    backend = OneBackend(pieces)
+    executor = executor_of(store, outbound, backend)
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+        frame = decode(await store.ended("j1"))
+        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))  # the agent goes on
+        await store.ended("j2")
+        group.cancel_scope.cancel()
+    assert isinstance(frame, JobError) and frame.error_code == "internal"
+    assert backend.opened == 0  # not started upstream: nothing relayed that is not recorded
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "No space left" in errors[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
