@@ -109,7 +109,7 @@ class Daemon:
         #: The executor exists once `run()` has opened the outbox.
         self.jobs: Executor
         self.outbox: Outbox | None = None
-        self._last_failure_pass = -OUT_OF_CYCLE_PASS_S
+        self._last_failure_pass = -math.inf
         #: Out-of-cycle passes are this far apart at least (tests shorten it).
         self.out_of_cycle_pass_s = OUT_OF_CYCLE_PASS_S
         self.catalog: Catalog | None = None
@@ -165,11 +165,11 @@ class Daemon:
 
     def backend_failed(self, backend: str) -> None:
         """A backend failed a job: a pass soon, so the coordinator hears of a dead backend
-        within seconds (at most one such pass per `OUT_OF_CYCLE_PASS_S`). The failure counts
+        within seconds (at most one such pass per `out_of_cycle_pass_s`). The failure counts
         against its traffic at once, so that pass probes it."""
         now = self.clock()
         self.traffic.record(backend, "failure", now)
-        if now - self._last_failure_pass >= OUT_OF_CYCLE_PASS_S:
+        if now - self._last_failure_pass >= self.out_of_cycle_pass_s:
             self._last_failure_pass = now
             log.info("backend failed a job, discovery pass requested backend=%s", backend)
             self.request_pass()
