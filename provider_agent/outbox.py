@@ -25,7 +25,6 @@ file; `Outbox` is the I/O around them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -336,6 +335,16 @@ class Outbox:
         rows older than `keep_days`."""
         now = self._now()
         cuts = prune_cutoffs(now, self._keep_days)
+        orphans = tuple(
+            job_id
+            for _, job_id in sorted(
+                (job.accepted_ms, job_id)
+                for job_id, job in self._journal.jobs.items()
+                if job.accepted_ms < cuts.undelivered
+            )
+        )
+        for job_id in orphans:
+            self._journal.ended(job_id)
 
         def op(db: sqlite3.Connection) -> PruneReport:
             delivered = db.execute(
@@ -355,7 +364,7 @@ class Outbox:
             return PruneReport(
                 delivered=tuple(row[0] for row in delivered),
                 dropped_undelivered=tuple(row[0] for row in stale),
-                dropped_orphans=(),
+                dropped_orphans=orphans,
                 ledger_rows=ledger.rowcount,
             )
 
@@ -366,14 +375,6 @@ class Outbox:
             report = await self._run(op)
         finally:
             self._seen_while_pruning.remove(seen_meanwhile)
-        old = sorted(
-            (job.accepted_ms, job_id)
-            for job_id, job in self._journal.jobs.items()
-            if job.accepted_ms < cuts.undelivered
-        )
-        for _, job_id in old:
-            self._journal.ended(job_id)
-        report = dataclasses.replace(report, dropped_orphans=tuple(job_id for _, job_id in old))
         self._known.difference_update(
             job_id
             for job_id in (*report.delivered, *report.dropped_undelivered, *report.dropped_orphans)
