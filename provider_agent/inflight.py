@@ -73,6 +73,16 @@ def accepted_line(job_id: str, job: InFlight) -> bytes:
     return orjson.dumps({"a": job_id, "m": job.model, "t": job.accepted_ms}) + b"\n"
 
 
+def progress_line(job_id: str, bytes_relayed: int) -> bytes:
+    return orjson.dumps({"p": job_id, "b": bytes_relayed}) + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError("not a string")
@@ -133,7 +143,7 @@ class Journal:
         if job is None or self._fd is None:
             return
         job.bytes_relayed = bytes_relayed
-        self._write(orjson.dumps({"p": job_id, "b": bytes_relayed}) + b"\n")
+        self._write(progress_line(job_id, bytes_relayed))
 
     def ended(self, job_id: str) -> None:
         """A job whose terminal frame is stored. After `close` (a `finish` that completed as
@@ -153,10 +163,8 @@ class Journal:
     def _write(self, data: bytes) -> None:
         if self._fd is None:
             raise OutboxError(f"outbox {self.path}: used after it was closed")
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            _write_all(self._fd, data)
         except OSError as exc:
             raise OutboxError(f"outbox {self.path}: cannot write: {exc.strerror}") from None
         self._size += len(data)
@@ -164,30 +172,25 @@ class Journal:
     def _compact(self) -> None:
         """Rewrite the file with the open jobs only. The new file replaces the old one in one
         rename, so a kill at any moment leaves one whole journal or the other."""
-        lines = [accepted_line(job_id, job) for job_id, job in self.jobs.items()]
-        lines += [
-            orjson.dumps({"p": job_id, "b": job.bytes_relayed}) + b"\n"
+        data = b"".join(accepted_line(job_id, job) for job_id, job in self.jobs.items())
+        data += b"".join(
+            progress_line(job_id, job.bytes_relayed)
             for job_id, job in self.jobs.items()
             if job.bytes_relayed
-        ]
+        )
         fresh = self.path.with_name(self.path.name + ".new")
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(
-                fresh,
-                os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
+            fd = os.open(fresh, flags, 0o600)
+            try:
+                _write_all(fd, data)
+                os.replace(fresh, self.path)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as exc:
             log.warning("outbox %s: cannot compact it: %s", self.path, exc.strerror)
             return
-        old, self._fd, self._size = self._fd, fd, 0
-        try:
-            self._write(b"".join(lines))
-            os.replace(fresh, self.path)
-        except (OSError, OutboxError) as exc:
-            self._fd, self._size = old, os.fstat(old).st_size if old is not None else 0
-            os.close(fd)
-            log.warning("outbox %s: cannot compact it: %s", self.path, exc)
-            return
+        old, self._fd, self._size = self._fd, fd, len(data)
         if old is not None:
             os.close(old)
