@@ -40,7 +40,13 @@ from provider_agent.protocol import (
 )
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.routing import BackendLoad, Refusal, admit, order_routes
-from provider_agent.upstream import RouteFailure, UnencodableRequest, printable, request_body
+from provider_agent.upstream import (
+    FirstBytes,
+    RouteFailure,
+    UnencodableRequest,
+    printable,
+    request_body,
+)
 from provider_agent.usage import UsageMeter
 
 if TYPE_CHECKING:
@@ -48,10 +54,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: `Backend.stream`'s shape, as the relay uses it.
-StreamOpener = Callable[
-    [WireFormat, bytes, float], AbstractAsyncContextManager[AsyncIterator[bytes]]
-]
+
+class StreamOpener(Protocol):
+    """`Backend.stream`'s shape, as the relay uses it (see `backends.stream`)."""
+
+    def __call__(
+        self,
+        fmt: WireFormat,
+        body: bytes,
+        deadline: float,
+        *,
+        first_bytes: FirstBytes | None = None,
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
 
 #: A job's bytes waiting for the writer beyond this make its relay wait (backpressure) …
 BACKPRESSURE_BYTES = 1024 * 1024
@@ -288,9 +303,10 @@ class Executor:
             with running.scope:
                 running.scope.deadline = running.deadline + DEADLINE_GRACE_S
                 outcome = await self._serve(running)
-            if outcome is None:
-                code, message = running.stop_reason or ("backend_timeout", "deadline_ms passed")
-                outcome = Outcome(code, message)
+            if running.stop_reason is not None:  # what was read after the stop was not relayed
+                outcome = Outcome(*running.stop_reason)
+            elif outcome is None:
+                outcome = Outcome("backend_timeout", "deadline_ms passed")
         except OutboxError as exc:  # the state dir is full or gone: one line, not a traceback
             log.error("job failed job_id=%s: %s", printable(job.job_id), exc)
             outcome = Outcome("internal", "the agent could not record the job")
@@ -350,27 +366,37 @@ class Executor:
         job_id = job.job_id
         meter = UsageMeter(job.format, job.request)
         body = request_body(job.format, job.request, route.native_id)
+
+        def take(data: bytes) -> int:
+            """One piece of the body, on its way: metered, counted and handed to the job's lane;
+            returns the job's bytes waiting for the writer. Synchronous, so the lean reader can
+            call it for the first bytes from its read callback (`first_bytes`). Bytes read
+            after the job was stopped (cancel, lost connection) are not its to send."""
+            if running.stop_reason is not None:
+                return 0
+            first = running.first_byte_at is None
+            if first:
+                running.first_byte_at = self.clock()
+            meter.feed(data)
+            running.relayed += len(data)
+            counted = meter.output_so_far
+            if counted > running.counted_tokens:
+                self.window.add(self.tick(), counted - running.counted_tokens)
+                running.counted_tokens = counted
+            return self.outbound.chunk(job_id, data, first=first)
+
         next_progress = self.tick() + PROGRESS_EVERY_S
-        async with stream(job.format, body, running.deadline) as chunks:
+        async with stream(job.format, body, running.deadline, first_bytes=take) as chunks:
             async for data in chunks:
-                first = running.first_byte_at is None
-                if first:
-                    running.first_byte_at = self.clock()
-                meter.feed(data)
-                running.relayed += len(data)
-                if self.outbound.chunk(job_id, data, first=first) > BACKPRESSURE_BYTES:
+                if take(data) > BACKPRESSURE_BYTES:
                     with anyio.move_on_after(SEND_STALL_S) as stalled:
                         await self.outbound.sent_down_to(job_id, BACKPRESSURE_BYTES)
                     if stalled.cancelled_caught:
                         return Outcome("connection_lost", "frames could not be sent for 5 s")
-                counted = meter.output_so_far
-                if counted > running.counted_tokens:
-                    now = self.tick()
-                    self.window.add(now, counted - running.counted_tokens)
-                    running.counted_tokens = counted
-                    if now >= next_progress:
-                        next_progress = now + PROGRESS_EVERY_S
-                        await self.outbox.progress(job_id, running.relayed)
+                now = self.tick()
+                if now >= next_progress:
+                    next_progress = now + PROGRESS_EVERY_S
+                    await self.outbox.progress(job_id, running.relayed)
         if meter.error is not None:
             return Outcome("backend_error", f"error event mid-stream: {meter.error}")
         if not meter.ended:

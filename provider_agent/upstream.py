@@ -12,7 +12,7 @@ too), other statuses, and the deadline (slowness is never a reason to fall back)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,9 @@ MESSAGE_LIMIT = 300
 REDACTED = "[redacted]"
 _BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+")
 _WHITESPACE_RUN = re.compile(r"[\t\n\r\f\v]+")
+#: Where a reader may hand a body's first bytes the moment they are read (`backends.stream`);
+#: what it returns is not used.
+FirstBytes = Callable[[bytes], object]
 
 
 @dataclass(frozen=True)

@@ -565,7 +565,7 @@ class OneBackend:
         return self
 
     @asynccontextmanager
-    async def stream(self, *_: object) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def stream(self, *_: object, **__: object) -> AsyncIterator[AsyncIterator[bytes]]:
         self.opened += 1
         yield self.pieces()
 
@@ -619,6 +619,26 @@ async def test_no_byte_of_a_job_is_handed_on_before_its_accept_record_is_stored(
         group.cancel_scope.cancel()
     assert asked_again == [(True, len(FIRST_PIECE))]
     assert isinstance(decode(frame), JobDone)
+
+
+async def test_bytes_read_after_a_job_was_stopped_are_not_sent() -> None:
+    """A cancel (or a lost connection) lands at the relay's next await; what the reader hands
+    over before that belongs to a job that is ending, and never leaves as a chunk."""
+    store, outbound = MemoryStore(), Outbound()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE
+        executor.cancel("j1")
+        yield b"data: [DONE]\n\n"  # no await in between: the cancel has not landed yet
+
+    executor = executor_of(store, outbound, OneBackend(pieces))
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+        frame = decode(await store.ended("j1"))
+        group.cancel_scope.cancel()
+    assert isinstance(frame, JobError) and frame.error_code == "cancelled"
+    assert outbound.pending("j1") == len(FIRST_PIECE)  # the second piece never joined it
 
 
 class UnwritableStore(MemoryStore):

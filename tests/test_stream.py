@@ -45,6 +45,10 @@ OUR_HEADERS = {
 BODY = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 #: A generous bound: only to turn a hang into a failure, never a timing target.
 BOUND_S = 10
+#: Tests of what only the lean reader does (aiohttp keeps waiting after malformed chunking
+#: until the job's deadline ends it, keeps connections alive by design, and yields a body's
+#: first bytes rather than handing them to `first_bytes`).
+lean_only = pytest.mark.parametrize("reader", ["lean"], indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -504,6 +508,125 @@ async def test_the_deadline_drops_the_connection_even_while_nobody_reads(
     assert caught.value.failure.code == "backend_timeout"
 
 
+# --- first bytes handed over as they are read (`first_bytes`) -------------------------------------
+
+
+@dataclass
+class FirstBytesSink:
+    """A `first_bytes` callback that records what it was handed (and may fail)."""
+
+    fail: bool = False
+    handed: list[bytes] = field(default_factory=list)
+    got: anyio.Event = field(default_factory=anyio.Event)
+
+    def __call__(self, data: bytes) -> None:
+        self.handed.append(data)
+        self.got.set()
+        if self.fail:
+            raise RuntimeError("relay broke on the first bytes")
+
+
+async def test_with_first_bytes_every_byte_arrives_once_and_in_order(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession, reader: str
+) -> None:
+    recorded = fixture_bytes("vllm/chat-stream-usage.sse")
+    fake_server.reply("POST", "/v1/chat/completions", sse_handler(odd_pieces(recorded)))
+    sink = FirstBytesSink()
+    iterated = []
+    with anyio.fail_after(BOUND_S):
+        async with backend_for("vllm", fake_server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ) as chunks:
+            async for data in chunks:
+                iterated.append(data)
+    assert b"".join(sink.handed + iterated) == recorded
+    # The lean reader pushes the first read; aiohttp's yields it like the rest.
+    assert len(sink.handed) == (1 if reader == "lean" else 0)
+
+
+@lean_only
+async def test_the_lean_reader_hands_the_first_bytes_over_before_anyone_reads(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    handed_over = anyio.Event()
+
+    async def first_then_rest(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(b"data: {}\n\n")
+        await handed_over.wait()
+        await conn.chunk(b"data: [DONE]\n\n")
+        await conn.chunk(b"")
+
+    server = await raw_server(first_then_rest)
+    sink = FirstBytesSink()
+    with anyio.fail_after(BOUND_S):
+        async with backend_for("vllm", server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ) as chunks:
+            await sink.got.wait()  # no read asked for them: the read callback handed them over
+            handed_over.set()
+            rest = [data async for data in chunks]
+    assert sink.handed == [b"data: {}\n\n"]
+    assert b"".join(rest) == b"data: [DONE]\n\n"
+
+
+async def test_an_error_answer_never_reaches_first_bytes(
+    fake_server: FakeServer, http_session: aiohttp.ClientSession
+) -> None:
+    fake_server.reply("POST", "/v1/chat/completions", {"error": {"message": "nope"}}, status=503)
+    sink = FirstBytesSink()
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("vllm", fake_server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ):
+            pass
+    assert caught.value.failure.message == "vllm answered HTTP 503: nope"
+    assert sink.handed == []
+
+
+@lean_only
+async def test_what_first_bytes_raises_is_raised_by_the_next_read_and_drops_the_connection(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    server = await raw_server(part_then_stall)
+    sink = FirstBytesSink(fail=True)
+    with anyio.fail_after(BOUND_S):
+        with pytest.raises(RuntimeError, match="relay broke on the first bytes"):
+            async with backend_for("vllm", server.url, http_session).stream(
+                "openai", BODY, deadline_in(), first_bytes=sink
+            ) as chunks:
+                async for _ in chunks:
+                    pass
+        await server.disconnected.wait()
+    assert sink.handed == [b"data: {}\n\n"]
+
+
+async def test_a_break_after_first_bytes_handed_over_is_a_backend_error_without_fallback(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    """The bytes handed over count as relayed: the route is no longer left for the next one."""
+    part = b'data: {"choices":[{"delta":{"content":"Par'
+    sink = FirstBytesSink()
+
+    async def part_then_reset(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(part)
+        await sink.got.wait()  # else the RST could overtake the part
+        conn.reset()
+
+    server = await raw_server(part_then_reset)
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("vllm", server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ) as chunks:
+            async for data in chunks:
+                sink(data)  # aiohttp's reader yields them: the same record either way
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert sink.handed == [part]
+    assert f"broke off after {len(part)} bytes" in failure.message
+
+
 # --- released or closed on every way out ---------------------------------------------------------
 
 
@@ -598,11 +721,6 @@ async def test_an_interim_answer_is_skipped(
     server = await raw_server(early_hints_then_stream)
     with anyio.fail_after(BOUND_S):
         assert await collect(backend_for("vllm", server.url, http_session)) == b"data: [DONE]\n\n"
-
-
-#: Tests of what only the lean reader does (aiohttp keeps waiting after malformed chunking
-#: until the job's deadline ends it, and keeps connections alive by design).
-lean_only = pytest.mark.parametrize("reader", ["lean"], indirect=True)
 
 
 @lean_only

@@ -27,7 +27,7 @@ from provider_agent.config import BackendConfig, WireFormat
 from provider_agent.errors import BackendAuthError, BackendError
 from provider_agent.listing import Health, ModelInfo, UpstreamPrice
 from provider_agent.text import printable
-from provider_agent.upstream import RouteFailure
+from provider_agent.upstream import FirstBytes, RouteFailure
 
 #: `Health`, `ModelInfo` and `UpstreamPrice` live in the I/O-free `listing` module; they are
 #: re-exported here for the adapters and older imports.
@@ -262,11 +262,17 @@ class Backend:
         return headers
 
     def stream(
-        self, fmt: WireFormat, body: bytes, deadline: float
+        self,
+        fmt: WireFormat,
+        body: bytes,
+        deadline: float,
+        *,
+        first_bytes: FirstBytes | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """One job's upstream request (see `backends.stream`): `async with` it for the body's
         bytes; failures are StreamFailed. `deadline` is an absolute `anyio.current_time()` for
-        the whole job; the discovery timeout (`timeout_s`) does not apply here."""
+        the whole job; the discovery timeout (`timeout_s`) does not apply here. The lean reader
+        may hand the first bytes to `first_bytes` instead of yielding them."""
         try:
             headers = self.stream_headers(fmt)
         except BackendAuthError as exc:
@@ -277,7 +283,15 @@ class Backend:
         url = self.stream_url(fmt)
         if self.lean_reader and url.startswith("http://"):
             headers["User-Agent"] = USER_AGENT
-            return LeanStream(url, headers, body, deadline, kind=self.config.kind, secrets=secrets)
+            return LeanStream(
+                url,
+                headers,
+                body,
+                deadline,
+                kind=self.config.kind,
+                secrets=secrets,
+                first_bytes=first_bytes,
+            )
         return AiohttpStream(
             self.http, url, headers, body, deadline, kind=self.config.kind, secrets=secrets
         )

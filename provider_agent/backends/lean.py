@@ -24,7 +24,7 @@ import httptools
 
 from provider_agent.backends.stream import CONNECT_TIMEOUT_S, ERROR_BODY_CAP, UpstreamBody
 from provider_agent.errors import StreamFailed
-from provider_agent.upstream import RouteFailure
+from provider_agent.upstream import FirstBytes, RouteFailure
 
 #: Body bytes held for a slow reader before the socket stops being read (TCP backpressure).
 READ_HIGH_WATER = 256 * 1024
@@ -51,6 +51,11 @@ class Exchange(asyncio.Protocol):
         self.buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        #: Takes the first bytes of a 2xx body as they are read (then None), else they wait.
+        self.first_bytes: FirstBytes | None = None
+        #: What `first_bytes` raised: the reader raises it again (a bug costs its job, not the
+        #: event loop's read callback).
+        self.first_bytes_error: Exception | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -97,6 +102,14 @@ class Exchange(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        first_bytes, self.first_bytes = self.first_bytes, None
+        if first_bytes is not None and 200 <= self.status < 300:
+            try:
+                first_bytes(body)
+            except Exception as exc:
+                self.first_bytes_error = exc
+                self._wake()
+            return
         self._pieces.append(body)
         self.buffered += len(body)
         if self.buffered > READ_HIGH_WATER and not self._paused and self.transport is not None:
@@ -171,7 +184,7 @@ class LeanStream(UpstreamBody):
     """The async context manager `Backend.stream()` returns for a plain-HTTP backend; inside
     it, the async iterator of the response body's bytes (after transfer decoding, as read)."""
 
-    __slots__ = ("_exchange", "_host", "_port", "_request")
+    __slots__ = ("_exchange", "_first_bytes", "_host", "_port", "_request")
 
     def __init__(
         self,
@@ -182,17 +195,21 @@ class LeanStream(UpstreamBody):
         *,
         kind: str,
         secrets: tuple[str, ...] = (),
+        first_bytes: FirstBytes | None = None,
     ) -> None:
         super().__init__(kind, secrets, deadline)
         self._host, self._port, head = request_head(url, headers, len(body))
         self._request = head + body
         self._exchange: Exchange | None = None
+        self._first_bytes = first_bytes
 
     async def __aenter__(self) -> LeanStream:
         if anyio.current_time() >= self._deadline:
             raise StreamFailed(self._timeout("before the request was sent"))
         loop = asyncio.get_running_loop()
         exchange = Exchange(self._request)
+        if self._first_bytes is not None:
+            exchange.first_bytes = self._pushed
         with anyio.CancelScope(deadline=self._deadline):
             with anyio.move_on_after(CONNECT_TIMEOUT_S) as connecting:
                 try:
@@ -219,7 +236,11 @@ class LeanStream(UpstreamBody):
         exchange = self._exchange
         if exchange is None:
             raise StopAsyncIteration
-        while not exchange.buffered:
+        while True:
+            if exchange.first_bytes_error is not None:
+                raise exchange.first_bytes_error
+            if exchange.buffered:
+                break
             if exchange.complete:
                 self._eof = True
                 raise StopAsyncIteration
@@ -231,6 +252,12 @@ class LeanStream(UpstreamBody):
         data = exchange.take()
         self.relayed += len(data)
         return data
+
+    def _pushed(self, data: bytes) -> None:
+        """The first bytes, from the read callback: counted as relayed, then handed over."""
+        assert self._first_bytes is not None
+        self.relayed += len(data)
+        self._first_bytes(data)
 
     def _faulted(self, kind: Fault, words: str) -> RouteFailure:
         """A broken connection leaves the route before its first byte (`_broken`); an answer
