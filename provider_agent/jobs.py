@@ -451,8 +451,9 @@ class Executor:
             output_per_1m=route.price.output_per_1m if route else 0,
         )
         try:
-            text = await self.outbox.finish(job.job_id, encode(frame), ledger)
-            self.outbound.terminal(job.job_id, text)
+            text = await self._store(job.job_id, encode(frame), ledger)
+            if text is not None:
+                self.outbound.terminal(job.job_id, text)
             if isinstance(frame, JobDone) and running.first_byte_at is not None:
                 self.measured.add(
                     job.model_id,
@@ -492,6 +493,18 @@ class Executor:
         if route is not None and not running.route_left:
             self.hooks.route_ended(route, outcome.error_code, running.relayed)
 
+    async def _store(self, job_id: str, frame: str, ledger: LedgerEntry) -> str | None:
+        """The terminal frame to send, once stored; None when it cannot be (a full or vanished
+        state dir): never sent unstored (protocol.md §5), and the journal still holds the job,
+        so the next start reports it `connection_lost`. One line; the agent goes on."""
+        try:
+            return await self.outbox.finish(job_id, frame, ledger)
+        except OutboxError as exc:
+            log.error(
+                "terminal frame not stored, so not sent job_id=%s: %s", printable(job_id), exc
+            )
+            return None
+
     # --- refusals and repeats --------------------------------------------------------------------
 
     async def _refuse(self, job: Job, refusal: Refusal) -> None:
@@ -507,10 +520,11 @@ class Executor:
         frame = encode(JobError(job_id=job_id, error_code=refusal.code, message=refusal.message))
         ledger = LedgerEntry(model_id, "", refusal.code, 0, 0, "reported", 0, 0)
         try:
-            text = await self.outbox.finish(job_id, frame, ledger)
+            text = await self._store(job_id, frame, ledger)
         finally:
             self._refusing.discard(job_id)
-        self.outbound.terminal(job_id, text)
+        if text is not None:
+            self.outbound.terminal(job_id, text)
         self.stats.job_refused(FinishedJob(self.clock(), None, 0, 0.0, refusal.code))
 
     async def _answer_repeat(self, job_id: str) -> None:

@@ -274,7 +274,10 @@ class Outbox:
             return True, frame
 
         first, stored = await self._run(op)
-        self._journal.ended(job_id)
+        try:
+            self._journal.ended(job_id)
+        except OutboxError as exc:  # the frame is stored: send it; a restart's report is a repeat
+            log.warning("outbox: job_id=%s stored, but not marked ended: %s", job_id, exc)
         if not first:
             log.warning("outbox: job_id=%s already has a terminal frame; keeping the first", job_id)
         elif ledger is None and stored_type(frame) == "job_done":

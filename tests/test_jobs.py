@@ -670,3 +670,44 @@ async def test_a_job_that_cannot_be_recorded_is_never_started_and_ends_internal(
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors and "No space left" in errors[0].getMessage()
     assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
+
+
+class FullFor(MemoryStore):
+    """A store whose disk is full when the frames of `full` jobs are written."""
+
+    def __init__(self, *full: str) -> None:
+        super().__init__()
+        self.full = set(full)
+
+    async def finish(self, job_id: str, frame: str, ledger: object) -> str:
+        if job_id in self.full:
+            raise OutboxError("outbox /state/outbox.sqlite3: the disk is full")
+        return await super().finish(job_id, frame, None)
+
+
+async def test_a_terminal_frame_that_cannot_be_stored_is_not_sent_and_the_agent_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """protocol.md §5: stored before sent. A full disk at the end of a job (or of a refusal)
+    costs that frame (the journal reports the job after a restart), never the agent."""
+    store, outbound = FullFor("j1", "refused"), Outbound()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE
+        yield b"data: [DONE]\n\n"
+
+    executor = executor_of(store, outbound, OneBackend(pieces))
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+        executor.submit(Job(job_id="refused", model_id="unknown", request=REQUEST))
+        await executor.wait_idle()
+        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))
+        assert isinstance(decode(await store.ended("j2")), JobDone)
+        await anyio.wait_all_tasks_blocked()  # the refusal's task has ended too
+        group.cancel_scope.cancel()
+    assert outbound.take().terminal_ids == ["j2"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("disk is full" in e for e in errors)
+    assert {e.split("job_id=")[1].split(":")[0] for e in errors} == {"j1", "refused"}
+    assert not any(r.exc_info for r in caplog.records)

@@ -230,6 +230,27 @@ async def test_a_full_disk_is_a_loud_error_and_loses_nothing_stored(tmp_path: Pa
         assert ("kept", done("kept")) in await outbox.undelivered()
 
 
+async def test_a_frame_stored_while_the_journal_cannot_be_written_is_still_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit decides: a frame in the store is returned for sending even when its journal
+    entry cannot be ended; the next start's `connection_lost` for it keeps the stored frame."""
+    async with await Outbox.open(tmp_path) as outbox:
+        await outbox.accept("j1", "m")
+        journal_fd = outbox._journal._fd
+        assert journal_fd is not None
+        full = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, for real
+        os.dup2(full, journal_fd)
+        os.close(full)
+        assert await outbox.finish("j1", done("j1"), entry()) == done("j1")
+        assert await outbox.undelivered() == [("j1", done("j1"))]
+    assert "j1 stored, but not marked ended" in caplog.text and "No space left" in caplog.text
+    async with await Outbox.open(tmp_path) as outbox:
+        assert [job for job, _, _ in await outbox.orphans()] == ["j1"]
+        assert await outbox.finish("j1", "connection_lost", None) == done("j1")
+        assert len(ledger_rows(tmp_path)) == 1
+
+
 async def test_use_after_close_is_an_outbox_error(tmp_path: Path) -> None:
     outbox = await Outbox.open(tmp_path)
     await outbox.aclose()
