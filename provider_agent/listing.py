@@ -32,6 +32,10 @@ class ModelInfo:
     #: (Ollama). LM Studio's "not-loaded" and llama.cpp router's "unloaded" models are not.
     loaded: bool = True
     upstream_price: UpstreamPrice | None = None
+    #: How many jobs the server runs at once for this model (a llama.cpp server's `/props`
+    #: `total_slots`, per model in router mode); None when it does not say. Beyond it, jobs
+    #: would queue unseen inside the server.
+    slots: int | None = None
 
 
 @dataclass(frozen=True)

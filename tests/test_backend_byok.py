@@ -3,6 +3,7 @@ Decimals, context windows, offline and non-text models."""
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from aiohttp import ClientSession
 from provider_agent.backends import make_backend
 from provider_agent.backends.base import ModelInfo, UpstreamPrice
 from provider_agent.backends.openrouter import OpenRouterBackend
+from provider_agent.backends.openrouter import parse_listing as parse_openrouter_listing
 from provider_agent.backends.openrouter import parse_models as parse_openrouter
 from provider_agent.backends.openrouter import parse_price as openrouter_price
 from provider_agent.backends.venice import VeniceBackend
@@ -226,6 +228,83 @@ def test_openrouter_context_fallback_and_non_text_output() -> None:
             upstream_price=UpstreamPrice(Decimal(0), Decimal(0)),
         ),
     ]
+
+
+PER_REQUEST_FREE: list[object] = ["0", 0, "0.0", " 0 ", "0E-9", 0.0, None]
+PER_REQUEST_FEES: list[object] = ["0.0002", 0.005, "1e-9", "abc", "-1", "NaN", "Infinity", True, {}]
+
+
+def per_request_listing(fees: list[object]) -> dict[str, object]:
+    """One model per `pricing.request` value (`free/<i>` or `fee/<i>`), plus one without the
+    field at all."""
+    data: list[dict[str, object]] = [
+        {"id": "no-field", "pricing": {"prompt": "0.000001", "completion": "0.000002"}}
+    ]
+    for index, fee in enumerate(fees):
+        name = "free" if fee in PER_REQUEST_FREE and not isinstance(fee, bool) else "fee"
+        pricing = {"prompt": "0.000001", "completion": "0.000002", "request": fee}
+        data.append({"id": f"{name}/{index}", "pricing": pricing})
+    return {"data": data}
+
+
+def test_openrouter_per_request_fees_leave_the_model_out() -> None:
+    listing = parse_openrouter_listing(per_request_listing(PER_REQUEST_FREE + PER_REQUEST_FEES))
+    kept = [m.native_id for m in listing.models]
+    assert kept == ["no-field"] + [f"free/{i}" for i in range(len(PER_REQUEST_FREE))]
+    assert listing.per_request == [
+        f"fee/{i}" for i in range(len(PER_REQUEST_FREE), len(PER_REQUEST_FREE + PER_REQUEST_FEES))
+    ]
+    assert parse_openrouter(per_request_listing(PER_REQUEST_FEES)) == listing.models[:1]
+
+
+@pytest.mark.usefixtures("with_key")
+async def test_openrouter_models_with_a_per_request_fee_are_dropped_with_one_warning(
+    fake_server: FakeServer, http_session: ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    from provider_agent.catalog import BackendSeen, build
+    from provider_agent.config import parse
+
+    fake_server.reply("GET", "/api/v1/models", per_request_listing(PER_REQUEST_FEES))
+    backend = byok("openrouter", f"{fake_server.url}/api/v1", http_session)
+    with caplog.at_level(logging.WARNING, logger="provider_agent.backends.openrouter"):
+        models = await backend.list_models()
+    assert [m.native_id for m in models] == ["no-field"]
+    [warning] = caplog.records
+    message = warning.getMessage()
+    assert f"{len(PER_REQUEST_FEES)} models left out" in message
+    assert "per request (pricing.request)" in message
+    assert "fee/0, fee/1, fee/2, fee/3, fee/4 and 4 more" in message
+
+    config = parse(
+        '[coordinator]\nurl = "wss://c.example/provider/connect"\n'
+        f'[[backends]]\nkind = "openrouter"\napi_key_env = "{KEY_ENV}"\n'
+        "[pricing]\ndefault_input_per_1m = 1\ndefault_output_per_1m = 1\n"
+    )
+    catalog = build(config, [BackendSeen(0, config.backends[0], models, frozenset({"openai"}))])
+    assert [offer.model_id for offer in catalog.capabilities.models] == ["no-field"]
+
+
+@pytest.mark.usefixtures("with_key")
+async def test_openrouter_per_request_warning_names_only_allow_listed_models(
+    fake_server: FakeServer, http_session: ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_server.reply("GET", "/api/v1/models", per_request_listing(["0.0002", "0.0003"]))
+    url = f"{fake_server.url}/api/v1"
+    for allowed, expected in (
+        (["no-field"], None),
+        (["no-field", "fee/1"], "1 model left out: it charges a fee per request"),
+    ):
+        caplog.clear()
+        config = BackendConfig(kind="openrouter", url=url, api_key_env=KEY_ENV, models=allowed)
+        with caplog.at_level(logging.WARNING, logger="provider_agent.backends.openrouter"):
+            models = await make_backend(config, http_session, 2).list_models()
+        assert [m.native_id for m in models] == ["no-field"]
+        messages = [r.getMessage() for r in caplog.records]
+        if expected is None:
+            assert messages == []
+        else:
+            [message] = messages
+            assert expected in message and message.endswith(": fee/1")
 
 
 # --- Venice --------------------------------------------------------------------------------------

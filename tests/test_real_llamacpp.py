@@ -80,6 +80,26 @@ def test_health_and_props_do_not_exist(llamacpp_url: str) -> None:
         assert (status, json.loads(body)) == (404, {"detail": "Not Found"}), path
 
 
+def test_messages_route_does_not_exist(llamacpp_url: str) -> None:
+    """What the adapter's Anthropic probe (`POST /v1/messages {}`) gets here: 404."""
+    status, body = http_post_json(f"{llamacpp_url}/v1/messages", {})
+    assert (status, json.loads(body)) == (404, {"detail": "Not Found"})
+
+
+async def test_the_adapter_serves_without_slots_or_anthropic(llamacpp_url: str) -> None:
+    """No `/props`: the model goes without a slot count (uncapped by it), nothing fails; the
+    probe's 404 keeps the formats to `openai`."""
+    from provider_agent.backends.base import ModelInfo, new_http_session
+    from provider_agent.backends.llamacpp import LlamaCppBackend
+    from provider_agent.config import BackendConfig
+
+    async with new_http_session(4) as http:
+        backend = LlamaCppBackend(BackendConfig(kind="llamacpp", url=llamacpp_url), http, 10)
+        assert (await backend.health()).ok
+        assert await backend.list_models() == [ModelInfo(MODEL_ALIAS, slots=None)]
+        assert await backend.formats() == frozenset({"openai"})
+
+
 def test_stream_is_sse_ending_in_done_without_usage(streamed: bytes) -> None:
     assert streamed.startswith(b"data: {")
     assert streamed.endswith(b"\n\ndata: [DONE]\n\n")

@@ -5,6 +5,7 @@ connection closed on every way out (the server sees the client go)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -399,16 +400,35 @@ async def test_reset_before_the_answer_is_unreachable_and_falls_back(
     assert (failure.code, failure.fallback) == ("backend_unreachable", True)
 
 
-async def test_reset_after_the_headers_before_any_byte_still_falls_back(
-    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_a_break_after_a_2xx_head_before_any_byte_is_a_backend_error_without_fallback(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+    http_session: aiohttp.ClientSession,
+    how: str,
 ) -> None:
-    async def headers_then_reset(conn: Conn) -> None:
-        await conn.head()
-        conn.reset()
+    """A 2xx head means the backend accepted the job (it may be generating; on BYOK, billing):
+    whatever breaks after it, even before the first body byte, is never tried elsewhere."""
+    client_has_head = anyio.Event()
 
-    server = await raw_server(headers_then_reset)
-    failure = await failure_of(backend_for("llamacpp", server.url, http_session))
-    assert (failure.code, failure.fallback) == ("backend_unreachable", True)
+    async def head_then_break(conn: Conn) -> None:
+        await conn.head()
+        await client_has_head.wait()  # else the break could overtake the head
+        if how == "reset":
+            conn.reset()
+        else:
+            conn.writer.close()  # a clean close, with the chunked body not ended
+
+    server = await raw_server(head_then_break)
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("openrouter", server.url, http_session).stream(
+            "openai", BODY, deadline_in()
+        ) as chunks:
+            client_has_head.set()
+            async for _ in chunks:
+                raise AssertionError("no body byte was sent")
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert failure.message.startswith("openrouter: the answer broke off after 0 bytes (")
 
 
 async def test_an_answer_that_is_not_http_is_a_backend_error_without_fallback(
@@ -506,6 +526,235 @@ async def test_the_deadline_drops_the_connection_even_while_nobody_reads(
             with pytest.raises(StreamFailed) as caught:
                 await anext(iterator)
     assert caught.value.failure.code == "backend_timeout"
+
+
+# --- the end marker ends the job, open connection or not -----------------------------------------
+
+END_MARKED = {
+    "openai": [
+        b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n",
+    ],
+    "anthropic": [
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    ],
+}
+
+
+@pytest.mark.parametrize("fmt", ["openai", "anthropic"])
+@pytest.mark.parametrize("split", ["one-piece", "marker-later"])
+@pytest.mark.parametrize("push", [True, False], ids=["first-bytes", "iterated"])
+async def test_the_body_ends_at_the_end_marker_while_the_backend_keeps_the_connection_open(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+    http_session: aiohttp.ClientSession,
+    *,
+    fmt: WireFormat,
+    split: str,
+    push: bool,
+) -> None:
+    """protocol.md §8: the job ends at `data: [DONE]` / `message_stop`; a backend that then
+    keeps the connection open must not hold it until the deadline. The relay leaves as the
+    executor does — a cancel scope cancelled when its meter sees the marker, which lands in the
+    read waiting, even when the marker came in the first bytes handed over from the read
+    callback — and the connection is dropped on the way out."""
+    events = END_MARKED[fmt]
+    pieces = [b"".join(events)] if split == "one-piece" else events
+    entered = anyio.Event()
+    client_has_it = anyio.Event()
+
+    async def marker_then_hold(conn: Conn) -> None:
+        await conn.head()
+        await entered.wait()  # the first bytes then come while the caller waits for them
+        for index, piece in enumerate(pieces):
+            if index:
+                await client_has_it.wait()
+            await conn.chunk(piece)
+        # ...and nothing more: no end of the chunked body, no close
+
+    server = await raw_server(marker_then_hold)
+    meter = UsageMeter(fmt, {"messages": []})
+    received: list[bytes] = []
+    reading = anyio.CancelScope()
+
+    def take(data: bytes) -> None:
+        received.append(data)
+        meter.feed(data)
+        client_has_it.set()
+        if meter.ended:
+            reading.cancel()
+
+    with anyio.fail_after(BOUND_S):
+        async with backend_for("vllm", server.url, http_session).stream(
+            fmt, BODY, deadline_in(60), first_bytes=take if push else None
+        ) as chunks:
+            entered.set()
+            with reading:
+                async for data in chunks:
+                    take(data)
+        await server.disconnected.wait()  # the connection was let go at the marker
+    assert b"".join(received) == b"".join(pieces)
+    assert meter.ended and meter.error is None
+
+
+async def test_a_stream_left_at_its_end_marker_never_lends_its_connection_again(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+) -> None:
+    """A pool of one connection: the next job gets a fresh one (the raw server answers one
+    request per connection, so a reused connection would hang it)."""
+
+    async def marker_then_hold(conn: Conn) -> None:
+        await conn.head()
+        await conn.chunk(b"data: [DONE]\n\n")
+
+    server = await raw_server(marker_then_hold)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http:
+        backend = backend_for("vllm", server.url, http)
+        with anyio.fail_after(BOUND_S):
+            for _ in range(3):
+                meter = UsageMeter("openai", {})
+                async with backend.stream("openai", BODY, deadline_in(60)) as chunks:
+                    async for data in chunks:
+                        meter.feed(data)
+                        if meter.ended:
+                            break
+                assert meter.ended
+
+
+# --- heads that cannot be relayed: compressed, or too large --------------------------------------
+
+GZIP_BODY = gzip.compress(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n')
+
+
+def head_with(status: bytes, extra: list[bytes], body: bytes) -> bytes:
+    lines = [b"HTTP/1.1 " + status, b"Content-Type: text/event-stream", *extra]
+    lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def answering(data: bytes) -> Script:
+    async def answer(conn: Conn) -> None:
+        conn.writer.write(data)
+        await conn.writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "encodings",
+    [[b"gzip"], [b"br"], [b"deflate"], [b"x-custom"], [b"identity, gzip"], [b"identity", b"GZIP"]],
+    ids=lambda e: b"+".join(e).decode(),
+)
+async def test_a_compressed_answer_is_a_backend_error_before_any_byte(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+    http_session: aiohttp.ClientSession,
+    encodings: list[bytes],
+) -> None:
+    extra = [b"Content-Encoding: " + value for value in encodings]
+    server = await raw_server(answering(head_with(b"200 OK", extra, GZIP_BODY)))
+    sink = FirstBytesSink()
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("vllm", server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ):
+            raise AssertionError("entered: bytes could have been relayed")
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert failure.message.startswith("vllm: the answer is compressed (Content-Encoding: ")
+    assert sink.handed == []
+
+
+@pytest.mark.parametrize("value", [b"identity", b"Identity", b" identity ", b""])
+async def test_an_identity_answer_is_relayed(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+    http_session: aiohttp.ClientSession,
+    value: bytes,
+) -> None:
+    body = b"data: [DONE]\n\n"
+    server = await raw_server(answering(head_with(b"200 OK", [b"Content-Encoding:" + value], body)))
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", server.url, http_session)) == body
+
+
+async def test_a_compressed_error_answer_is_judged_by_its_status(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    """Only a 2xx body would be relayed: an error answer keeps its status's code (and its
+    fallback), compressed or not."""
+    extra = [b"Content-Encoding: gzip"]
+    server = await raw_server(answering(head_with(b"503 Unavailable", extra, GZIP_BODY)))
+    failure = await failure_of(backend_for("vllm", server.url, http_session))
+    assert (failure.code, failure.fallback) == ("backend_error", True)
+    assert failure.message.startswith("vllm answered HTTP 503")
+
+
+def padded_head(total: int) -> list[bytes]:
+    """Header lines of about `total` bytes in all (each well under aiohttp's 8190-byte line
+    limit, fewer than its 128 lines)."""
+    line_size = 1000
+    return [b"X-Pad-%03d: %s" % (i, b"p" * (line_size - 14)) for i in range(total // line_size)]
+
+
+async def test_a_head_over_64_kib_is_a_backend_error_before_any_byte(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    body = b"data: [DONE]\n\n"
+    server = await raw_server(answering(head_with(b"200 OK", padded_head(70_000), body)))
+    sink = FirstBytesSink()
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend_for("vllm", server.url, http_session).stream(
+            "openai", BODY, deadline_in(), first_bytes=sink
+        ):
+            raise AssertionError("entered: bytes could have been relayed")
+    failure = caught.value.failure
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert failure.message == "vllm: the answer's head is larger than 64 KiB"
+    assert sink.handed == []
+
+
+async def test_a_head_under_64_kib_is_fine(
+    raw_server: Callable[[Script], Awaitable[RawServer]], http_session: aiohttp.ClientSession
+) -> None:
+    body = b"data: [DONE]\n\n"
+    server = await raw_server(answering(head_with(b"200 OK", padded_head(60_000), body)))
+    with anyio.fail_after(BOUND_S):
+        assert await collect(backend_for("vllm", server.url, http_session)) == body
+
+
+#: What the endless head's server writes at most (the old reader took it all, and then waited).
+ENDLESS_HEAD_BYTES = 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize("shape", ["many-lines", "one-line"])
+async def test_an_endless_head_is_refused_with_memory_bounded(
+    raw_server: Callable[[Script], Awaitable[RawServer]],
+    http_session: aiohttp.ClientSession,
+    shape: str,
+) -> None:
+    """A head that never ends (1 GiB took one job to 474 MB): refused once it passes the cap,
+    and no more of it is read — the server's writes stall, then fail, a few socket buffers
+    past the cap."""
+    written = 0
+
+    async def endless(conn: Conn) -> None:
+        nonlocal written
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        conn.writer.write(b"HTTP/1.1 200 OK\r\n" + (b"X-Endless: " if shape == "one-line" else b""))
+        piece = b"x" * 4096 if shape == "one-line" else b"X-Pad: " + b"p" * 1000 + b"\r\n"
+        while written < ENDLESS_HEAD_BYTES:
+            conn.writer.write(piece)
+            written += len(piece)
+            await conn.writer.drain()
+
+    server = await raw_server(endless)
+    with anyio.fail_after(2 * BOUND_S):
+        failure = await failure_of(backend_for("vllm", server.url, http_session))
+        await server.disconnected.wait()
+    assert (failure.code, failure.fallback) == ("backend_error", False)
+    assert written < 16 * 1024 * 1024, written
 
 
 # --- first bytes handed over as they are read (`first_bytes`) -------------------------------------

@@ -22,7 +22,14 @@ from urllib.parse import urlsplit
 import anyio
 import httptools
 
-from provider_agent.backends.stream import CONNECT_TIMEOUT_S, ERROR_BODY_CAP, UpstreamBody
+from provider_agent.backends.stream import (
+    CONNECT_TIMEOUT_S,
+    ERROR_BODY_CAP,
+    HEAD_CAP,
+    HEAD_TOO_LARGE,
+    UpstreamBody,
+    head_problem,
+)
 from provider_agent.errors import StreamFailed
 from provider_agent.upstream import FirstBytes, RouteFailure
 
@@ -45,6 +52,12 @@ class Exchange(asyncio.Protocol):
         #: Content-Length or chunked: the answer marks its own end (else the close ends it).
         self.framed = False
         self.complete = False
+        #: Bytes read while no final head was complete (bounds what a head can make us hold).
+        self._head_read = 0
+        #: The head's size as parsed (status reason and header lines), for the exact cap.
+        self._head_size = 0
+        #: The head's `Content-Encoding` values (checked once it is complete).
+        self._encodings: list[bytes] = []
         #: Why the exchange broke, in words, and of which kind; None while it is fine.
         self.fault: tuple[Fault, str] | None = None
         self._pieces: list[bytes] = []
@@ -66,12 +79,17 @@ class Exchange(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.complete or self.fault is not None:
             return  # past the answer: nothing more is read
+        in_head = not self.headers_done
+        if in_head:
+            self._head_read += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._break("invalid", "the answer is not valid HTTP (it switched protocols)")
         except httptools.HttpParserError as exc:
             self._break("invalid", f"the answer is not valid HTTP ({exc or type(exc).__name__})")
+        if in_head and self._head_read > HEAD_CAP and not self.headers_done and not self.fault:
+            self._break("invalid", HEAD_TOO_LARGE)  # still no end to it: no more is read
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.complete and self.fault is None:
@@ -88,14 +106,27 @@ class Exchange(asyncio.Protocol):
 
     # --- httptools callbacks (they must not raise) -------------------------------------------
 
+    def on_status(self, reason: bytes) -> None:
+        self._head_size += len(reason)
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        self._head_size += len(name) + len(value) + 4
+        name = name.lower()
+        if name in (b"content-length", b"transfer-encoding"):
             self.framed = True
+        elif name == b"content-encoding":
+            self._encodings.append(value)
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self.framed = False  # an interim answer (103 Early Hints…): the real one follows
+            self._encodings.clear()
+            return
+        refusal = head_problem(status, self._head_size, self._encodings)
+        if refusal is not None:
+            self.first_bytes = None  # not one byte of this answer goes anywhere
+            self._break("invalid", refusal)
             return
         self.status = status
         self.headers_done = True
@@ -226,7 +257,9 @@ class LeanStream(UpstreamBody):
                 if not exchange.headers_done:
                     exchange.abort()  # cancelled or failed before the answer: drop it
         if exchange.fault is not None and not exchange.headers_done:
-            raise StreamFailed(self._faulted(*exchange.fault))
+            kind, words = exchange.fault  # before the head: a broken connection is left
+            failure = self._unreachable(words) if kind == "reset" else self._refused_head(words)
+            raise StreamFailed(failure)
         if not exchange.headers_done:
             raise StreamFailed(self._timeout("before the backend answered"))
         self._exchange = exchange
@@ -260,11 +293,11 @@ class LeanStream(UpstreamBody):
         self._first_bytes(data)
 
     def _faulted(self, kind: Fault, words: str) -> RouteFailure:
-        """A broken connection leaves the route before its first byte (`_broken`); an answer
-        that is not HTTP never does: the backend is there, and wrong."""
-        if kind == "reset":
-            return self._broken(words)
-        return self._cut_short(words) if self.relayed else self._failure("backend_error", words)
+        """The exchange broke after the 2xx head: `backend_error`, never left for another
+        route (the backend accepted the job)."""
+        if kind == "reset" or self.relayed:
+            return self._cut_short(words)
+        return self._failure("backend_error", words)  # not HTTP: its own words say enough
 
     def _drop(self) -> bool:
         exchange = self._exchange

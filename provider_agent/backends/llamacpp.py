@@ -6,7 +6,11 @@
   `default_generation_settings.n_ctx` — never `n_ctx_train`, which is what the model was trained
   on, not what this server allocates. Router mode (no `-m`) lists models with `status.value`;
   only `loaded` ones can take a job now.
-- Formats: `anthropic` too when `/props` answers as the C++ server does (it serves `/v1/messages`).
+- Slots: `/props` `total_slots` (`--parallel`/`-np`), per model in router mode
+  (`/props?model=<id>`): how many jobs the server runs at once; beyond it they queue inside it,
+  unseen. llama-cpp-python has no `/props`: its models go without.
+- Formats: `anthropic` too when `POST /v1/messages` with `{}` answers anything but 404 (its
+  validation error proves the route): older C++ builds have `/props` but not the route.
 """
 
 from __future__ import annotations
@@ -22,8 +26,19 @@ from provider_agent.config import WireFormat
 from provider_agent.errors import BackendError
 from provider_agent.text import printable
 
-#: `/props` requests in flight at once in router mode (one per loaded model lacking `meta.n_ctx`).
+#: `/props` requests in flight at once in router mode (one per loaded model).
 _PROPS_CONCURRENCY = 4
+#: The most slots believed from `/props` `total_slots`; beyond it (or below 1) it is not a count.
+MAX_SLOTS = 4096
+#: Statuses of `POST /v1/messages {}` that say the route is not there (any other answer, a
+#: validation error above all, proves it is).
+_NO_MESSAGES_ROUTE = frozenset({404, 405, 501})
+#: Most bytes of the answer to that probe that are read.
+_PROBE_CAP = 64 * 1024
+#: Most seconds that probe may take (at most a quarter of the discovery timeout): a server
+#: refuses `{}` at once; one that queues it instead must not eat the pass's budget for the
+#: listing, which comes after it. The probe is dropped then, and the route not counted on.
+_PROBE_MAX_S = 2.0
 
 
 def served_context(entry: dict[str, Any]) -> int | None:
@@ -69,11 +84,21 @@ def props_context(props: Any) -> int | None:
     return positive_int(settings.get("n_ctx")) if isinstance(settings, dict) else None
 
 
-def is_cpp_server_props(props: Any) -> bool:
-    """Whether a `/props` answer is llama.cpp's C++ server's (which also serves `/v1/messages`)."""
-    return isinstance(props, dict) and (
-        isinstance(props.get("default_generation_settings"), dict) or "build_info" in props
-    )
+def props_slots(props: Any) -> int | None:
+    """`/props` `total_slots` (the server's `--parallel`): how many jobs it runs at once; None
+    when absent or not a believable count (an int from 1 to MAX_SLOTS)."""
+    if not isinstance(props, dict):
+        return None
+    slots = props.get("total_slots")
+    if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= MAX_SLOTS:
+        return slots
+    return None
+
+
+def messages_route_served(status: int) -> bool:
+    """Whether the answer to `POST /v1/messages {}` proves the route is there: anything but
+    "not found" (404), "method not allowed" (405) or "not implemented" (501)."""
+    return status not in _NO_MESSAGES_ROUTE
 
 
 class LlamaCppBackend(Backend):
@@ -94,30 +119,46 @@ class LlamaCppBackend(Backend):
     async def list_models(self) -> list[ModelInfo]:
         listing = await self.get_json(self.api_url("/models"))
         models = parse_models(listing)
-        missing = [i for i, m in enumerate(models) if m.context_window is None and m.loaded]
-        if not missing:
+        loaded = [i for i, m in enumerate(models) if m.loaded]
+        if not loaded:
             return models
         if not is_router_listing(listing):
-            window = props_context(await self._props(None))
-            return [_with_context(m, window) for m in models]
-        # Router mode: each loaded model has its own /props (`?model=`).
-        windows: dict[int, int | None] = {}
+            props = None
+            with anyio.move_on_after(self.detail_budget_s()):  # as below: details come second
+                props = await self._props(None)
+            return [_with_props(m, props) for m in models]
+        # Router mode: each loaded model has its own /props (`?model=`), and its own slots.
+        answers: dict[int, Any] = {}
         limiter = anyio.CapacityLimiter(_PROPS_CONCURRENCY)
 
         async def fetch(index: int) -> None:
             async with limiter:
-                windows[index] = props_context(await self._props(models[index].native_id))
+                answers[index] = await self._props(models[index].native_id)
 
         with anyio.move_on_after(self.detail_budget_s()):  # the models matter more than details
             async with anyio.create_task_group() as group:
-                for index in missing:
+                for index in loaded:
                     group.start_soon(fetch, index)
-        return [_with_context(m, windows.get(i)) for i, m in enumerate(models)]
+        return [_with_props(m, answers.get(i)) for i, m in enumerate(models)]
 
     async def detect_formats(self) -> frozenset[WireFormat]:
-        if is_cpp_server_props(await self._props(None)):
+        if await self._serves_messages():
             return frozenset({"openai", "anthropic"})
         return frozenset({"openai"})
+
+    async def _serves_messages(self) -> bool:
+        """`POST /v1/messages` with `{}`: a build that serves the route refuses the empty
+        request (a validation error); one that does not answers 404. No answer (in time): not
+        known, so not counted on."""
+        with anyio.move_on_after(min(_PROBE_MAX_S, self.timeout_s / 4)):
+            try:
+                status, _ = await self.request_raw(
+                    "POST", self.api_url("/messages"), json_body={}, cap=_PROBE_CAP
+                )
+            except BackendError:
+                return False
+            return messages_route_served(status)
+        return False
 
     async def _props(self, model: str | None) -> Any:
         """`GET /props` (for one model in router mode); None when it fails: llama-cpp-python has
@@ -129,10 +170,13 @@ class LlamaCppBackend(Backend):
             return None
 
 
-def _with_context(model: ModelInfo, window: int | None) -> ModelInfo:
-    if model.context_window is not None or window is None or not model.loaded:
+def _with_props(model: ModelInfo, props: Any) -> ModelInfo:
+    """A loaded model with what its `/props` adds: the served context (when the listing had
+    none) and the slot count."""
+    if not model.loaded or props is None:
         return model
-    return dataclasses.replace(model, context_window=window)
+    window = model.context_window if model.context_window is not None else props_context(props)
+    return dataclasses.replace(model, context_window=window, slots=props_slots(props))
 
 
 def unavailable_reason(body: bytes) -> str:

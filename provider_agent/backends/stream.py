@@ -22,9 +22,18 @@ The lean reader does; aiohttp's yields them, as a push there would run in the sa
 anyway. So every byte reaches the caller once, in order, by one way or the other. An exception
 the callback raises is raised again by the next read.
 
+A caller that saw its format's end marker (`data: [DONE]`, `message_stop`) need not wait for
+the backend to close (protocol.md §8): it leaves the iteration (a `break`, or a cancel scope
+cancelled from `first_bytes`, which lands in the read waiting), and the way out drops the
+connection.
+
 Both share this contract. Failures surface as `StreamFailed` with the protocol code (see
 `provider_agent.upstream`): before the first byte from `async with` (or from the first read),
-after it from the iteration. The deadline (an absolute `anyio.current_time()`) bounds
+after it from the iteration. A 2xx head means the backend accepted the job: whatever breaks after
+it, before or after the first body byte, is `backend_error` with no fallback (it may already be
+generating, on BYOK billing). A head larger than HEAD_CAP, or a 2xx one whose `Content-Encoding`
+is not `identity`, is `backend_error` before any byte (the client must never get bytes it cannot
+read; we ask for `identity`). The deadline (an absolute `anyio.current_time()`) bounds
 connecting, waiting for headers and the body (a timer drops the connection when it passes);
 besides it only connecting has a timeout of its own, so a slow backend is waited for and never
 fallen back from. The response is released or closed on every way out — the normal end, an
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -51,6 +60,15 @@ from provider_agent.upstream import RouteFailure, error_for_status, printable
 CONNECT_TIMEOUT_S = 5.0
 #: Most bytes of an error answer read for its message.
 ERROR_BODY_CAP = 64 * 1024
+#: Most bytes of a response head (status line and header lines); a larger one is refused before
+#: any byte is relayed, and no more of it is read.
+HEAD_CAP = 64 * 1024
+HEAD_TOO_LARGE = f"the answer's head is larger than {HEAD_CAP // 1024} KiB"
+#: aiohttp's own bounds on a head (its defaults, set per request so that no session setting
+#: lifts them): the longest line, header value and the most header lines. They keep what it
+#: buffers of an endless head near 1 MiB; HEAD_CAP is then checked on the head it parsed.
+AIOHTTP_MAX_LINE = 8190
+AIOHTTP_MAX_HEADERS = 128
 STREAM_TIMEOUT = aiohttp.ClientTimeout(
     total=None, connect=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=None
 )
@@ -146,16 +164,17 @@ class UpstreamBody(ABC):
         status already decides the failure, so a body that breaks off or does not come in time
         just gives a shorter message."""
 
-    def _broken(self, what: str) -> RouteFailure:
-        """The connection failed: before the first byte the route is left for the next one."""
-        if self.relayed == 0:
-            return self._unreachable(what)
-        return self._cut_short(what)
-
     def _cut_short(self, what: str) -> RouteFailure:
+        """The answer broke after its 2xx head: the backend accepted the job (it may be
+        generating, on BYOK billing), so no fallback — before the first byte as after it."""
         return self._failure(
             "backend_error", f"the answer broke off after {self.relayed} bytes ({what})"
         )
+
+    def _refused_head(self, why: str) -> RouteFailure:
+        """A head that cannot be relayed (too large, compressed): the backend is there, and
+        wrong; no byte of it went anywhere."""
+        return self._failure("backend_error", why)
 
     def _unreachable(self, what: str) -> RouteFailure:
         return self._failure("backend_unreachable", what, fallback=True)
@@ -201,6 +220,10 @@ class AiohttpStream(UpstreamBody):
                     headers=self._headers,
                     timeout=STREAM_TIMEOUT,
                     allow_redirects=False,
+                    auto_decompress=False,  # a coded body is refused on its head, never decoded
+                    max_line_size=AIOHTTP_MAX_LINE,
+                    max_field_size=AIOHTTP_MAX_LINE,
+                    max_headers=AIOHTTP_MAX_HEADERS,
                 )
             except _UNREACHABLE as exc:
                 raise StreamFailed(self._unreachable(_describe(exc))) from None
@@ -209,6 +232,14 @@ class AiohttpStream(UpstreamBody):
         if response is None:
             raise StreamFailed(self._timeout("before the backend answered"))
         self._response = response
+        refusal = head_problem(
+            response.status,
+            sum(len(name) + len(value) + 4 for name, value in response.raw_headers),
+            response.headers.getall("Content-Encoding", ()),
+        )
+        if refusal is not None:
+            self._let_go(clean=False)
+            raise StreamFailed(self._refused_head(refusal))
         return await self._answered(response.status)
 
     async def __anext__(self) -> bytes:
@@ -220,7 +251,7 @@ class AiohttpStream(UpstreamBody):
         except (aiohttp.ClientError, OSError) as exc:
             if self._timed_out:
                 raise StreamFailed(self._timeout(f"after {self.relayed} bytes")) from None
-            raise StreamFailed(self._broken(_describe(exc))) from None
+            raise StreamFailed(self._cut_short(_describe(exc))) from None
         if not data:
             self._eof = True
             raise StopAsyncIteration
@@ -258,6 +289,22 @@ class AiohttpStream(UpstreamBody):
             except (aiohttp.ClientError, OSError):
                 pass  # keep what arrived; the status is the failure
         return b"".join(parts)
+
+
+def head_problem(status: int, size: int, encodings: Iterable[str | bytes]) -> str | None:
+    """Why a response head cannot be relayed, else None: larger than HEAD_CAP (`size` counts
+    its header lines), or a 2xx answer in a `Content-Encoding` other than `identity`."""
+    if size > HEAD_CAP:
+        return HEAD_TOO_LARGE
+    if 200 <= status < 300:
+        for value in encodings:
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            if text.strip().lower() not in ("", "identity"):
+                return (
+                    f"the answer is compressed (Content-Encoding: {text.strip()[:40]}),"
+                    " though the agent asks for identity"
+                )
+    return None
 
 
 def _describe(exc: BaseException) -> str:
