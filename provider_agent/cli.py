@@ -1,7 +1,9 @@
 """The `provider-agent` command line (shared/spec/cli.md). Thin: each command calls one function.
 
-Exit codes: 0 ok, 1 other failure, 78 (EX_CONFIG) for any configuration or identity error, so a
-systemd unit with `RestartPreventExitStatus=78` does not loop on a broken file.
+Exit codes: 0 ok, 1 other failure, 2 an invalid argument (one line saying which and why), 78
+(EX_CONFIG) for any configuration or identity error, so a systemd unit with
+`RestartPreventExitStatus=78` does not loop on a broken file; 130 for a SIGINT that stopped a
+one-shot command (0 for SIGTERM).
 
 Output: stdout is guarded for every command. A reader that went away (`| head`) ends the command
 quietly (exit 0); any other failure to write it (`> /dev/full`) is one line on stderr, exit 1.
@@ -15,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TextIO, cast
 
 from provider_agent import __version__
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 EX_OK = 0
 EX_FAILURE = 1
+EX_USAGE = 2
 EX_CONFIG = 78
 log = logging.getLogger("provider_agent.cli")
 #: Commands whose stdout is the point: info-level chatter stays off unless asked for.
@@ -46,6 +49,21 @@ _QUIET = frozenset(
 )
 #: Commands whose output already says everything the log would (`doctor` grades each check).
 _SILENT = frozenset({"doctor"})
+#: Operator commands that read local state or ask the running agent, never dialling the
+#: coordinator or a backend: a ws:// coordinator URL does not stop them (cli.md, settled).
+_LOCAL_ONLY = frozenset({"status", "earnings", "pause", "resume"})
+#: Options whose value may start with `-` (`pause --for -5m`): passed to argparse joined
+#: (`--for=-5m`), so that the value reaches the check that says why it is wrong.
+_DASH_VALUES = frozenset({"--for", "--since", "--until"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line saying which and why (cli.md: exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        from provider_agent.text import printable
+
+        self.exit(EX_USAGE, f"{self.prog}: {printable(message, 300)} (see --help)\n")
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -69,7 +87,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="provider-agent",
         description="Sell this machine's inference on the marketplace.",
     )
@@ -238,9 +256,9 @@ def _discard(stream: TextIO) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_dash_values(sys.argv[1:] if argv is None else argv))
     from provider_agent import logs
-    from provider_agent.errors import ConfigError, IdentityError
+    from provider_agent.errors import ConfigError, IdentityError, StateDirError
 
     quiet_default = (
         "error" if args.command in _SILENT else "warn" if args.command in _QUIET else "info"
@@ -248,12 +266,35 @@ def _main(argv: Sequence[str] | None) -> int:
     logs.setup(args.log_level or quiet_default)
     try:
         return _dispatch(args)
-    except (ConfigError, IdentityError) as exc:
-        kind = "config" if isinstance(exc, ConfigError) else "identity"
+    except (ConfigError, IdentityError, StateDirError) as exc:
+        kind = (
+            "config"
+            if isinstance(exc, ConfigError)
+            else "identity"
+            if isinstance(exc, IdentityError)
+            else "state dir"
+        )
         _fail(args, f"{kind} error: {exc}")
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _joined_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--for -5m` → `--for=-5m` (argparse would take `-5m` for an option and say only that
+    `--for` expected one argument)."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else ""
+        if arg in _DASH_VALUES and value[:1] == "-" and value[1:2].isdigit():
+            out.append(f"{arg}={value}")
+            index += 2
+        else:
+            out.append(arg)
+            index += 1
+    return out
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -313,7 +354,8 @@ def _load(path: Path, args: argparse.Namespace) -> Config:
     from provider_agent import config as config_module
     from provider_agent import logs
 
-    config = config_module.load(path, allow_insecure=args.allow_insecure)
+    allow_insecure = args.allow_insecure or args.command in _LOCAL_ONLY
+    config = config_module.load(path, allow_insecure=allow_insecure)
     if args.log_level is None and args.command not in _QUIET | _SILENT:
         logs.setup(config.observability.log_level, config.observability.log_format)
     return config
@@ -339,17 +381,18 @@ def _validate(config: Config) -> int:
 
 
 def _discover(config: Config, *, as_json: bool) -> int:
-    import anyio
-
     from provider_agent.backends.base import new_http_session
     from provider_agent.discovery import run_pass
     from provider_agent.protocol import encode
+    from provider_agent.runtime import Stopped, run_until_signal
 
     async def one_pass() -> PassResult:
         async with new_http_session(config.limits.max_concurrent) as http:
             return await run_pass(config, http)
 
-    result = anyio.run(one_pass)
+    result = run_until_signal(one_pass)
+    if isinstance(result, Stopped):
+        return result.exit_code
     if as_json:
         print(encode(result.catalog.capabilities))
     else:
@@ -464,10 +507,12 @@ def _status(config: Config, config_path: Path, *, as_json: bool) -> int:
 
 def render_status(status: AgentStatus) -> str:
     """`status` for a person: a summary (the pause, when paused), the backends, the models and
-    their routes, withdrawn routes, the GPUs, the jobs running and the last errors. Text from
-    outside is escaped."""
+    their routes, withdrawn routes, the GPUs, the jobs running and the last errors. Everything in
+    it came from whatever answered on the agent's port: every string is escaped, whichever
+    field it is in (`_escaped`), before any of it is laid out."""
     from provider_agent.text import printable
 
+    status = _escaped(status)
     jobs, session, window = status.jobs, status.session, status.rate_window
     if session.authenticated and session.connected_for_s is not None:
         link = f"authenticated for {_span(session.connected_for_s)}"
@@ -555,6 +600,28 @@ def render_status(status: AgentStatus) -> str:
             for note in status.last_errors
         ]
     return "\n".join(lines)
+
+
+#: No field of a real `/status` comes near this; one that does is cut (with a marker).
+_STATUS_TEXT_LIMIT = 1000
+
+
+def _escaped(status: AgentStatus) -> AgentStatus:
+    """`status` with every string in it made printable (control characters, terminal escape
+    sequences, bidi overrides shown as escapes; each at most _STATUS_TEXT_LIMIT characters)."""
+    from provider_agent.status import AgentStatus
+    from provider_agent.text import printable
+
+    def walk(value: object) -> object:
+        if isinstance(value, str):
+            return printable(value, _STATUS_TEXT_LIMIT)
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        return value
+
+    return AgentStatus.model_validate(walk(status.model_dump()))
 
 
 def _withdrawn_lines(status: AgentStatus) -> list[str]:
@@ -674,13 +741,17 @@ def _pause_or_resume(config: Config, command: str, args: argparse.Namespace) -> 
     from provider_agent import control
 
     try:
-        for_s = control.parse_duration(args.for_) if command == "pause" and args.for_ else None
+        for_s = (
+            control.parse_duration(args.for_)
+            if command == "pause" and args.for_ is not None
+            else None
+        )
         reason = args.reason if command == "pause" else None
         if reason is not None:
             control.check_reason(reason)
     except ValueError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
-        return EX_FAILURE
+        return EX_USAGE
     op: Literal["pause", "resume"] = "pause" if command == "pause" else "resume"
     request = control.ControlRequest(op=op, for_s=for_s, reason=reason)
     try:
@@ -724,7 +795,14 @@ def _init(output_option: str, force: bool) -> int:
 
 def _service(args: argparse.Namespace) -> int:
     from provider_agent import service
+    from provider_agent.text import printable
 
+    if args.root is not None:
+        problem = service.root_problem(args.root)
+        if problem is not None:
+            shown = printable(repr(args.root), 300)
+            print(f"service {args.service_command}: --root {shown}: {problem}", file=sys.stderr)
+            return EX_USAGE
     target = service.target_for(args.config, args.root)
     try:
         if args.service_command == "install":

@@ -168,7 +168,15 @@ def _default_key_path() -> Path:
 
 
 def _default_state_dir() -> Path:
-    return _state_directory() or Path("~/.local/state/provider-agent").expanduser()
+    return _state_directory() or _xdg_state_dir()
+
+
+def _xdg_state_dir() -> Path:
+    """The default without systemd: `$XDG_STATE_HOME/provider-agent` (an absolute one; the XDG
+    spec says to ignore a relative one), else `~/.local/state/provider-agent`."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path("~/.local/state").expanduser()
+    return base / "provider-agent"
 
 
 # --- URLs ----------------------------------------------------------------------------------------
@@ -324,7 +332,7 @@ class BackendConfig(_Section):
                 raise ValueError(f"url: required for kind {self.kind!r} (the server root)")
             if "v1" in urlsplit(self.url).path.lower().split("/"):
                 raise ValueError("url: must be the server root, without /v1")
-            if self.markup != 0:
+            if "markup" in self.model_fields_set:  # config.md: whatever its value, 0 included
                 raise ValueError(f"markup: only for openrouter/venice, not for kind {self.kind!r}")
             return self
         if self.api_key_env is None:
@@ -414,14 +422,29 @@ class StateConfig(_Section):
 
     @field_validator("dir")
     @classmethod
-    def _socket_fits(cls, value: Path) -> Path:
-        size = len(os.fsencode(value))
-        if size > MAX_STATE_DIR_BYTES:
-            raise ValueError(
-                f"is {size} bytes long: at most {MAX_STATE_DIR_BYTES} "
-                "(the control socket's path must fit a unix socket address)"
-            )
+    def _state_directory_wins(cls, value: Path) -> Path:
         return _state_directory() or value
+
+    def too_long(self) -> str | None:
+        """Why the directory actually used — `$STATE_DIRECTORY`, `[state] dir` or the default,
+        wherever it came from — breaks the 90-byte limit (config.md, settled 2026-12-06); None
+        when it does not."""
+        size = len(os.fsencode(self.dir))
+        if size <= MAX_STATE_DIR_BYTES:
+            return None
+        limit = (
+            f"is {size} bytes long: at most {MAX_STATE_DIR_BYTES} "
+            "(the control socket's path must fit a unix socket address)"
+        )
+        shown = _printable(str(self.dir))
+        if _state_directory() is not None:
+            return f"$STATE_DIRECTORY {shown} {limit}"
+        if "dir" in self.model_fields_set:
+            return f"{shown} {limit}"
+        return (
+            f"the default {shown} ($XDG_STATE_HOME or ~/.local/state) {limit}: set [state] dir "
+            "to a shorter path"
+        )
 
 
 class Config(_Section):
@@ -438,6 +461,13 @@ class Config(_Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+
+    @model_validator(mode="after")
+    def _state_dir_fits(self) -> Config:
+        problem = self.state.too_long()
+        if problem is not None:
+            raise _KeyedError("state.dir", problem)
+        return self
 
     @model_validator(mode="after")
     def _no_duplicate_backends(self) -> Config:

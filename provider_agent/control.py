@@ -14,6 +14,7 @@ paused, until `resume` or the end of its duration (wall-clock time, so a reboot 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -23,7 +24,6 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from provider_agent.atomic import write_atomic
 from provider_agent.text import printable
+from provider_agent.timestamps import utc_ms
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ REQUEST_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 10.0
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])")
+_DURATION = re.compile(r"([+-]?[0-9]+(?:\.[0-9]+)?)([smhd])")
 
 
 class ControlError(Exception):
@@ -99,10 +100,6 @@ def check_reason(reason: str, what: str = "--reason") -> str:
     return reason
 
 
-def iso_utc(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def human_duration(seconds: float) -> str:
     """`1d 2h`, `2h 5m`, `5m 3s`, `42s`: the two largest units."""
     left = max(0, round(seconds))
@@ -128,8 +125,8 @@ class PauseState(BaseModel):
 
     def view(self, now: float) -> PauseView:
         return PauseView(
-            since=iso_utc(self.since),
-            until=iso_utc(self.until) if self.until is not None else None,
+            since=utc_ms(self.since),
+            until=utc_ms(self.until) if self.until is not None else None,
             left_s=round(max(0.0, self.until - now), 1) if self.until is not None else None,
             reason=self.reason,
         )
@@ -218,7 +215,7 @@ class Control:
         """Take up a pause persisted by an earlier run; an unreadable file counts as a pause
         until `resume` (the operator meant maintenance: better idle than selling through it)."""
         try:
-            data = self.pause_path.read_bytes()
+            data = _read_regular(self.pause_path)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -391,6 +388,17 @@ class Control:
             return ControlReply(
                 ok=False, error=f"cannot write {self.pause_path}: {exc.strerror or exc}"
             )
+
+
+def _read_regular(path: Path) -> bytes:
+    """A small regular file's bytes, never waiting: a FIFO (or a device, a link) put where the
+    file should be is an OSError, not a read that waits for a writer. (`run` refuses such a
+    state dir before it gets here; this is for one that changed in between.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return handle.read(MAX_LINE_BYTES)
 
 
 def _peer_allowed(client: anyio.abc.SocketStream) -> bool:

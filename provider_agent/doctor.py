@@ -57,7 +57,7 @@ SKEW_WARN_S = 10.0
 SKEW_FAIL_S = 300.0
 #: Undelivered billing records: worth a look after this long, and at risk (dropped at
 #: UNDELIVERED_KEEP_S) after the second.
-OUTBOX_WARN_AGE_S = 3600.0
+OUTBOX_WARN_AGE_S = 86400.0
 OUTBOX_FAIL_AGE_S = UNDELIVERED_KEEP_S - 86400
 #: Each network step (resolve, connect, TLS, upgrade, first frame) gets this long.
 STEP_TIMEOUT_S = 10.0
@@ -613,6 +613,12 @@ async def run_checks(config: Config, config_path: Path) -> list[Check]:
 
 
 def doctor_command(config: Config, config_path: Path, *, as_json: bool) -> int:
-    checks = anyio.run(run_checks, config, config_path)
+    """0 all ok or warn, 1 any fail; a SIGINT (130) or SIGTERM (0) abandons the checks at once
+    (they may be waiting up to a step's timeout on a backend that never answers)."""
+    from provider_agent.runtime import Stopped, run_until_signal
+
+    checks = run_until_signal(lambda: run_checks(config, config_path))
+    if isinstance(checks, Stopped):
+        return checks.exit_code
     print(to_json(checks) if as_json else render(checks))
     return overall(checks)

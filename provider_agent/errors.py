@@ -3,6 +3,8 @@
     AgentError                      base of everything the agent raises on purpose
     ├── ConfigError                 the operator's agent.toml (exit 78); names file and key path
     ├── IdentityError               the identity key file is unreadable or does not match (exit 78)
+    ├── StateDirError               the state dir is another agent's (locked), or holds something
+                                    other than a regular file where the agent reads one (exit 78)
     ├── BackendError                a backend misbehaved: unreachable, bad status, garbage, too big
     │   ├── BackendAuthError        the backend refused our credentials (or none were found)
     │   └── StreamFailed            a job's upstream stream failed; carries its RouteFailure
@@ -40,6 +42,11 @@ class ConfigError(AgentError):
 
 class IdentityError(AgentError):
     """The identity key file cannot be used (unreadable, corrupt, or key halves disagree)."""
+
+
+class StateDirError(AgentError):
+    """The state dir cannot be this agent's: another agent holds its lock, or a file the agent
+    reads there is not a regular file (a FIFO would hang the start); `str()` is the one line."""
 
 
 class BackendError(AgentError):

@@ -6,22 +6,28 @@ returns, so an address in use fails the start (a `ConfigError` naming it: exit 7
 surfacing later. Every answer is built from one snapshot of the running agent (`snapshot`), so
 `/metrics`' gauges and `/status` never disagree. Nothing secret is reachable from here: the
 snapshot names backends by label and carries no config values beyond limits.
+
+Whatever connects, the endpoint cannot starve the jobs of file descriptors (config.md,
+settled): it holds at most MAX_CONNECTIONS connections (a newcomer over the cap takes the place
+of the oldest connection that is not being answered, so a flood of idle sockets never locks
+out a real scrape), and aiohttp closes a connection that sent no complete request within
+IDLE_S of opening or of its last answer (an idle or trickling client holds nothing for long).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.abc
 
 from provider_agent import __version__
 from provider_agent.errors import ConfigError, OutboxError
-from provider_agent.metrics import iso
 from provider_agent.status import (
     AgentStatus,
     BackendStatus,
@@ -38,11 +44,17 @@ from provider_agent.status import (
     readiness,
 )
 from provider_agent.text import printable
+from provider_agent.timestamps import utc_ms
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
 
     from provider_agent.daemon import Daemon
+
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,13 @@ log = logging.getLogger(__name__)
 RUNNING_LISTED = 100
 #: How long the endpoint's connections get to finish when the agent stops.
 SHUTDOWN_S = 1.0
+#: The most connections the endpoint holds at once (config.md, settled 2026-12-06).
+MAX_CONNECTIONS = 64
+#: A connection without a complete request this long after it opened, or after its last
+#: answer, is closed (config.md, settled 2026-12-06).
+IDLE_S = 10.0
+#: At most one warning line per this many seconds while connections are turned away.
+FLOOD_LOG_EVERY_S = 60.0
 
 
 async def snapshot(daemon: Daemon) -> AgentStatus:
@@ -130,13 +149,14 @@ async def snapshot(daemon: Daemon) -> AgentStatus:
         advertising=capabilities.metadata.status,
         models_advertised=len(capabilities.models),
         uptime_s=round(time.monotonic() - metrics.started_monotonic, 3),
-        started_at=iso(metrics.started_at),
+        started_at=utc_ms(metrics.started_at),
         readiness=readiness(
             authenticated=authenticated,
             session_state=state,
             passes=0 if latest is None else 1,
             healthy=sum(1 for b in backends if b.healthy),
             backends=len(backends),
+            store_problem=daemon.jobs.store_problem if hasattr(daemon, "jobs") else None,
         ),
         session=SessionStatus(
             state=state,
@@ -148,7 +168,7 @@ async def snapshot(daemon: Daemon) -> AgentStatus:
             reconnects=metrics.reconnect_count,
         ),
         backends=backends,
-        last_pass_at=iso(metrics.last_pass_at) if metrics.last_pass_at else None,
+        last_pass_at=utc_ms(metrics.last_pass_at) if metrics.last_pass_at else None,
         models=models,
         jobs=jobs,
         outbox=outbox,
@@ -182,7 +202,7 @@ def withdrawn_routes(daemon: Daemon, now: float) -> list[WithdrawnRoute]:
         WithdrawnRoute(
             backend=entry.route.backend,
             model=printable(entry.route.native_id, 300),
-            since=iso(wall - timedelta(seconds=max(0.0, now - entry.since))),
+            since=utc_ms(wall - timedelta(seconds=max(0.0, now - entry.since))),
             last_code=entry.last_code,
             probes=entry.probes,
             next_probe_in_s=round(max(0.0, entry.next_probe_at - now), 1),
@@ -227,33 +247,161 @@ def address(host: str, port: int) -> str:
 
 
 async def serve(
-    daemon: Daemon, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    daemon: Daemon,
+    *,
+    max_connections: int | None = None,
+    idle_s: float | None = None,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind, report the bound port to `start()`, serve until cancelled. A bind that fails is a
-    `ConfigError` naming the address (cli.md: exit 78, so systemd does not loop on it)."""
+    `ConfigError` naming the address (cli.md: exit 78, so systemd does not loop on it).
+    `max_connections` and `idle_s` default to MAX_CONNECTIONS and IDLE_S (read at the call)."""
     from aiohttp import web
 
     listen = daemon.config.observability.listen
     assert listen is not None, "serve() with the endpoint disabled"
     host, port = listen
-    runner = web.AppRunner(make_app(daemon), access_log=None, shutdown_timeout=SHUTDOWN_S)
+    idle = IDLE_S if idle_s is None else idle_s
+    app = make_app(daemon)
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=SHUTDOWN_S, keepalive_timeout=idle
+    )
+    guard = ConnectionGuard(MAX_CONNECTIONS if max_connections is None else max_connections)
+
+    @web.middleware
+    async def busy_while_answered(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await guard.answer(request, handler)
+
+    app.middlewares.append(busy_while_answered)
     await runner.setup()
+    assert runner.server is not None
+    guard.server = runner.server
+    listener: asyncio.Server | None = None
     try:
         try:
-            await web.TCPSite(runner, host, port).start()
+            listener = await asyncio.get_running_loop().create_server(
+                guard.protocol, host, port, reuse_address=True, backlog=128
+            )
         except OSError as exc:
             raise ConfigError(
                 str(daemon.config_path or "agent.toml"),
                 "observability.prometheus_addr",
                 f"cannot listen on {address(host, port)}: {_why(exc)}",
             ) from None
-        bound = int(runner.addresses[0][1])
+        bound = int(listener.sockets[0].getsockname()[1])
         log.info("http endpoint listening addr=%s", address(host, bound))
         task_status.started(bound)
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):
+            if listener is not None:
+                listener.close()
             await runner.cleanup()
+
+
+class ConnectionGuard:
+    """The endpoint's connections, at most `limit` at once. Each accepted connection is a
+    `_Connection` around aiohttp's own handler; a middleware marks it busy while one of its
+    requests is answered. A connection over the cap takes the place of the oldest one that is
+    not busy (closed at once); when all are busy, the newcomer is closed instead."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.server: web.Server | None = None
+        #: Open connections by transport, oldest first.
+        self.open: dict[asyncio.BaseTransport, _Connection] = {}
+        self.turned_away = 0
+        self._next_warning_at = 0.0
+
+    def protocol(self) -> _Connection:
+        return _Connection(self)
+
+    def admit(self, connection: _Connection, transport: asyncio.BaseTransport) -> bool:
+        if len(self.open) >= self.limit:
+            oldest_idle = next((c for c in self.open.values() if not c.busy), None)
+            self._warn()
+            if oldest_idle is None:
+                return False
+            oldest_idle.close()
+        self.open[transport] = connection
+        return True
+
+    def forget(self, transport: asyncio.BaseTransport) -> None:
+        self.open.pop(transport, None)
+
+    async def answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """`handler(request)`, its connection counted busy meanwhile (the app's middleware)."""
+        connection = self.open.get(request.transport) if request.transport else None
+        if connection is None:
+            return await handler(request)
+        connection.busy += 1
+        try:
+            return await handler(request)
+        finally:
+            connection.busy -= 1
+
+    def _warn(self) -> None:
+        self.turned_away += 1
+        now = time.monotonic()
+        if now < self._next_warning_at:
+            return
+        self._next_warning_at = now + FLOOD_LOG_EVERY_S
+        log.warning(
+            "http endpoint: %d connections held, the most it takes; closing the oldest idle one "
+            "for each newcomer (a flood of connections?) turned_away=%d",
+            self.limit,
+            self.turned_away,
+        )
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted connection: aiohttp's request handler inside, counted by the guard."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self.guard = guard
+        self.inner: RequestHandler | None = None
+        self.transport: asyncio.Transport | None = None
+        #: Requests of this connection being answered now.
+        self.busy = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if not self.guard.admit(self, transport):
+            self.transport.abort()
+            return
+        assert self.guard.server is not None
+        self.inner = self.guard.server()
+        self.inner.connection_made(transport)
+
+    def close(self) -> None:
+        """Closed by the guard to make room: gone from the count at once."""
+        if self.transport is not None:
+            self.guard.forget(self.transport)
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.guard.forget(self.transport)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+            self.inner = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            self.inner.eof_received()
+        return None  # as aiohttp's own handler: the client closed its side, so close ours
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
 
 
 def _why(exc: OSError) -> str:

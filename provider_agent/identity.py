@@ -132,10 +132,19 @@ def load(path: Path) -> Identity:
 
 
 def _read_document(path: Path) -> dict[str, Any]:
-    """The file's JSON object; never echoes content (which could be the secret)."""
+    """The file's JSON object; never echoes content (which could be the secret). Only a regular
+    file is read: opening a FIFO for reading would wait for a writer (config.md, settled)."""
     try:
-        with path.open("rb") as handle:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                from provider_agent.statedir import file_kind
+
+                raise IdentityError(
+                    f"{path}: the identity file is {file_kind(mode)}, not a regular file: point "
+                    "[identity] key_path at the key file (or remove this, to create a new key)"
+                )
             data = handle.read(_MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise IdentityError(f"{path}: unreadable identity file ({_reason(exc)})") from None

@@ -1,12 +1,26 @@
-"""How a long-running process of this package runs: on which event loop, and with what heap.
+"""How a process of this package runs: on which event loop, and with what heap; and how a
+one-shot command's work ends on SIGINT/SIGTERM (`run_until_signal`).
 
-Both serve the relay's latency (bench/relay.py): uvloop halves its CPU per event, and a settled
-heap keeps the garbage collector from stalling every stream at once.
+The first two serve the relay's latency (bench/relay.py): uvloop halves its CPU per event, and a
+settled heap keeps the garbage collector from stalling every stream at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+import anyio.abc
+
+T = TypeVar("T")
 
 
 def event_loop_options() -> dict[str, bool]:
@@ -31,3 +45,75 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+# --- one-shot commands and signals ----------------------------------------------------------------
+
+#: After SIGINT/SIGTERM, how long a one-shot command's abandoned work gets to unwind before the
+#: process ends regardless (a worker thread in a DNS lookup or in NVML cannot be cancelled).
+STOP_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A one-shot command was stopped by a signal before its work was done."""
+
+    signum: int
+
+    @property
+    def exit_code(self) -> int:
+        """cli.md (settled 2026-12-06): 130 for SIGINT, 0 for SIGTERM (a requested stop)."""
+        return 130 if self.signum == signal.SIGINT else 0
+
+
+def run_until_signal(body: Callable[[], Awaitable[T]]) -> T | Stopped:
+    """Run a one-shot command's work (`discover`, `doctor`) in an event loop of its own; SIGINT or
+    SIGTERM abandons it at once and returns `Stopped`. Work that does not unwind within
+    STOP_GRACE_S (a thread blocked in the resolver) does not hold the process: it then ends with
+    the stop's exit code all the same. An exception from `body` is raised as it is."""
+    outcome: list[T] = []
+    failure: list[Exception] = []
+    stopped: list[Stopped] = []
+
+    async def main() -> None:
+        work = anyio.CancelScope()
+
+        async def watch(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                task_status.started()
+                async for signum in received:
+                    stop = Stopped(signum)
+                    stopped.append(stop)
+                    _exit_after(STOP_GRACE_S, stop.exit_code)
+                    work.cancel()
+                    return
+
+        async with anyio.create_task_group() as group:
+            await group.start(watch)
+            with work:
+                try:
+                    outcome.append(await body())
+                except Exception as exc:  # raised below, outside the task group's wrapping
+                    failure.append(exc)
+            group.cancel_scope.cancel()
+
+    anyio.run(main)
+    if stopped:
+        return stopped[0]
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _exit_after(delay_s: float, code: int) -> None:
+    """End the process with `code` after `delay_s`, unless it has ended by then."""
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed or full stream: end all the same
+                stream.flush()
+        os._exit(code)
+
+    timer = threading.Timer(delay_s, end)
+    timer.daemon = True
+    timer.start()

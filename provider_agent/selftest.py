@@ -21,7 +21,6 @@ not answer.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
@@ -186,7 +185,7 @@ class MemoryStore:
     async def accept(self, job_id: str, model_id: str) -> None:
         self._known.add(job_id)
 
-    async def progress(self, job_id: str, bytes_relayed: int) -> None:
+    def progress(self, job_id: str, bytes_relayed: int) -> None:
         """Progress is kept for crash recovery; a selftest has nothing to recover."""
 
     async def finish(self, job_id: str, frame: str, ledger: LedgerEntry | None) -> str:
@@ -237,7 +236,7 @@ async def complete(check: Check, config: Config, registry: Registry) -> CheckRes
         routes=lambda: only,
         registry=lambda: registry,
         max_concurrent=lambda: config.limits.max_concurrent,
-        accepting=lambda: True,
+        status=lambda: "ready",
         backend_failed=lambda _: None,  # the row says so; no discovery pass to ask for
     )
     executor = Executor(Outbound(), stats, store, hooks, TokenWindow(None))
@@ -309,28 +308,14 @@ def to_json(report: Report) -> str:
 
 
 def selftest_command(config: Config, *, as_json: bool, include_all: bool) -> int:
-    """`provider-agent selftest`: 0 all ok; 1 some failed or no model advertised; 0 when
-    stopped by SIGTERM/SIGINT (the work is abandoned, nothing is printed on stdout)."""
-    report = anyio.run(_until_signalled, config, include_all)
-    if report is None:
+    """`provider-agent selftest`: 0 all ok; 1 some failed or no model advertised; stopped by
+    SIGTERM (0) or SIGINT (130), the work is abandoned and nothing is printed on stdout
+    (cli.md)."""
+    from provider_agent.runtime import Stopped, run_until_signal
+
+    report = run_until_signal(lambda: run_selftest(config, include_all=include_all))
+    if isinstance(report, Stopped):
         print("selftest: stopped before it finished", file=sys.stderr)
-        return 0
+        return report.exit_code
     print(to_json(report) if as_json else render(report))
     return 0 if report.ok else 1
-
-
-async def _until_signalled(config: Config, include_all: bool) -> Report | None:
-    report: Report | None = None
-    async with anyio.create_task_group() as group:
-
-        async def watch(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                task_status.started()
-                async for signum in received:
-                    log.info("%s: selftest abandoned", signal.Signals(signum).name)
-                    group.cancel_scope.cancel()
-
-        await group.start(watch)
-        report = await run_selftest(config, include_all=include_all)
-        group.cancel_scope.cancel()
-    return report

@@ -164,6 +164,22 @@ class Target:
         return self.under(self.config.parent)
 
 
+def root_problem(root: str) -> str | None:
+    """Why `--root DIR` cannot be installed under (cli.md, settled: a non-empty path to an
+    existing directory other than `/`; anything else exits 2 and writes nothing); None when it
+    can. `/` by any spelling (`//`, `/tmp/..`, a link to it) is the live system: that is what
+    leaving `--root` out is for, with its root and systemd checks."""
+    if not root.strip():
+        return "is empty: give the directory to install under (or leave --root out)"
+    if not os.path.exists(root):
+        return "no such directory (--root installs under an existing directory)"
+    if not os.path.isdir(root):
+        return "is not a directory"
+    if os.path.realpath(root) == "/":
+        return "is / itself: to install into this system, leave --root out (as root)"
+    return None
+
+
 def target_for(config: str | None, root: str | None) -> Target:
     """The Target of `--config PATH` and `--root DIR` (relative paths are taken from here)."""
     config_path = PurePosixPath(os.path.abspath(os.path.expanduser(config))) if config else None

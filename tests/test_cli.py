@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -517,3 +520,182 @@ def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it() -> None:
     assert project["project"]["license"] == "Apache-2.0"
     requires = project["build-system"]["requires"]
     assert any(r.replace(" ", "").startswith("setuptools>=77") for r in requires)
+
+
+# --- invalid arguments: exit 2, one line (cli.md, settled 2026-12-06) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["validate", "--bogus"], "unrecognized arguments: --bogus"),
+        (["earnings", "--by", "week"], "argument --by: invalid choice: 'week'"),
+        (["pause", "--for"], "argument --for: expected one argument"),
+        (["nonsense-command"], "invalid choice: 'nonsense-command'"),
+        (["validate", "--x\x1b[2J"], "unrecognized arguments: --x\\x1b[2J"),
+    ],
+)
+def test_an_invalid_argument_is_one_line_and_exit_2(args: list[str], needle: str) -> None:
+    result = cli(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+    assert "\x1b" not in result.stderr and "usage:" not in result.stderr
+
+
+# --- commands that never dial: a ws:// coordinator does not stop them ----------------------------
+
+
+def test_local_commands_take_a_ws_coordinator_without_allow_insecure(tmp_path: Path) -> None:
+    """cli.md (settled): status, earnings, pause and resume need only what they use; `run`,
+    which dials, still refuses ws:// without --allow-insecure."""
+    state = tmp_path / "state"
+    path = minimal_config(
+        tmp_path, f'[state]\ndir = "{state}"\n[observability]\nprometheus_addr = ""\n'
+    )
+    path.write_text(path.read_text().replace("wss://coord.example", "ws://127.0.0.1:9"))
+    status = cli("status", "--config", str(path))
+    assert status.returncode == 1 and "the HTTP endpoint is disabled" in status.stderr
+    for command in ("pause", "resume"):
+        result = cli(command, "--config", str(path))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(f"{command}: no agent is running")
+    earnings = cli("earnings", "--config", str(path))
+    assert earnings.returncode == 78 and "no ledger at" in earnings.stderr  # looked, not refused
+    for result in (status, earnings):
+        assert "coordinator.url" not in result.stderr
+    for command in ("run", "validate"):
+        refused = cli(command, "--config", str(path))
+        assert refused.returncode == 78 and "coordinator.url" in refused.stderr
+
+
+# --- the state dir actually used -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["validate", "pause", "resume", "earnings", "run"])
+def test_a_state_directory_too_long_for_the_socket_exits_78_naming_it(
+    tmp_path: Path, command: str
+) -> None:
+    """config.md (settled): the 90-byte limit holds for $STATE_DIRECTORY too; `pause` used to
+    say that no agent runs (the socket path did not fit) while one ran."""
+    long = tmp_path / ("s" * max(1, 100 - len(str(tmp_path))))
+    path = minimal_config(tmp_path)
+    result = cli(command, "--config", str(path), env={"STATE_DIRECTORY": str(long)})
+    assert result.returncode == 78
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("config error: ")
+    assert "state.dir: $STATE_DIRECTORY" in line and str(long) in line and "at most 90" in line
+    assert not long.exists()
+
+
+def test_an_identity_file_that_is_a_fifo_is_one_line_and_exit_78_not_a_hang(
+    tmp_path: Path,
+) -> None:
+    path = minimal_config(tmp_path)
+    key = tmp_path / "id" / "identity.key"
+    key.parent.mkdir()
+    os.mkfifo(key)
+    result = cli("identity", "--config", str(path))  # cli() times out after 60 s
+    assert result.returncode == 78
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(f"identity error: {key}: ")
+    assert "FIFO" in line and "not a regular file" in line
+
+
+# --- discover and doctor stop on a signal, also while a backend never answers --------------------
+
+
+class _BlackHole:
+    """A loopback TCP server that accepts connections and never answers; `accepted` is set once
+    something connected."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = threading.Event()
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+            self.accepted.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[_BlackHole]:
+    hole = _BlackHole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
+#: `python -c` that starts ARGV with SIGINT ignored, as a script's `command &` does (bash ignores
+#: SIGINT in the background jobs of a non-interactive shell); exec keeps the pid.
+_SIGINT_IGNORED = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+@pytest.mark.parametrize("command", ["discover", "doctor"])
+@pytest.mark.parametrize(
+    "stop",
+    [
+        (signal.SIGINT, 130, "a terminal"),
+        (signal.SIGINT, 130, "a script, in the background"),
+        (signal.SIGTERM, 0, "a terminal"),
+    ],
+    ids=lambda stop: f"{stop[0].name}-from-{stop[2].split(',')[0].split()[-1]}",
+)
+def test_discover_and_doctor_stop_promptly_on_a_signal(
+    tmp_path: Path, black_hole: _BlackHole, command: str, stop: tuple[signal.Signals, int, str]
+) -> None:
+    """cli.md (settled): within a second, exit 130 for SIGINT and 0 for SIGTERM — even while a
+    backend (and, for doctor, the coordinator) accepts the connection and never answers, with
+    20 s allowed per backend. SIGINT used to be ignored for that long when the command was
+    started in the background of a script, SIGTERM to kill it (143); `run` stops on both
+    however it was started, and so do these."""
+    signum, code, started_by = stop
+    url = f"http://127.0.0.1:{black_hole.port}"
+    path = minimal_config(
+        tmp_path, f'[discovery]\ntimeout_s = 20\n[[backends]]\nkind = "vllm"\nurl = "{url}"\n'
+    )
+    path.write_text(
+        path.read_text().replace("wss://coord.example", f"ws://127.0.0.1:{black_hole.port}")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVIDER_AGENT_")}
+    args = [command, "--config", str(path), "--allow-insecure"]
+    python = [sys.executable]
+    if started_by == "a script, in the background":
+        python = [sys.executable, "-c", _SIGINT_IGNORED]
+    process = subprocess.Popen(
+        [*python, "-m", "provider_agent", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert black_hole.accepted.wait(30), "the command never reached the backend"
+        started = time.monotonic()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=20)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == code, err
+    assert elapsed < 3.0, f"{command} took {elapsed:.1f}s to stop"
+    assert "Traceback" not in err

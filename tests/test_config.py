@@ -1386,6 +1386,60 @@ def test_state_dir_fits_a_socket_path(
     assert error.key == "state.dir" and "at most 90" in error.message
 
 
+@pytest.mark.parametrize("kind", ["vllm", "llamacpp", "lmstudio", "ollama"])
+@pytest.mark.parametrize("markup", [0, 0.0, 0.1, 10])
+def test_markup_on_a_local_kind_is_an_error_whatever_its_value(kind: str, markup: float) -> None:
+    """config.md (settled): `markup` on a local kind is an error, `0` included."""
+    error = parse_error(backends({"kind": kind, "url": "http://127.0.0.1:8000", "markup": markup}))
+    assert error.key == "backends[0].markup"
+    assert "openrouter/venice" in error.message and kind in error.message
+
+
+def test_the_state_dir_limit_holds_for_state_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """config.md (settled): the 90 bytes count for the directory actually used — here systemd's
+    $STATE_DIRECTORY, which wins over a short [state] dir."""
+    long = "/" + "s" * 90
+    monkeypatch.setenv("STATE_DIRECTORY", long)
+    for text in (doc(), doc(state={"dir": "/short"})):
+        error = parse_error(text)
+        assert error.key == "state.dir"
+        assert "$STATE_DIRECTORY" in error.message and long in error.message
+        assert "91 bytes" in error.message and "at most 90" in error.message
+    monkeypatch.setenv("STATE_DIRECTORY", "/" + "s" * 89)
+    assert config.parse(doc()).state.dir == Path("/" + "s" * 89)
+
+
+@pytest.mark.parametrize("source", ["XDG_STATE_HOME", "HOME"])
+def test_the_state_dir_limit_holds_for_the_default(
+    monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    base = "/" + "b" * 80
+    monkeypatch.setenv(source, base)
+    expected = Path(base) / ("provider-agent" if source == "XDG_STATE_HOME" else ".local/state")
+    if source == "HOME":
+        expected /= "provider-agent"
+    error = parse_error(doc())
+    assert error.key == "state.dir"
+    assert f"the default {expected} " in error.message and "set [state] dir" in error.message
+    # An explicit [state] dir is the one used: the long default no longer matters.
+    assert config.parse(doc(state={"dir": "/short"})).state.dir == Path("/short")
+
+
+def test_the_default_state_dir_follows_xdg_state_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert config.parse(doc()).state.dir == tmp_path / "xdg" / "provider-agent"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")  # the XDG spec: ignore it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert config.parse(doc()).state.dir == tmp_path / ".local/state/provider-agent"
+
+
 def test_state_dir_limit_counts_bytes_after_expansion(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

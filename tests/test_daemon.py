@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,12 +17,26 @@ import pytest
 from provider_agent.dev.coordinator import DevCoordinator
 from tests.agent_harness import ProcessLines, agent_where, write_config
 
+#: `python -c` that lowers the open-file limit to argv[1], then runs the command line.
+_WITH_NOFILE = (
+    "import resource, runpy, sys; n = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "runpy.run_module('provider_agent', run_name='__main__', alter_sys=True)"
+)
+
 
 @asynccontextmanager
-async def agent_process(config: Path, *args: str) -> AsyncIterator[ProcessLines]:
+async def agent_process(
+    config: Path, *args: str, nofile: int | None = None
+) -> AsyncIterator[ProcessLines]:
+    """`provider-agent run --config CONFIG ARGS` as a child process (with at most `nofile` open
+    files when given, as a unit's LimitNOFILE= would set)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROVIDER_AGENT_ENROLLMENT_CODE", None)
-    command = [sys.executable, "-m", "provider_agent", "run", "--config", str(config), *args]
+    python = [sys.executable, "-m", "provider_agent"]
+    if nofile is not None:
+        python = [sys.executable, "-c", _WITH_NOFILE, str(nofile)]
+    command = [*python, "run", "--config", str(config), *args]
     async with await anyio.open_process(command, env=env) as process:
         agent = ProcessLines(process)
         async with anyio.create_task_group() as group:
@@ -212,3 +226,133 @@ async def test_an_unusable_outbox_stops_the_start_loudly_with_exit_1(
     assert errors and "outbox" in errors[-1].lower()
     assert not any("Traceback" in line for line in agent.lines)
     assert not any("agent started" in line for line in agent.lines)
+
+
+# --- one agent per state dir (protocol.md §8) -----------------------------------------------------
+
+
+def state_view(state: Path) -> tuple[list[str], dict[str, int], list[tuple[str, str]], str]:
+    """What a second agent could have changed in `state`: the names there, the in-flight
+    journal's open jobs (with their relayed bytes), the outbox's terminal frames, the lock's
+    pid."""
+    import sqlite3
+
+    from provider_agent.inflight import FILE_NAME as JOURNAL
+    from provider_agent.inflight import replay
+    from provider_agent.outbox import FILE_NAME as OUTBOX
+
+    open_jobs, _ = replay((state / JOURNAL).read_bytes())
+    db = sqlite3.connect(f"{(state / OUTBOX).as_uri()}?mode=ro", uri=True)
+    try:
+        frames = db.execute("SELECT job_id, frame FROM frames ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    return (
+        sorted(p.name for p in state.iterdir()),
+        {job_id: job.bytes_relayed for job_id, job in open_jobs.items()},
+        frames,
+        (state / "agent.lock").read_text(),
+    )
+
+
+async def test_a_second_run_on_the_same_state_dir_exits_78_naming_it_and_changes_nothing(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """The operator's slip: `provider-agent --config <the same file>` (no subcommand means
+    `run`) while the agent runs with a job in flight. The second one used to report that job
+    as an orphan (`connection_lost`, earning 0) before failing on the port, and the first
+    agent's real `job_done` was then discarded as a repeat."""
+    from provider_agent.protocol import JobDone
+    from tests.agent_harness import fake_vllm, free_port
+
+    async with fake_vllm("m") as backend:
+        backend.gate = anyio.Event()  # the first agent's job stays in flight meanwhile
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            backend_urls=(backend.url,),
+            prometheus_addr=f"127.0.0.1:{free_port()}",
+        )
+        state = tmp_path / "state"
+        async with agent_process(cfg, "--allow-insecure") as first:
+            record = await agent_where(
+                coord, lambda a: a.capabilities is not None and a.capabilities.models, timeout=20
+            )
+            await coord.send_job(record.provider_id, "m", {"messages": []}, job_id="in-flight")
+            await coord.wait_for(lambda c: c.jobs["in-flight"].bytes_relayed > 0, timeout=20)
+            before = state_view(state)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PROVIDER_AGENT_")}
+            second_agent = [sys.executable, "-m", "provider_agent", "--config", str(cfg)]
+            with anyio.fail_after(30):
+                second = await anyio.run_process(
+                    [*second_agent, "--allow-insecure"], check=False, env=env
+                )
+            after = state_view(state)
+            backend.gate.set()
+            job = await coord.wait_for(
+                lambda c: c.jobs["in-flight"] if c.jobs["in-flight"].terminal else None,
+                timeout=20,
+            )
+            first.signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert await first.process.wait() == 0
+    assert second.returncode == 78
+    lines = second.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"state dir error: {state}: in use by another provider-agent")
+    assert f"(pid {first.process.pid})" in lines[0]
+    assert second.stdout == b""
+    assert after == before
+    assert "in-flight" in before[1] and before[2] == []  # in flight, no terminal frame yet
+    assert before[3] == f"{first.process.pid}\n"
+    assert isinstance(job.terminal, JobDone) and job.terminal_count == 1
+    assert len(backend.bodies) == 1
+    coord.assert_no_violations()
+
+
+async def test_the_state_dir_is_free_again_once_the_agent_is_gone(tmp_path: Path) -> None:
+    """The lock dies with its process, SIGKILL included: the next start is not refused."""
+    cfg = write_config(tmp_path, "ws://127.0.0.1:9/provider/connect")
+    for stop in (signal.SIGKILL, signal.SIGTERM):
+        async with agent_process(cfg, "--allow-insecure") as agent:
+            await agent.wait_for_line("agent started", timeout=20)
+            assert (tmp_path / "state" / "agent.lock").read_text() == f"{agent.process.pid}\n"
+            agent.signal(stop)
+            with anyio.fail_after(10):
+                code = await agent.process.wait()
+        assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+        assert not any("state dir error" in line for line in agent.lines)
+
+
+# --- only regular files where the agent reads one (config.md, settled) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "kind"),
+    [
+        ("state/pause.json", os.mkfifo, "a FIFO"),
+        ("state/inflight.jsonl", os.mkfifo, "a FIFO"),
+        ("state/outbox.sqlite3", os.mkfifo, "a FIFO"),
+        ("state/outbox.sqlite3-wal", os.mkfifo, "a FIFO"),
+        ("state/pause.json", os.mkdir, "a directory"),
+        ("state/agent.lock", os.mkfifo, "a FIFO"),
+        ("identity.key", os.mkfifo, "a FIFO"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value.__name__,
+)
+async def test_a_fifo_or_directory_where_the_agent_reads_a_file_is_exit_78_not_a_hang(
+    tmp_path: Path, name: str, make: Callable[[Path], None], kind: str
+) -> None:
+    """A FIFO at pause.json used to hang the start for good (opening it waits for a writer)."""
+    cfg = write_config(tmp_path, "ws://127.0.0.1:9/provider/connect")
+    (tmp_path / "state").mkdir()
+    path = tmp_path / name
+    make(path)
+    async with agent_process(cfg, "--allow-insecure") as agent:
+        with anyio.fail_after(20):
+            code = await agent.process.wait()
+    assert code == 78
+    lines = [line for line in agent.lines if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"{path}: " in lines[0] and f"is {kind}" in lines[0]
+    assert "not a regular file" in lines[0] and "Traceback" not in lines[0]

@@ -3,20 +3,23 @@ agent connected to the reference coordinator and relaying real jobs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import aiohttp
 import anyio
+import anyio.abc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from provider_agent import control
+from provider_agent import control, http_api
 from provider_agent.cli import render_status
 from provider_agent.config import load
 from provider_agent.daemon import Daemon
@@ -38,6 +41,7 @@ from tests.nvml_stand_in import StandInGpu, StandInNvml
 from tests.test_daemon import agent_process
 from tests.test_jobs import finished
 from tests.test_telemetry import agent_with, telemetry_of
+from tests.test_timestamps import RFC3339_MS
 
 REQUEST = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -335,6 +339,9 @@ async def test_a_pause_shows_with_its_reason_and_time_left_and_goes_with_resume(
     assert value(during, "provider_agent_paused") == 1
     pause = paused.paused
     assert pause is not None and pause.reason == "driver upgrade" and pause.until is not None
+    # protocol.md §8: every timestamp in /status is RFC 3339 UTC, three fraction digits, Z.
+    for stamp in (pause.since, pause.until, paused.started_at, paused.last_pass_at):
+        assert stamp is not None and RFC3339_MS.fullmatch(stamp), stamp
     assert pause.left_s is not None and 7000 < pause.left_s <= 7200
     assert paused.advertising == "paused" and paused.models_advertised == 0
     text = render_status(paused)
@@ -568,6 +575,212 @@ async def test_status_against_something_else_is_one_clear_line(
     assert code == 1 and out == "" and errors.count("\n") == 1, errors
     assert errors.startswith(f"status: http://127.0.0.1:{port}/status ") and fragment in errors
     assert "Traceback" not in errors
+
+
+# --- a flood of connections (config.md, settled: 64 at most, idle ones closed after 10 s) ------
+
+
+class Flood:
+    """Raw connections to a port that send nothing; `closed` counts those the server closed."""
+
+    def __init__(self) -> None:
+        self.streams: list[anyio.abc.SocketStream] = []
+        self.closed = 0
+        self.closed_at: list[float] = []
+        self._changed = anyio.Event()
+
+    async def open(self, port: int, count: int, group: anyio.abc.TaskGroup) -> None:
+        async def one() -> None:
+            stream = await anyio.connect_tcp("127.0.0.1", port)
+            self.streams.append(stream)
+            group.start_soon(self._watch, stream)
+
+        async with anyio.create_task_group() as connecting:
+            for _ in range(count):
+                connecting.start_soon(one)
+
+    async def _watch(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            while await stream.receive():
+                pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        self.closed += 1
+        self.closed_at.append(anyio.current_time())
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def until_closed(self, count: int, timeout: float = 10) -> None:  # noqa: ASYNC109
+        with anyio.fail_after(timeout):
+            while self.closed < count:
+                await self._changed.wait()
+
+    async def aclose(self) -> None:
+        for stream in self.streams:
+            await stream.aclose()
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_a_flood_of_connections_cannot_take_the_descriptors_jobs_need(
+    coord: DevCoordinator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A local user holding connections to the metrics port used to exhaust the agent's file
+    descriptors (NOFILE 1024; here 256): every job then failed `backend_unreachable`. The
+    endpoint holds at most 64; jobs still run, and a real scrape still gets its answer."""
+    port = free_port()
+    async with fake_vllm("m") as backend:
+        cfg = write_config(
+            tmp_path, coord.ws_url, backend_urls=(backend.url,), prometheus_addr=f"127.0.0.1:{port}"
+        )
+        async with agent_process(cfg, "--allow-insecure", nofile=256) as agent:
+            pid = await serving(coord)
+            await until_answer(http, port, "/readyz", 200)
+            baseline = open_files(agent.process.pid)
+            flood = Flood()
+            async with anyio.create_task_group() as group:
+                await flood.open(port, 400, group)
+                await flood.until_closed(400 - http_api.MAX_CONNECTIONS)
+                held = open_files(agent.process.pid) - baseline
+                job = await coord.send_job(pid, "m", REQUEST)
+                done = await coord.wait_for(
+                    lambda c: c.jobs[job.job_id] if c.jobs[job.job_id].terminal else None, 20
+                )
+                async with aiohttp.ClientSession() as fresh:
+                    status, text = await get(fresh, port, "/healthz")
+                still_open = 400 - flood.closed
+                await flood.aclose()
+                group.cancel_scope.cancel()
+            agent.signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert await agent.process.wait() == 0
+    assert held <= http_api.MAX_CONNECTIONS + 2, held  # + the odd descriptor of the moment
+    assert isinstance(done.terminal, JobDone), done.terminal
+    assert (status, text) == (200, "ok\n")  # a newcomer takes an idle flooder's place
+    assert 0 < still_open <= http_api.MAX_CONNECTIONS
+    assert any("http endpoint: 64 connections held" in line for line in agent.lines)
+    coord.assert_no_violations()
+
+
+async def test_a_connection_without_a_complete_request_is_closed_after_the_idle_limit(
+    tmp_path: Path,
+) -> None:
+    """Silent, trickling a header a byte at a time (slowloris), or silent after an answer: each
+    is closed once `idle_s` passes without a complete request, and not before."""
+    port = free_port()
+    cfg = write_config(
+        tmp_path, "ws://127.0.0.1:1/provider/connect", prometheus_addr=f"127.0.0.1:{port}"
+    )
+    config = load(cfg, allow_insecure=True)
+    daemon = Daemon(config, load_or_create(config.identity.key_path), handle_signals=False)
+    idle_s = 0.5
+    async with anyio.create_task_group() as group:
+        await group.start(partial(http_api.serve, daemon, idle_s=idle_s))
+        started = anyio.current_time()
+        flood = Flood()
+        await flood.open(port, 3, group)
+        _silent, trickling, answered = flood.streams
+
+        async def trickle() -> None:
+            await trickling.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                while True:
+                    await trickling.send(b"X")
+                    await anyio.sleep(0.05)  # pacing the trickle, not waiting for anything
+
+        group.start_soon(trickle)
+        await answered.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await flood.until_closed(3)
+        async with aiohttp.ClientSession() as session:
+            after = await get(session, port, "/healthz")
+        group.cancel_scope.cancel()
+    for closed_at in flood.closed_at:
+        assert idle_s * 0.8 <= closed_at - started <= idle_s + 3
+    assert after == (200, "ok\n")
+
+
+#: What a hostile process on the agent's port may put in any string of its `/status`: terminal
+#: escapes (clear the screen, a title, colours), a carriage return that hides the line, a bell,
+#: a bidi override, a NUL.
+EVIL = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\rX\u202e\x00"
+
+
+def evil_status() -> dict[str, object]:
+    """A `/status` object with EVIL in every string field, nested ones included."""
+    return {
+        "agent_version": EVIL,
+        "provider_id": EVIL,
+        "advertising": EVIL,
+        "models_advertised": 1,
+        "uptime_s": 5.0,
+        "started_at": EVIL,
+        "readiness": {"ready": False, "reason": EVIL},
+        "session": {"state": EVIL, "authenticated": False},
+        "backends": [{"name": EVIL, "kind": EVIL, "healthy": False, "error": EVIL}],
+        "last_pass_at": EVIL,
+        "models": [
+            {
+                "model_id": EVIL,
+                "formats": [EVIL],
+                "routes": [{"backend": EVIL, "native_id": EVIL, "priority": 0}],
+            }
+        ],
+        "jobs": {
+            "in_flight": 1,
+            "max_concurrent": 8,
+            "running": [
+                {
+                    "job_id": EVIL,
+                    "model_id": EVIL,
+                    "backend": EVIL,
+                    "age_s": 1.0,
+                    "bytes_relayed": 3,
+                }
+            ],
+        },
+        "outbox": {"depth": None, "error": EVIL},
+        "rate_window": {"tokens_last_60s": 0},
+        "last_errors": [{"at": EVIL, "source": EVIL, "code": EVIL, "message": EVIL}],
+        "paused": {"since": EVIL, "until": EVIL, "left_s": 60.0, "reason": EVIL},
+        "gpus": [{"index": 0, "healthy": False, "uuid": EVIL, "name": EVIL, "faults": [EVIL]}],
+        "withdrawn_routes": [
+            {"backend": EVIL, "model": EVIL, "since": EVIL, "last_code": EVIL, "probes": 1}
+        ],
+    }
+
+
+async def test_status_escapes_every_string_from_whatever_answers_on_the_port(
+    tmp_path: Path,
+) -> None:
+    """cli.md (settled): `status` shows foreign strings escaped, like everything else — all of
+    them: a process answering on the agent's port chooses every field."""
+    from aiohttp import web
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response(evil_status())
+
+    app = web.Application()
+    app.router.add_get("/status", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        cfg = write_config(
+            tmp_path, "ws://127.0.0.1:1/provider/connect", prometheus_addr=f"127.0.0.1:{port}"
+        )
+        code, out, errors = await provider_agent("status", "--config", str(cfg))
+        json_code, as_json, _ = await provider_agent("status", "--json", "--config", str(cfg))
+    finally:
+        await runner.cleanup()
+    assert code == 0, errors
+    unsafe = [ch for ch in out if not ch.isprintable() and ch != "\n"]
+    assert unsafe == [], sorted(set(unsafe))
+    shown = "\\x1b[2J\\x1b]0;owned\\x07\\x1b[31mred\\rX\\u202e\\x00"
+    assert out.count(shown) >= 20  # each field, shown escaped rather than dropped
+    assert json_code == 0 and "\x1b" not in as_json  # JSON escapes control characters itself
 
 
 async def test_run_with_the_endpoints_address_in_use_exits_78_with_one_line(

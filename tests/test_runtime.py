@@ -1,14 +1,18 @@
-"""The process runtime: which loop, and a heap settled so full collections stay short."""
+"""The process runtime: which loop, a heap settled so full collections stay short, and how a
+one-shot command ends on a signal."""
 
 from __future__ import annotations
 
 import gc
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from provider_agent.runtime import event_loop_options, settle_heap
+from provider_agent.runtime import STOP_GRACE_S, event_loop_options, settle_heap
 
 
 @pytest.fixture
@@ -38,3 +42,51 @@ def test_settle_heap_moves_what_lives_now_out_of_full_collections(unfrozen: None
     gc.collect()
     walked_new = time.perf_counter() - started
     assert walked_new < walked_all / 2
+
+
+#: A one-shot command whose work is stuck in a thread that cannot be cancelled (a resolver that
+#: never answers): it says "working" once the thread is in, then waits.
+_STUCK = """
+import sys, threading, time
+import anyio.to_thread
+from provider_agent.runtime import Stopped, run_until_signal
+
+async def work() -> None:
+    entered = anyio.Event()
+
+    def stuck() -> None:
+        anyio.from_thread.run_sync(entered.set)
+        time.sleep(60)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(anyio.to_thread.run_sync, stuck)
+        await entered.wait()
+        print("working", flush=True)
+
+result = run_until_signal(work)
+sys.exit(result.exit_code if isinstance(result, Stopped) else 3)
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_stopped_one_shot_command_ends_even_with_its_work_stuck_in_a_thread(
+    signum: signal.Signals, code: int
+) -> None:
+    """cli.md: a one-shot command abandons its work on a signal, within a second — even work
+    that cannot be cancelled."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STUCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "working\n"
+        started = time.monotonic()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=20)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == code, err
+    assert elapsed < 1.0 + STOP_GRACE_S, f"took {elapsed:.2f}s"

@@ -299,10 +299,11 @@ async def test_config_error_exits_78(tmp_path: Path) -> None:
     assert err.startswith("config error: ") and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_a_signal_abandons_the_selftest_and_exits_0(
-    tmp_path: Path, signum: signal.Signals
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+async def test_a_signal_abandons_the_selftest_and_exits_0_or_130(
+    tmp_path: Path, signum: signal.Signals, exit_code: int
 ) -> None:
+    """cli.md (settled): every command stops promptly, 0 for SIGTERM and 130 for SIGINT."""
     async with sims(("vllm", ["m"])) as [sim]:
         sim.fault = Fault(kind="hang")  # the completion never answers
         command = [
@@ -322,7 +323,7 @@ async def test_a_signal_abandons_the_selftest_and_exits_0(
             out = b"".join([chunk async for chunk in process.stdout])
             err = b"".join([chunk async for chunk in process.stderr])
         await sim.wait_for(lambda s: s.disconnects, timeout=5)  # the request was abandoned
-    assert code == 0, err
+    assert code == exit_code, err
     assert out == b""  # the work is abandoned: no table
     assert b"selftest: stopped before it finished" in err
 

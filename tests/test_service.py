@@ -157,6 +157,8 @@ def test_root_install_writes_the_unit_the_config_and_the_directory(tmp_path: Pat
     text = unit.read_text()
     assert f"\nExecStart={EXE} run\n" in text
     assert "\nEnvironment=PROVIDER_AGENT_CONFIG=/etc/provider-agent/agent.toml\n" in text
+    # Descriptors enough for every job whatever connects to the metrics port (config.md).
+    assert "\nLimitNOFILE=65536\n" in text
     # Everything else is the shipped unit, line for line.
     template = TEMPLATE.read_text().splitlines()
     changed = [(a, b) for a, b in zip(template, text.splitlines(), strict=True) if a != b]
@@ -523,3 +525,51 @@ def test_the_command_line_installs_under_a_root(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "etc/systemd/system/provider-agent.service").exists()
     assert done.stderr == ""
+
+
+# --- --root must be a directory other than / (cli.md, settled 2026-12-06) ------------------------
+
+LIVE_UNIT = Path("/etc/systemd/system/provider-agent.service")
+#: --root values that mean this machine's own / (were the check to regress, a real install would
+#: act on it: install is tried with --dry-run only, which refuses the same way; uninstall only
+#: where no unit is installed here, so that there is nothing it could remove).
+LIVE_ROOTS = [
+    ("", "is empty"),
+    ("  ", "is empty"),
+    ("/", "is / itself"),
+    ("//", "is / itself"),
+    ("{t}/..{t_parents}", "is / itself"),
+    ("{t}/to-root", "is / itself"),
+]
+OTHER_ROOTS = [("{t}/missing", "no such directory"), ("{t}/file", "is not a directory")]
+ACTIONS = [("install", "--dry-run"), ("install", "--no-start"), ("uninstall",)]
+
+
+@pytest.mark.parametrize(
+    ("root", "fragment", "action"),
+    [(*root, ("install", "--dry-run")) for root in LIVE_ROOTS]
+    + [
+        pytest.param(
+            *root,
+            ("uninstall",),
+            marks=pytest.mark.skipif(LIVE_UNIT.exists(), reason="a live unit is installed"),
+        )
+        for root in LIVE_ROOTS
+    ]
+    + [(*root, action) for root in OTHER_ROOTS for action in ACTIONS],
+)
+def test_a_root_that_is_not_a_directory_other_than_slash_exits_2_and_writes_nothing(
+    tmp_path: Path, root: str, fragment: str, action: tuple[str, ...]
+) -> None:
+    """`--root ""` used to install into the live /. Nothing is written, nothing is removed."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to-root").symlink_to("/")
+    value = root.format(t=tmp_path, t_parents="/.." * len(tmp_path.parts))
+    before = snapshot(tmp_path)
+    live_before = LIVE_UNIT.exists(), Path("/etc/provider-agent").exists()
+    done = cli("service", *action, "--root", value)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"service {action[0]}: --root ") and fragment in done.stderr
+    assert snapshot(tmp_path) == before
+    assert (LIVE_UNIT.exists(), Path("/etc/provider-agent").exists()) == live_before
