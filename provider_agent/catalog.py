@@ -55,6 +55,10 @@ class Price:
     output_per_1m: int
 
 
+RouteKey = tuple[str, str]
+"""(backend label, the backend's own model id): one route."""
+
+
 @dataclass(frozen=True)
 class Route:
     """One way to serve an advertised model: which backend, under which native id."""
@@ -68,6 +72,19 @@ class Route:
     max_concurrent: int | None
     priority: int
     config_index: int
+    #: How many jobs the server runs at once for this model (a llama.cpp server's
+    #: `total_slots`, per model in router mode); beyond it, jobs would queue unseen inside it.
+    slots: int | None = None
+
+    @property
+    def key(self) -> RouteKey:
+        return (self.backend, self.native_id)
+
+    @property
+    def cap(self) -> int | None:
+        """The most jobs this route takes at once: its backend's `max_concurrent` and its slots."""
+        caps = [c for c in (self.max_concurrent, self.slots) if c is not None]
+        return min(caps) if caps else None
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,7 @@ def _route_for(
         max_concurrent=cfg.max_concurrent,
         priority=cfg.effective_priority,
         config_index=backend.index,
+        slots=model.slots,
     )
 
 
@@ -300,7 +318,7 @@ def _offer(
 
 def model_concurrency(global_cap: int, routes: Sequence[Route]) -> int:
     """The global cap when any route is uncapped, else min(global, sum of the routes' caps)."""
-    caps = [r.max_concurrent for r in routes]
+    caps = [r.cap for r in routes]
     if None in caps:
         return global_cap
     return min(global_cap, sum(cap or 0 for cap in caps))

@@ -22,12 +22,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from provider_agent import __version__, http_api, logs
+from provider_agent import __version__, http_api, logs, statedir
 from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
 from provider_agent.catalog import Catalog, Route, capabilities_message
 from provider_agent.config import Config, load
-from provider_agent.control import Control, iso_utc
+from provider_agent.control import Control
 from provider_agent.discovery import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
 from provider_agent.health import (
@@ -40,6 +40,7 @@ from provider_agent.health import (
 )
 from provider_agent.identity import Identity, load_or_create
 from provider_agent.jobs import Executor, ExecutorHooks
+from provider_agent.logs import Throttle
 from provider_agent.measured import MeasuredSpeed
 from provider_agent.metrics import AgentMetrics, JobStats
 from provider_agent.outbound import Outbound
@@ -47,12 +48,14 @@ from provider_agent.outbox import Outbox, keep_days_of
 from provider_agent.probe import tiny_completion
 from provider_agent.protocol import Capabilities, ErrorCode, Heartbeat
 from provider_agent.ratelimit import TokenWindow
+from provider_agent.routing import AgentStatus
 from provider_agent.runtime import event_loop_options, settle_heap
 from provider_agent.session import Session, SessionHooks
 from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
 from provider_agent.systemd import Notifier
 from provider_agent.telemetry import GpuTelemetry
 from provider_agent.text import printable
+from provider_agent.timestamps import utc_ms
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,8 @@ class Daemon:
         self.catalog: Catalog | None = None
         self.draining = False
         self.clock = anyio.current_time
+        #: `job` frames without an answerable job_id: one line per 10 s (protocol.md §8).
+        self._unanswerable_jobs = Throttle(10.0)
         self.session: Session | None = None
         self.discovery: Discovery | None = None
         self.started = anyio.Event()
@@ -143,7 +148,7 @@ class Daemon:
             draining=self.draining,
             measured=self.measured.snapshot(self.clock()),
             paused=pause is not None,
-            paused_until=iso_utc(pause.until) if pause and pause.until is not None else None,
+            paused_until=utc_ms(pause.until) if pause and pause.until is not None else None,
         )
 
     def serving_routes(self) -> Mapping[str, Sequence[Route]]:
@@ -153,6 +158,10 @@ class Daemon:
     @property
     def paused(self) -> bool:
         return self.control is not None and self.control.paused is not None
+
+    def status(self) -> AgentStatus:
+        """Stopping wins over paused: a paused agent that is stopping refuses `shutting_down`."""
+        return "draining" if self.draining else "paused" if self.paused else "ready"
 
     def heartbeat(self) -> Heartbeat:
         """The job window's figures, with the last GPU sample (never waits for NVML)."""
@@ -174,12 +183,15 @@ class Daemon:
             log.info("backend failed a job, discovery pass requested backend=%s", backend)
             self.request_pass()
 
-    def route_ended(self, route: Route, code: ErrorCode | None, relayed: int) -> None:
+    def route_ended(
+        self, route: Route, code: ErrorCode | None, relayed: int, throttled: bool = False
+    ) -> None:
         """A job's attempt on a route ended: a route that failed its last jobs is withdrawn at
         once (an out-of-cycle capabilities message) until a probe through it succeeds."""
         now = self.clock()
-        self.traffic.record(route.backend, verdict(code, relayed), now)
-        if not self.health.record(route, code, relayed, now, self._route_probe_s()):
+        self.traffic.record(route.backend, verdict(code, relayed, throttled=throttled), now)
+        probe_s = self._route_probe_s()
+        if not self.health.record(route, code, relayed, now, probe_s, throttled=throttled):
             return
         self.metrics.route_withdrawn(route.backend)
         log.warning(
@@ -288,7 +300,7 @@ class Daemon:
                     routes=self.serving_routes,
                     registry=self._registry,
                     max_concurrent=lambda: self.config.limits.max_concurrent,
-                    accepting=lambda: not self.draining and not self.paused,
+                    status=self.status,
                     backend_failed=self.backend_failed,
                     route_ended=self.route_ended,
                 ),
@@ -497,7 +509,11 @@ class Daemon:
         elif inbound.action == "cancel" and inbound.job_id is not None:
             self.jobs.cancel(inbound.job_id)
         elif inbound.action == "reject_job" and inbound.job_id is not None:
-            self.jobs.reject(inbound.job_id, inbound.reason)
+            self.jobs.reject(inbound.job_id, inbound.reason, inbound.code)
+        elif inbound.throttled:
+            held = self._unanswerable_jobs.due(self.clock())
+            if held is not None:
+                log.warning("%s (and %d more since the last line)", inbound.reason, held)
         elif inbound.loud:
             log.warning("%s", inbound.reason)
         else:
@@ -584,9 +600,23 @@ async def first_of(*bodies: Callable[[], Awaitable[object]]) -> None:
 
 
 def run_daemon(config_path: Path, allow_insecure: bool, log_level: str | None) -> int:
-    """Load, set up logging and identity, run until stopped. Config/identity errors raise (78)."""
+    """Load, set up logging, take the state dir, load the identity, run until stopped.
+    Config/identity errors and a state dir another agent holds raise (78)."""
     config = load(config_path, allow_insecure=allow_insecure)
     logs.setup(log_level or config.observability.log_level, config.observability.log_format)
+    try:  # one agent per state dir: before anything reads or writes there (protocol.md §8)
+        state_lock = statedir.lock(config.state.dir)
+    except OutboxError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    with state_lock:
+        statedir.check_files(config.state.dir)
+        return _run_locked(config, config_path, allow_insecure, log_level)
+
+
+def _run_locked(
+    config: Config, config_path: Path, allow_insecure: bool, log_level: str | None
+) -> int:
     identity = load_or_create(config.identity.key_path)
 
     async def main() -> int:

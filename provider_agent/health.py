@@ -6,16 +6,16 @@ a row failed on the serving side is withdrawn: left out of the routes the execut
 the capabilities message until a one-token completion through it succeeds. Discovery passes do
 not bring it back. Probes run at most every min(`discovery.interval_s`, `PROBE_EVERY_MAX_S`).
 
-What a finished route attempt says about the route:
+What a finished route attempt says about the route (protocol.md §8):
 - a failure: `backend_unreachable`, `backend_error`, `auth_rejected_by_backend`, and
-  `backend_timeout` before any byte;
-- nothing (the streak is left as it was): `cancelled`, `connection_lost`, `shutting_down`,
-  `internal` and refusals — they say nothing about the route;
-- a success (the streak restarts): everything else, `job_done` and the client's own mistakes
-  (`bad_request`) included: the route answered.
+  `backend_timeout` before any byte — also when the job then succeeded through a fallback;
+- a success (the streak restarts): a `job_done` on the route, and only that;
+- nothing (the streak is left as it was): everything else — a `429` (the backend is busy, not
+  broken: the route is skipped for 10 s but the streak does not grow), a `404` (the model is not
+  loaded: discovery's business), `bad_request`, `cancelled`, `connection_lost`, refusals.
 
 The shorter-term rule (a route that failed once is skipped for 10 s while another serves the
-model) is `routing.BackendLoad`'s.
+model) is `routing.RouteLoad`'s.
 
 The other half: a backend whose jobs show it healthy is not probed by discovery
 (`healthy_by_traffic`). llama-cpp-python's server ends a running stream whenever another request
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from provider_agent.catalog import Route
+from provider_agent.catalog import Route, RouteKey
 from provider_agent.protocol import ErrorCode
 
 FAILURES_TO_WITHDRAW = 3
@@ -39,40 +39,21 @@ PROBE_EVERY_MAX_S = 30.0
 ROUTE_FAILURES: frozenset[str] = frozenset(
     {"backend_unreachable", "backend_error", "auth_rejected_by_backend", "backend_timeout"}
 )
-#: Codes that say nothing about the route.
-NOT_ABOUT_THE_ROUTE: frozenset[str] = frozenset(
-    {
-        "cancelled",
-        "connection_lost",
-        "shutting_down",
-        "internal",
-        "out_of_capacity",
-        "rate_limited",
-        "unsupported_format",
-    }
-)
-
-RouteKey = tuple[str, str]
-"""(backend label, the backend's own model id): one route."""
-
 Verdict = Literal["failure", "success", "neutral"]
 
 
 def route_key(route: Route) -> RouteKey:
-    return (route.backend, route.native_id)
+    return route.key
 
 
-def verdict(code: ErrorCode | None, relayed: int) -> Verdict:
-    """What one finished attempt on a route says about it (see the module docstring)."""
+def verdict(code: ErrorCode | None, relayed: int, *, throttled: bool = False) -> Verdict:
+    """What one finished attempt on a route says about it (see the module docstring);
+    `throttled`: the backend answered 429."""
     if code is None:
         return "success"
-    if code == "backend_timeout":
-        return "failure" if relayed == 0 else "success"
-    if code in ROUTE_FAILURES:
-        return "failure"
-    if code in NOT_ABOUT_THE_ROUTE:
+    if throttled or (code == "backend_timeout" and relayed > 0):
         return "neutral"
-    return "success"
+    return "failure" if code in ROUTE_FAILURES else "neutral"
 
 
 def probe_every_s(interval_s: float) -> float:
@@ -104,11 +85,18 @@ class RouteHealth:
     probes: int = 0
 
     def record(
-        self, route: Route, code: ErrorCode | None, relayed: int, now: float, probe_s: float
+        self,
+        route: Route,
+        code: ErrorCode | None,
+        relayed: int,
+        now: float,
+        probe_s: float,
+        *,
+        throttled: bool = False,
     ) -> bool:
         """One finished attempt on `route`; True when this one withdrew it."""
         key = route_key(route)
-        found = verdict(code, relayed)
+        found = verdict(code, relayed, throttled=throttled)
         if found == "neutral" or key in self.withdrawn:
             return False
         if found == "success":

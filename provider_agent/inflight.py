@@ -14,14 +14,18 @@ in the outbox.
 
 Format: one JSON object per line — `{"a": job_id, "m": model, "t": accepted_ms}` accepted,
 `{"p": job_id, "b": bytes_relayed}` progress, `{"e": job_id}` ended. A line that does not parse
-(a torn last line: the process died mid-write) is skipped. Past `COMPACT_BYTES` the file is
-rewritten with the open jobs only (write a new file, rename it over).
+(a torn last line: the process died mid-write) is skipped, and the next record starts on a new
+line (protocol.md §8): at open, a file that does not end in a line break gets one before
+anything is appended, and after a write that failed part-way (a full disk) the next record is
+written after a line break too. Past `COMPACT_BYTES` the file is rewritten with the open jobs
+only (write a new file, rename it over).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +108,9 @@ class Journal:
         self.jobs = jobs
         self._fd: int | None = fd
         self._size = os.fstat(fd).st_size
+        #: The file may end inside a record (torn by a crash or a failed write): the next write
+        #: starts with a line break, so that record is not glued onto the torn one.
+        self._torn = False
 
     @classmethod
     def open(cls, path: Path, carried: Iterable[tuple[str, InFlight]] = ()) -> Journal:
@@ -118,14 +125,19 @@ class Journal:
                 f"outbox {path}: cannot open it for writing: {exc.strerror}"
             ) from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutboxError(f"outbox {path}: is not a regular file")
             with os.fdopen(os.dup(fd), "rb") as existing:
-                jobs, skipped = replay(existing.read())
+                data = existing.read()
         except OSError as exc:
             os.close(fd)
             raise OutboxError(f"outbox {path}: cannot read it: {exc.strerror}") from None
+        jobs, skipped = replay(data)
         if skipped:
             log.warning("outbox %s: skipped %d unreadable line(s)", path, skipped)
         journal = cls(path, jobs, fd)
+        journal._torn = bool(data) and not data.endswith(b"\n")
         extra = [(job_id, job) for job_id, job in carried if job_id not in jobs]
         if extra:
             jobs.update(extra)
@@ -163,10 +175,14 @@ class Journal:
     def _write(self, data: bytes) -> None:
         if self._fd is None:
             raise OutboxError(f"outbox {self.path}: used after it was closed")
+        if self._torn:
+            data = b"\n" + data
         try:
             _write_all(self._fd, data)
         except OSError as exc:
+            self._torn = True  # some of it may be in the file: the next record starts afresh
             raise OutboxError(f"outbox {self.path}: cannot write: {exc.strerror}") from None
+        self._torn = False
         self._size += len(data)
 
     def _compact(self) -> None:

@@ -20,6 +20,7 @@ from typing import Literal, TextIO
 
 from provider_agent.errors import OutboxError
 from provider_agent.outbox import FILE_NAME, describe_sqlite_error
+from provider_agent.timestamps import utc_ms
 
 Grouping = Literal["day", "model", "backend"]
 GROUPINGS: tuple[Grouping, ...] = ("day", "model", "backend")
@@ -125,15 +126,18 @@ class LedgerReader:
     def totals(self, by: Grouping, period: Period) -> list[Total]:
         """One Total per day, model or backend in the period, sorted by that key."""
         key = _KEYS[by]
+        done_in = "CASE WHEN outcome = 'job_done' THEN tokens_in ELSE 0 END"
+        done_out = "CASE WHEN outcome = 'job_done' THEN tokens_out ELSE 0 END"
         query = (
             f"SELECT {key} AS k, count(*), coalesce(sum(outcome != 'job_done'), 0),"
-            " coalesce(sum(CASE WHEN outcome = 'job_done' THEN tokens_in END), 0),"
-            " coalesce(sum(CASE WHEN outcome = 'job_done' THEN tokens_out END), 0),"
-            " coalesce(sum(amount_micro_usdc), 0)"
+            f" {_exact_sum(done_in)}, {_exact_sum(done_out)}, {_exact_sum('amount_micro_usdc')}"
             " FROM ledger WHERE time_ms >= ? AND time_ms < ? GROUP BY k ORDER BY k"
         )
         try:
-            return [Total(*row) for row in self._db.execute(query, period.bounds)]
+            return [
+                Total(name, jobs, failed, *(high << 32 | low for high, low in _pairs(sums)))
+                for name, jobs, failed, *sums in self._db.execute(query, period.bounds)
+            ]
         except sqlite3.Error as exc:
             raise OutboxError(f"ledger {self.path}: {describe_sqlite_error(exc)}") from None
 
@@ -152,9 +156,19 @@ class LedgerReader:
             raise OutboxError(f"ledger {self.path}: {describe_sqlite_error(exc)}") from None
 
 
+def _exact_sum(column: str) -> str:
+    """SQL summing a non-negative 64-bit column without sqlite's "integer overflow": its high
+    and low 32 bits are summed apart (each sum fits in 64 bits for 2^31 rows), and joined again
+    in Python's unbounded ints — a row with an absurd figure can never break `earnings`."""
+    return f"coalesce(sum(({column}) >> 32), 0), coalesce(sum(({column}) & 4294967295), 0)"
+
+
+def _pairs(sums: list[int]) -> Iterator[tuple[int, int]]:
+    return zip(sums[::2], sums[1::2], strict=True)
+
+
 def iso_time(time_ms: int) -> str:
-    moment = datetime.fromtimestamp(time_ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_ms(time_ms / 1000)
 
 
 def usdc(micro: int) -> str:
@@ -207,14 +221,15 @@ def write_csv(rows: Iterator[tuple[str | int, ...]], out: TextIO) -> None:
 def earnings_command(
     state_dir: Path, since: str | None, until: str | None, by: Grouping, *, as_csv: bool
 ) -> int:
-    """`provider-agent earnings`: 0, or 78 for a bad DATE or no ledger where the config says."""
-    from provider_agent.cli import EX_CONFIG, EX_FAILURE, EX_OK
+    """`provider-agent earnings`: 0; 2 for a bad DATE or period (an invalid argument, cli.md
+    settled); 78 for no ledger where the config says."""
+    from provider_agent.cli import EX_CONFIG, EX_FAILURE, EX_OK, EX_USAGE
 
     try:
         period = parse_period(since, until)
     except ValueError as exc:
         print(f"earnings: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return EX_USAGE
     path = state_dir / FILE_NAME
     try:
         with LedgerReader(path) as reader:

@@ -84,3 +84,27 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     # The websocket library's debug output is a frame trace: it would print the auth frame
     # (enrollment code) and every job's content. Never below INFO, at any level we are given.
     logging.getLogger("websockets").setLevel(max(quiet, logging.INFO))
+
+
+class Throttle:
+    """At most one line per `every_s` for one kind of event that may repeat without end (frames
+    a coordinator floods, a store that keeps failing): `due(now)` is None when this one is
+    passed over, else how many were passed over since the last line (for that line to say)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.held = 0
+        self._next_at: float | None = None
+
+    def due(self, now: float) -> int | None:
+        if self._next_at is not None and now < self._next_at:
+            self.held += 1
+            return None
+        self._next_at = now + self.every_s
+        held, self.held = self.held, 0
+        return held
+
+    def reset(self) -> int:
+        """Start afresh (the condition ended); returns how many were held back."""
+        held, self.held, self._next_at = self.held, 0, None
+        return held

@@ -10,6 +10,7 @@ apart from the clock, which is passed in, so the window arithmetic is tested wit
 from __future__ import annotations
 
 import collections
+import dataclasses
 import statistics
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from provider_agent.protocol import SERVING_FAILURES, Heartbeat
 from provider_agent.status import ErrorNote
 from provider_agent.text import printable
+from provider_agent.timestamps import utc_ms
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from provider_agent.status import AgentStatus
 
 WINDOW_S = 60.0
+#: Codes a job only ends with when it never started upstream: refusals, whichever path said so.
+_NEVER_STARTED = frozenset({"out_of_capacity", "rate_limited", "unsupported_format"})
 #: How many of the last errors `/status` keeps (newest first).
 LAST_ERRORS = 20
 #: Seconds; a local model's first byte is often under 100 ms, a cold BYOK route several seconds.
@@ -50,6 +54,8 @@ class FinishedJob:
     relayed_bytes: int = 0
     job_id: str = ""
     message: str = ""
+    #: Answered with a refusal at once (never started): outside the error rate.
+    refused: bool = False
 
 
 class JobStats:
@@ -75,8 +81,9 @@ class JobStats:
             self.metrics.job_finished(job, wall_clock or datetime.now(UTC))
 
     def job_refused(self, job: FinishedJob) -> None:
-        """A job answered with a refusal at once: counted in the window, never in flight."""
-        self._finished.append(job)
+        """A job answered with a refusal at once: in the window, never in flight, and outside
+        the error rate."""
+        self._finished.append(dataclasses.replace(job, refused=True))
         if self.metrics is not None:
             self.metrics.job_refused(job)
 
@@ -93,18 +100,23 @@ class JobStats:
             for j in recent
             if j.error_code is None and j.generation_s > 0
         ]
-        latencies = [j.time_to_first_byte_ms for j in recent if j.time_to_first_byte_ms is not None]
-        counted = [j for j in recent if j.error_code is None or j.error_code in SERVING_FAILURES]
-        failures = sum(1 for j in counted if j.error_code is not None)
+        # protocol.md §8: latencies over job_dones only; the error rate is the job_errors other
+        # than `cancelled` over the terminal frames that are not refusals (a job the drain cut
+        # off, `shutting_down`, had started: it counts).
+        latencies = [
+            j.time_to_first_byte_ms
+            for j in recent
+            if j.error_code is None and j.time_to_first_byte_ms is not None
+        ]
+        counted = [j for j in recent if not (j.refused or j.error_code in _NEVER_STARTED)]
+        failures = sum(1 for j in counted if j.error_code not in (None, "cancelled"))
         return Heartbeat(
             queue_depth=self.in_flight,
             tokens_per_sec_p50=round(statistics.median(rates), 2) if rates else 0.0,
             p50_latency_ms=round(percentile(latencies, 50), 1),
             p95_latency_ms=round(percentile(latencies, 95), 1),
             error_rate_60s=round(failures / len(counted), 4) if counted else 0.0,
-            last_error_at=self.last_error_at.isoformat().replace("+00:00", "Z")
-            if self.last_error_at
-            else None,
+            last_error_at=utc_ms(self.last_error_at) if self.last_error_at else None,
             last_error_code=self.last_error_code,
         )
 
@@ -116,11 +128,6 @@ def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * pct // 100))
     return ordered[int(rank) - 1]
-
-
-def iso(when: datetime) -> str:
-    """UTC, to the millisecond, with a Z (as the protocol writes times)."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class AgentMetrics:
@@ -365,7 +372,7 @@ class AgentMetrics:
             where = f" on {backend}" if backend else ""
             message = f"job {printable(job.job_id, 128)}{where}: {printable(job.message, 300)}"
             self.last_errors.appendleft(
-                ErrorNote(at=iso(at), source="job", code=code or "", message=message)
+                ErrorNote(at=utc_ms(at), source="job", code=code or "", message=message)
             )
 
     def job_refused(self, job: FinishedJob) -> None:
@@ -378,7 +385,7 @@ class AgentMetrics:
         self.reconnects.labels(cause).inc()
         if cause not in ("planned", "requested") and detail:
             note = ErrorNote(
-                at=iso(at), source="session", code=cause, message=printable(detail, 300)
+                at=utc_ms(at), source="session", code=cause, message=printable(detail, 300)
             )
             self.last_errors.appendleft(note)
 

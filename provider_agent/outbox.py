@@ -43,6 +43,7 @@ import orjson
 from provider_agent.errors import OutboxError
 from provider_agent.inflight import FILE_NAME as JOURNAL_NAME
 from provider_agent.inflight import InFlight, Journal
+from provider_agent.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,15 @@ SCHEMA_VERSION = 2
 APPLICATION_ID = 0x50414731
 #: Delivered frames are kept this long to answer a repeated `job` (protocol.md §5).
 DELIVERED_KEEP_S = 24 * 3600
-#: Undelivered frames (and accepted, never-ended jobs) older than this are dropped with a warning.
-UNDELIVERED_KEEP_S = 7 * 24 * 3600
+#: Undelivered frames (and accepted, never-ended jobs) older than this are dropped with a warning
+#: (protocol.md §8).
+UNDELIVERED_KEEP_S = 30 * 24 * 3600
+#: A prune acts only when the wall clock moved forward by at most this since the last prune
+#: (and not backwards): a clock correction never drops minutes-old records (protocol.md §8).
+PRUNE_CLOCK_JUMP_S = 24 * 3600
 DEFAULT_KEEP_DAYS = 400
+#: How long a write waits for a lock another process holds on the file before it fails.
+BUSY_TIMEOUT_S = 10.0
 _INT64_MAX = 2**63 - 1
 
 T = TypeVar("T")
@@ -144,6 +151,8 @@ class PruneReport:
     dropped_undelivered: tuple[str, ...]
     dropped_orphans: tuple[str, ...]
     ledger_rows: int
+    #: The wall clock jumped since the last prune: nothing was removed (see `clock_jumped`).
+    skipped: bool = False
 
 
 @dataclass(eq=False)
@@ -184,6 +193,9 @@ class Outbox:
         self._flush_done: anyio.Event | None = None
         self._closing = False
         self._seen_while_pruning: list[set[str]] = []
+        self._progress_failing = Throttle(60.0)
+        #: When the last prune ran (wall clock, ms); read from the file at the first prune.
+        self._last_prune_ms: int | None = None
 
     @classmethod
     async def open(
@@ -193,12 +205,13 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         keep_days: int = DEFAULT_KEEP_DAYS,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> Outbox:
         """Open (creating it if needed) the store in `state_dir`; OutboxError with one line
         naming the file when it is corrupt, foreign, newer than this agent, or unwritable."""
         path = state_dir / FILE_NAME
         connection, known, journal = await anyio.to_thread.run_sync(
-            _open_store, state_dir, path, synchronous, _ms(clock())
+            _open_store, state_dir, path, synchronous, _ms(clock()), busy_timeout_s
         )
         return cls(path, connection, known, journal, clock=clock, keep_days=keep_days)
 
@@ -226,10 +239,16 @@ class Outbox:
         self._remember(job_id)
         self._journal.accepted(job_id, model_id, self._now())
 
-    async def progress(self, job_id: str, bytes_relayed: int) -> None:
+    def progress(self, job_id: str, bytes_relayed: int) -> None:
         """Record how many upstream bytes were relayed so far (for `connection_lost` after a
-        crash); meant for at most ~1 call/s per job."""
-        self._journal.progressed(job_id, min(bytes_relayed, _INT64_MAX))
+        crash); meant for at most ~1 call/s per job. Synchronous (one append), so the relay
+        records a job's first bytes in the same step that hands them on. Best effort: a
+        record that cannot be written costs only the figure a crash would report."""
+        try:
+            self._journal.progressed(job_id, min(bytes_relayed, _INT64_MAX))
+        except OutboxError as exc:
+            if self._progress_failing.due(time.monotonic()) is not None:
+                log.warning("outbox: progress of jobs in flight not recorded: %s", exc)
 
     async def finish(self, job_id: str, frame: str, ledger: LedgerEntry | None) -> str:
         """Store the terminal frame (undelivered) and its ledger row in one transaction, and
@@ -334,9 +353,38 @@ class Outbox:
 
     async def prune(self) -> PruneReport:
         """Drop delivered frames older than 24 h, undelivered frames and orphans older than
-        7 days (with a warning: billing records the coordinator never confirmed), and ledger
-        rows older than `keep_days`."""
+        30 days (with a warning: billing records the coordinator never confirmed), and ledger
+        rows older than `keep_days` — unless the wall clock moved backwards, or forward by more
+        than a day, since the last prune: then nothing, one warning, and the next prune acts
+        (protocol.md §8). The last prune's time is kept in the file, across restarts."""
         now = self._now()
+        # Ids seen again while the prune runs (a repeat accepted anew) must stay known.
+        seen_meanwhile: set[str] = set()
+        self._seen_while_pruning.append(seen_meanwhile)
+        try:
+            return await self._prune(now, seen_meanwhile)
+        finally:
+            self._seen_while_pruning.remove(seen_meanwhile)
+
+    async def _prune(self, now: int, seen_meanwhile: set[str]) -> PruneReport:
+        def last_pruned(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_ms', ?)", (str(now),)
+            )
+
+        if self._last_prune_ms is None:
+            self._last_prune_ms = await self._run(_meta_ms("pruned_ms"))
+        jump = clock_jumped(self._last_prune_ms, now)
+        if jump is not None:
+            await self._run(last_pruned)
+            self._last_prune_ms = now
+            log.warning(
+                "outbox: the wall clock %s since the last prune; nothing pruned until the next "
+                "one (a clock correction must not drop billing records)",
+                jump,
+            )
+            return PruneReport((), (), (), 0, skipped=True)
+        self._last_prune_ms = now
         cuts = prune_cutoffs(now, self._keep_days)
         orphans = tuple(
             job_id
@@ -364,6 +412,7 @@ class Outbox:
                 (cuts.undelivered,),
             )
             ledger = db.execute("DELETE FROM ledger WHERE time_ms < ?", (cuts.ledger,))
+            last_pruned(db)
             return PruneReport(
                 delivered=tuple(row[0] for row in delivered),
                 dropped_undelivered=tuple(row[0] for row in stale),
@@ -371,13 +420,7 @@ class Outbox:
                 ledger_rows=ledger.rowcount,
             )
 
-        # Ids seen again while the prune runs (a repeat accepted anew) must stay known.
-        seen_meanwhile: set[str] = set()
-        self._seen_while_pruning.append(seen_meanwhile)
-        try:
-            report = await self._run(op)
-        finally:
-            self._seen_while_pruning.remove(seen_meanwhile)
+        report = await self._run(op)
         self._known.difference_update(
             job_id
             for job_id in (*report.delivered, *report.dropped_undelivered, *report.dropped_orphans)
@@ -385,14 +428,14 @@ class Outbox:
         )
         if report.dropped_undelivered:
             log.warning(
-                "outbox: dropped %d terminal frame(s) the coordinator did not confirm in 7 days "
+                "outbox: dropped %d terminal frame(s) the coordinator did not confirm in 30 days "
                 "(billing records it never got; their ledger rows stay): job_ids=%s",
                 len(report.dropped_undelivered),
                 _some(report.dropped_undelivered),
             )
         if report.dropped_orphans:
             log.warning(
-                "outbox: dropped %d job(s) accepted over 7 days ago that never ended: job_ids=%s",
+                "outbox: dropped %d job(s) accepted over 30 days ago that never ended: job_ids=%s",
                 len(report.dropped_orphans),
                 _some(report.dropped_orphans),
             )
@@ -564,6 +607,36 @@ class Cutoffs:
     ledger: int
 
 
+def clock_jumped(last_prune_ms: int | None, now_ms: int) -> str | None:
+    """How the wall clock moved since the last prune when a prune must not act on it (moved
+    backwards, or forward by more than PRUNE_CLOCK_JUMP_S); None when it may."""
+    if last_prune_ms is None:
+        return None
+    if now_ms < last_prune_ms:
+        return f"moved back {_span(last_prune_ms - now_ms)}"
+    if now_ms - last_prune_ms > PRUNE_CLOCK_JUMP_S * 1000:
+        return f"moved forward {_span(now_ms - last_prune_ms)}"
+    return None
+
+
+def _span(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds:.0f} s"
+
+
+def _meta_ms(key: str) -> Callable[[sqlite3.Connection], int | None]:
+    def op(db: sqlite3.Connection) -> int | None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        try:
+            return int(row[0]) if row else None
+        except ValueError:
+            return None
+
+    return op
+
+
 def prune_cutoffs(now_ms: int, keep_days: int) -> Cutoffs:
     return Cutoffs(
         delivered=now_ms - DELIVERED_KEEP_S * 1000,
@@ -637,7 +710,7 @@ def _rollback(connection: sqlite3.Connection) -> None:
 
 
 def _open_store(
-    state_dir: Path, path: Path, synchronous: str, now_ms: int
+    state_dir: Path, path: Path, synchronous: str, now_ms: int, busy_timeout_s: float
 ) -> tuple[sqlite3.Connection, set[str], Journal]:
     """(worker thread) Create or open the file, check it is ours and sound, migrate it, prove
     it writable, open the in-flight journal beside it, and load the ids both hold."""
@@ -664,7 +737,7 @@ def _open_store(
         raise OutboxError(f"outbox {path}: cannot open it for writing: {exc.strerror}") from None
     try:
         connection = sqlite3.connect(
-            path, timeout=10, isolation_level=None, check_same_thread=False
+            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
     except sqlite3.Error as exc:
         raise _outbox_error(path, exc) from None

@@ -63,6 +63,8 @@ async def tiny_completion(stream: StreamOpener, route: Route, timeout_s: float) 
                     if first is None:
                         first = time.perf_counter()
                     meter.feed(data)
+                    if meter.ended:  # not waiting for a backend that keeps the connection open
+                        break
         except StreamFailed as exc:
             return ProbeResult(f"{exc.failure.code}: {exc.failure.message}", _ms(started, first))
     if scope.cancelled_caught:

@@ -6,10 +6,23 @@ additively), and `decode()` never raises: garbage becomes a `BadFrame` the sessi
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from provider_agent.text import model_id_problem
 
 ErrorCode = Literal[
     "out_of_capacity",
@@ -150,13 +163,43 @@ class Heartbeat(_Frame):
 # --- jobs ----------------------------------------------------------------------------------------
 
 
+#: protocol.md §8: a `job_id` the agent can answer (and store) is 1–128 printable characters.
+JOB_ID_MAX_CHARS = 128
+
+
+def readable_job_id(value: object) -> str | None:
+    """`value` when it is a `job_id` the agent can answer (protocol.md §8), else None."""
+    if isinstance(value, str) and 0 < len(value) <= JOB_ID_MAX_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def _answerable_job_id(value: str) -> str:
+    if readable_job_id(value) is None:
+        raise ValueError("must be 1-128 printable characters")
+    return value
+
+
+def _model_id_rule(value: str) -> str:
+    problem = model_id_problem(value)
+    if problem is not None:
+        raise ValueError(f"breaks the model-id rule: {problem}")
+    return value
+
+
+def _null_is_absent(default: object) -> BeforeValidator:
+    """`null` means the field's default (protocol.md §8: `format: null` is `openai`)."""
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
 class Job(_Frame):
     type: Literal["job"] = "job"
-    job_id: Annotated[str, Field(min_length=1, max_length=128)]
-    model_id: str
+    job_id: Annotated[str, AfterValidator(_answerable_job_id)]
+    model_id: Annotated[str, AfterValidator(_model_id_rule)]
     request: dict[str, Any]
-    format: WireFormat = "openai"
-    deadline_ms: Annotated[int, Field(gt=0)] = 60000
+    format: Annotated[WireFormat, _null_is_absent("openai")] = "openai"
+    #: A JSON integer: a string or a float is `bad_request` (protocol.md §8).
+    deadline_ms: Annotated[int, _null_is_absent(60000), Field(gt=0, strict=True)] = 60000
 
 
 class JobCancel(_Frame):
@@ -247,24 +290,67 @@ class UnknownFrame(BaseModel):
 
 class BadFrame(BaseModel):
     """Text that is not a valid frame. `job_id` is set when one could be read (so a broken `job`
-    can still be answered with `bad_request`)."""
+    can still be answered), and `code` is what to answer it with: `unsupported_format` when the
+    `format` alone is wrong, else `bad_request` (protocol.md §8)."""
 
     reason: str
     type: str | None = None
     job_id: str | None = None
+    code: Literal["bad_request", "unsupported_format"] = "bad_request"
+
+
+#: A run of digits that may be an integer orjson cannot hold exactly (outside -2^63 … 2^64-1).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
+def _exact_int(literal: str) -> int | orjson.Fragment:
+    """An integer literal as Python's int where orjson writes it back exactly, else as the literal
+    itself (an `orjson.Fragment`, written back verbatim): no size is too big, none becomes a
+    float, and no huge literal is converted at all (protocol.md §8: same JSON values)."""
+    if len(literal) <= 21:
+        value = int(literal)
+        if _INT_MIN <= value <= _UINT_MAX:
+            return value
+    return orjson.Fragment(literal)
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {literal[:20]}")
+    return value
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON text → Python. orjson, unless the text has a digit run long enough to be an integer
+    that orjson would turn into a float; then the stdlib's parser with exact integers, held to
+    orjson's rules (strict UTF-8, no NaN or Infinity, finite floats)."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if _LONG_DIGITS.search(raw) is None:
+        return orjson.loads(raw)
+    return json.loads(
+        raw.decode("utf-8"),
+        parse_int=_exact_int,
+        parse_float=_finite_float,
+        parse_constant=_reject_constant,
+    )
 
 
 def decode(text: str | bytes) -> Frame | UnknownFrame | BadFrame:
     """Parse one inbound frame. Never raises."""
     try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        data = _loads(text)
+    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
         return BadFrame(reason=f"not JSON: {exc}")
     if not isinstance(data, dict):
         return BadFrame(reason="not a JSON object")
     kind = data.get("type")
-    job_id = data.get("job_id")
-    job_id = job_id if isinstance(job_id, str) and 0 < len(job_id) <= 128 else None
+    job_id = readable_job_id(data.get("job_id"))
     if not isinstance(kind, str):
         return BadFrame(reason="no string `type`", job_id=job_id)
     if kind not in KNOWN_TYPES:
@@ -272,9 +358,16 @@ def decode(text: str | bytes) -> Frame | UnknownFrame | BadFrame:
     try:
         return _FRAME.validate_python(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        first = errors[0]
         where = ".".join(str(part) for part in first["loc"][1:])
-        return BadFrame(reason=f"invalid {kind}: {where}: {first['msg']}", type=kind, job_id=job_id)
+        fields = {error["loc"][1] for error in errors if len(error["loc"]) > 1}
+        code: Literal["bad_request", "unsupported_format"] = (
+            "unsupported_format" if kind == "job" and fields == {"format"} else "bad_request"
+        )
+        return BadFrame(
+            reason=f"invalid {kind}: {where}: {first['msg']}", type=kind, job_id=job_id, code=code
+        )
 
 
 def encode(frame: _Frame) -> str:

@@ -1,26 +1,35 @@
 """Pure: which route serves a job, and whether a job is admitted at all.
 
-The executor asks these with plain data (the catalog's routes, jobs in flight per backend, which
-backends failed lately, the clock) and does what they say. Rules (protocol.md §2, §4):
+The executor asks these with plain data (the catalog's routes, jobs in flight per backend and per
+route, which routes failed lately, the clock) and does what they say. Rules (protocol.md §2, §4,
+§8):
 
-- Admission, in order: draining or paused → `shutting_down`; the global `max_concurrent` reached →
-  `out_of_capacity` (at once, never queued); the token window full → `rate_limited`; no route for
-  the model → `model_not_loaded`; no route speaking the job's format → `unsupported_format`.
+- Admission, in order: stopping → `shutting_down`; paused → `out_of_capacity` ("paused for
+  maintenance"); the outbox cannot store terminal frames → `out_of_capacity` (naming the state
+  dir); the global `max_concurrent` reached → `out_of_capacity` (at once, never queued); the token
+  window full → `rate_limited`; no route for the model → `model_not_loaded`; no route speaking
+  the job's format → `unsupported_format`.
 - Route order: the catalog's priority order; among equal priority the route with the fewest jobs
-  in flight; a route whose backend is at its own `max_concurrent` is left out; a backend that
-  failed in the last `SKIP_AFTER_FAILURE_S` goes to the back (kept only while no other route can
-  serve — "skipped unless it is the only route").
+  in flight; a route whose backend is at its own `max_concurrent`, or that is at its own slot
+  count (a llama.cpp server's `total_slots`), is left out; a ROUTE (backend × model) that failed
+  in the last `SKIP_AFTER_FAILURE_S` goes to the back (kept only while no other route can serve —
+  "skipped unless it is the only route"). A 429 puts a route there too; a 404 does not (§8).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
-from provider_agent.catalog import Route
+from provider_agent.catalog import Route, RouteKey
 from provider_agent.protocol import ErrorCode, WireFormat
 
 SKIP_AFTER_FAILURE_S = 10.0
+K = TypeVar("K")
+
+AgentStatus = Literal["ready", "draining", "paused"]
+"""What the agent is doing, as `capabilities.metadata.status` says it."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,16 @@ def admit(
     in_flight: int,
     max_concurrent: int,
     window_open: bool,
-    accepting: bool,
+    status: AgentStatus,
+    store_problem: str | None = None,
 ) -> Refusal | None:
     """None when the job may run; else the refusal to answer it with."""
-    if not accepting:
-        return Refusal("shutting_down", "this agent is not taking new jobs (draining or paused)")
+    if status == "draining":
+        return Refusal("shutting_down", "this agent is stopping and takes no new jobs")
+    if status == "paused":
+        return Refusal("out_of_capacity", "paused for maintenance")
+    if store_problem is not None:
+        return Refusal("out_of_capacity", store_problem)
     if in_flight >= max_concurrent:
         return Refusal("out_of_capacity", f"all {max_concurrent} job slots are busy")
     if not window_open:
@@ -55,49 +69,58 @@ def admit(
 
 
 @dataclass
-class BackendLoad:
-    """Jobs in flight per backend label, and when each backend last failed a job."""
+class RouteLoad:
+    """Jobs in flight per backend and per route, and when each route last failed a job."""
 
-    in_flight: dict[str, int] = field(default_factory=dict)
-    failed_at: dict[str, float] = field(default_factory=dict)
+    backends: dict[str, int] = field(default_factory=dict)
+    routes: dict[RouteKey, int] = field(default_factory=dict)
+    failed_at: dict[RouteKey, float] = field(default_factory=dict)
 
-    def started(self, backend: str) -> None:
-        self.in_flight[backend] = self.in_flight.get(backend, 0) + 1
+    def started(self, route: Route) -> None:
+        self.backends[route.backend] = self.backends.get(route.backend, 0) + 1
+        self.routes[route.key] = self.routes.get(route.key, 0) + 1
 
-    def ended(self, backend: str) -> None:
-        left = self.in_flight.get(backend, 0) - 1
-        if left > 0:
-            self.in_flight[backend] = left
-        else:
-            self.in_flight.pop(backend, None)
+    def ended(self, route: Route) -> None:
+        _decrement(self.backends, route.backend)
+        _decrement(self.routes, route.key)
 
-    def failed(self, backend: str, now: float) -> None:
-        self.failed_at[backend] = now
+    def failed(self, route: Route, now: float) -> None:
+        self.failed_at[route.key] = now
 
-    def succeeded(self, backend: str) -> None:
-        self.failed_at.pop(backend, None)
+    def succeeded(self, route: Route) -> None:
+        self.failed_at.pop(route.key, None)
 
-    def recently_failed(self, backend: str, now: float) -> bool:
-        at = self.failed_at.get(backend)
+    def recently_failed(self, route: Route, now: float) -> bool:
+        at = self.failed_at.get(route.key)
         return at is not None and now - at < SKIP_AFTER_FAILURE_S
+
+    def has_room(self, route: Route) -> bool:
+        """Below the backend's configured `max_concurrent` and the route's own slot count."""
+        cap = route.max_concurrent
+        if cap is not None and self.backends.get(route.backend, 0) >= cap:
+            return False
+        return route.slots is None or self.routes.get(route.key, 0) < route.slots
+
+
+def _decrement(counts: dict[K, int], key: K) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def order_routes(
-    routes: Sequence[Route], fmt: WireFormat, load: BackendLoad, now: float
+    routes: Sequence[Route], fmt: WireFormat, load: RouteLoad, now: float
 ) -> list[Route]:
     """The routes to try for one job, best first (see the module docstring)."""
-    usable = [
-        r
-        for r in routes
-        if fmt in r.formats
-        and (r.max_concurrent is None or load.in_flight.get(r.backend, 0) < r.max_concurrent)
-    ]
+    usable = [r for r in routes if fmt in r.formats and load.has_room(r)]
     return sorted(
         usable,
         key=lambda r: (
-            load.recently_failed(r.backend, now),
+            load.recently_failed(r, now),
             r.priority,
-            load.in_flight.get(r.backend, 0),
+            load.backends.get(r.backend, 0),
             r.config_index,
         ),
     )

@@ -118,6 +118,11 @@ class Inbound:
     reason: str = ""
     #: Log level for `ignore`: surprises are warnings, known no-ops are debug.
     loud: bool = False
+    #: What a `reject_job` is answered with.
+    code: Literal["bad_request", "unsupported_format"] = "bad_request"
+    #: A `job` that cannot be answered (no readable job_id): logged at most once per 10 s
+    #: for all such frames (protocol.md §8), so a flood of them cannot flood the log.
+    throttled: bool = False
 
 
 def dispatch(frame: Frame | UnknownFrame | BadFrame) -> Inbound:
@@ -130,8 +135,13 @@ def dispatch(frame: Frame | UnknownFrame | BadFrame) -> Inbound:
         return Inbound("ack", job_id=frame.job_id)
     if isinstance(frame, BadFrame):
         if frame.type == "job" and frame.job_id is not None:
-            return Inbound("reject_job", job_id=frame.job_id, reason=frame.reason)
-        return Inbound("ignore", reason=f"malformed frame dropped: {frame.reason}", loud=True)
+            return Inbound("reject_job", job_id=frame.job_id, reason=frame.reason, code=frame.code)
+        return Inbound(
+            "ignore",
+            reason=f"malformed frame dropped: {frame.reason}",
+            loud=True,
+            throttled=frame.type == "job",
+        )
     if isinstance(frame, UnknownFrame | ConfigUpdate):
         return Inbound("ignore", reason=f"{frame.type} ignored")
     return Inbound("ignore", reason=f"unexpected {frame.type} after auth", loud=True)

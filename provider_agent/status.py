@@ -161,11 +161,20 @@ class AgentStatus(_Part):
 
 
 def readiness(
-    *, authenticated: bool, session_state: str, passes: int, healthy: int, backends: int
+    *,
+    authenticated: bool,
+    session_state: str,
+    passes: int,
+    healthy: int,
+    backends: int,
+    store_problem: str | None = None,
 ) -> Readiness:
     """`/readyz`: ready only when authenticated to the coordinator with at least one backend
-    healthy in the last discovery pass; otherwise every reason, for the 503's body."""
+    healthy in the last discovery pass, and the outbox storing terminal frames (protocol.md §8);
+    otherwise every reason, for the 503's body."""
     reasons: list[str] = []
+    if store_problem is not None:
+        reasons.append(store_problem)
     if not authenticated:
         reasons.append(f"not authenticated to the coordinator (session {session_state})")
     if passes == 0:

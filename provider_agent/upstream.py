@@ -40,6 +40,8 @@ class RouteFailure:
     code: ErrorCode
     message: str
     fallback: bool
+    #: The backend answered 429: busy, not broken (route health leaves its streak alone).
+    throttled: bool = False
 
 
 class UnencodableRequest(ValueError):
@@ -98,7 +100,10 @@ def error_for_status(
     detail = error_detail(body)
     message = f"{kind} answered HTTP {status}" + (f": {detail}" if detail else "")
     return RouteFailure(
-        status_code(status, kind), printable(message, secrets), status_falls_back(status)
+        status_code(status, kind),
+        printable(message, secrets),
+        status_falls_back(status),
+        throttled=status == 429,
     )
 
 

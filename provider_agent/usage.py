@@ -26,6 +26,11 @@ off) it is estimated and `Usage.estimated` is set:
   template's overhead), counting `messages[].content` (strings and text parts), anthropic's
   `system`, and a legacy `prompt`.
 
+Figures outside 0–10^12 (MAX_BELIEVED) are not believed (protocol.md §8): a backend that sent
+one is not believed at all, so the whole job is billed on the estimate, and `disbelieved` names
+the fields, for one warning. No figure from a
+backend can make the job's frame or ledger row fail.
+
 SSE handling: lines end in `\\n` or `\\r\\n`; `:` comments, `id:` and `retry:` are skipped; the
 `event:` name holds until the blank line that ends the event; a `data:` line that is not JSON is
 skipped (no backend splits JSON over several data lines). A line longer than MAX_LINE_BYTES is
@@ -45,6 +50,8 @@ from provider_agent.upstream import error_message, printable
 
 #: Longest SSE line kept for parsing; longer ones are dropped (usage lines are tiny).
 MAX_LINE_BYTES = 4 * 1024 * 1024
+#: The largest token count believed from a backend (protocol.md §8).
+MAX_BELIEVED = 10**12
 #: Characters per token and tokens per message of the estimates (see the module docstring).
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -84,6 +91,7 @@ class UsageMeter:
         self._output: int | None = None
         self._timings_input: int | None = None
         self._timings_output: int | None = None
+        self._disbelieved: dict[str, None] = {}
 
     # --- what the relay asks -----------------------------------------------------------------
 
@@ -98,6 +106,11 @@ class UsageMeter:
         return self._error
 
     @property
+    def disbelieved(self) -> tuple[str, ...]:
+        """The usage fields this backend reported outside 0–10^12 (not believed)."""
+        return tuple(self._disbelieved)
+
+    @property
     def output_so_far(self) -> int:
         """Output tokens counted so far (for the rate window): the estimate's rule, or the
         upstream's running count when it reports one and that is larger."""
@@ -108,6 +121,8 @@ class UsageMeter:
         """The job's usage: upstream's report where there is one, the estimate elsewhere."""
         input_tokens = self._reported_input()
         output_tokens = self._reported_output()
+        if self._disbelieved:
+            input_tokens = output_tokens = None
         estimated = input_tokens is None or output_tokens is None
         if input_tokens is None:
             input_tokens = estimate_input_tokens(self._request)
@@ -186,14 +201,15 @@ class UsageMeter:
             self._fail(chunk)
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self._input = _count(usage.get("prompt_tokens"), self._input)
-            self._output = _count(usage.get("completion_tokens"), self._output)
+            self._input = self._figure(usage, "prompt_tokens", self._input)
+            self._output = self._figure(usage, "completion_tokens", self._output)
         timings = chunk.get("timings")
         if isinstance(timings, dict):
-            prompt, cached = _count(timings.get("prompt_n")), _count(timings.get("cache_n"))
+            prompt = self._figure(timings, "prompt_n")
+            cached = self._figure(timings, "cache_n")
             if prompt is not None:
-                self._timings_input = prompt + (cached or 0)
-            self._timings_output = _count(timings.get("predicted_n"), self._timings_output)
+                self._timings_input = self._believed("timings", prompt + (cached or 0))
+            self._timings_output = self._figure(timings, "predicted_n", self._timings_output)
         choices = chunk.get("choices")
         if isinstance(choices, list):
             for choice in choices:
@@ -250,18 +266,37 @@ class UsageMeter:
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self._anthropic_input(usage)
-                self._output = _count(usage.get("output_tokens"), self._output)
+                self._output = self._figure(usage, "output_tokens", self._output)
         elif kind == "message_stop":
             self._ended = True
 
     def _anthropic_input(self, usage: dict[str, Any]) -> None:
-        parts = [_count(usage.get(key)) for key in _ANTHROPIC_INPUT_KEYS]
+        parts = [self._figure(usage, key) for key in _ANTHROPIC_INPUT_KEYS]
         if all(part is None for part in parts):
             return
-        total = sum(part or 0 for part in parts)
-        self._input = total if self._input is None else max(self._input, total)
+        total = self._believed("input_tokens", sum(part or 0 for part in parts))
+        if total is not None:
+            self._input = total if self._input is None else max(self._input, total)
 
     # --- shared ------------------------------------------------------------------------------
+
+    def _figure(
+        self, report: Mapping[str, Any], key: str, default: int | None = None
+    ) -> int | None:
+        """A token count from a backend's report: a JSON integer in 0–10^12, else `default`
+        (absent, not a count, or a number outside 0–10^12: then remembered, and the job is
+        estimated)."""
+        value = report.get(key)
+        if _absurd(value):
+            self._disbelieved[key] = None
+            return default
+        return _count(value, default)
+
+    def _believed(self, key: str, value: int | None, default: int | None = None) -> int | None:
+        if value is None or value <= MAX_BELIEVED:
+            return value
+        self._disbelieved[key] = None
+        return default
 
     def _fail(self, event: dict[str, Any]) -> None:
         if self._error is None:
@@ -304,6 +339,13 @@ def text_chars(content: Any) -> int:
         elif isinstance(item, dict):
             stack.extend(item[key] for key in ("text", "content") if key in item)
     return total
+
+
+def _absurd(value: object) -> bool:
+    """A number no token count can be: outside 0–10^12 (past 2^64 orjson reads a float), NaN."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return not 0 <= value <= MAX_BELIEVED
 
 
 def _count(value: Any, default: int | None = None) -> int | None:

@@ -111,6 +111,10 @@ class FakeVllm:
     disconnects: int = 0
     started: anyio.Event = field(default_factory=anyio.Event)
     disconnected: anyio.Event = field(default_factory=anyio.Event)
+    #: Answer completions for these models with this status instead (per model).
+    statuses: dict[str, int] = field(default_factory=dict)
+    #: The usage object to report instead of the true one (a backend's absurd figures).
+    usage: dict[str, object] | None = None
 
 
 def sse_chunk(payload: dict[str, object]) -> bytes:
@@ -132,9 +136,10 @@ async def fake_vllm(*models: str, tokens: int = 3) -> AsyncIterator[FakeVllm]:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         state.bodies.append(body)
-        if state.status != 200:
+        status = state.statuses.get(str(body["model"]), state.status)
+        if status != 200:
             return web.json_response(
-                {"error": {"message": "fake failure", "code": state.status}}, status=state.status
+                {"error": {"message": "fake failure", "code": status}}, status=status
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -155,7 +160,7 @@ async def fake_vllm(*models: str, tokens: int = 3) -> AsyncIterator[FakeVllm]:
                 await write(sse_chunk({**base, "choices": [delta]}))
             if state.gate is not None:
                 await state.gate.wait()
-            usage = {
+            usage = state.usage or {
                 "prompt_tokens": 7,
                 "completion_tokens": state.tokens,
                 "total_tokens": 7 + state.tokens,

@@ -37,6 +37,7 @@ from provider_agent.protocol import JobDone, JobError
 from tests.agent_harness import agent_where, fake_vllm, running_agent, write_config
 from tests.test_daemon import agent_process
 from tests.test_jobs import REQUEST, finished, serving
+from tests.test_timestamps import RFC3339_MS
 
 # --- what operators type -------------------------------------------------------------------------
 
@@ -336,7 +337,9 @@ async def test_paused_agent_advertises_nothing_keeps_beating_finishes_jobs_refus
             done = await finished(coord, in_flight.job_id)
             await call(daemon.config.state.dir, ControlRequest(op="resume"))
             await agent_where(coord, status_is("ready", models=True))
-    assert isinstance(late.terminal, JobError) and late.terminal.error_code == "shutting_down"
+    # protocol.md §8: paused is `out_of_capacity`; `shutting_down` is for a stopping agent only
+    assert isinstance(late.terminal, JobError) and late.terminal.error_code == "out_of_capacity"
+    assert late.terminal.message == "paused for maintenance"
     assert isinstance(done.terminal, JobDone)
     assert len(backend.bodies) == 1  # the refused job never reached the backend
     coord.assert_no_violations()
@@ -353,7 +356,7 @@ async def test_a_pause_with_a_duration_says_until_when_and_ends_by_itself(
             paused = await agent_where(coord, status_is("paused"))
             assert paused.capabilities is not None
             until = paused.capabilities.model_dump()["metadata"]["paused_until"]
-            assert isinstance(until, str) and until.endswith("Z")
+            assert isinstance(until, str) and RFC3339_MS.fullmatch(until), until
             await agent_where(coord, status_is("ready", models=True))
     coord.assert_no_violations()
 
@@ -404,15 +407,23 @@ async def test_pause_with_nothing_running_is_one_line_and_exit_1(tmp_path: Path)
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--for", "soon"), "not a duration"),
-        (("--for", "0s"), "longer than 0"),
-        (("--reason", ""), "is empty"),
+        (("--for", "soon"), "--for 'soon': not a duration"),
+        (("--for", "0s"), "--for '0s': must be longer than 0"),
+        (("--for", "-5m"), "--for '-5m': must be longer than 0"),
+        (("--for=-5m",), "--for '-5m': must be longer than 0"),
+        (("--for", "0"), "--for '0': not a duration"),
+        (("--for", ""), "--for '': not a duration"),
+        (("--for", "400d"), "--for '400d': at most 366d"),
+        (("--reason", ""), "--reason is empty"),
         (("--reason", "a\nb"), "printable"),
     ],
 )
-async def test_bad_pause_options_are_one_line_and_exit_1(
+async def test_bad_pause_options_are_one_line_and_exit_2(
     tmp_path: Path, args: tuple[str, ...], needle: str
 ) -> None:
+    """cli.md (settled): a bad or non-positive DURATION is an invalid argument: exit 2, one line
+    saying which and why, and nothing asked of an agent."""
     cfg = write_config(tmp_path, "ws://127.0.0.1:9/provider/connect")
     code, out, err = await cli(cfg, "pause", *args)
-    assert code == 1 and out == "" and err.count("\n") == 1 and needle in err
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("pause: ") and needle in err

@@ -91,7 +91,13 @@ def test_clock_skew(skew: float, grade: str) -> None:
 
 @pytest.mark.parametrize(
     ("depth", "oldest", "grade"),
-    [(0, None, "ok"), (3, 5.0, "ok"), (3, 7200.0, "warn"), (1, 6.5 * 86400, "fail")],
+    [
+        (0, None, "ok"),
+        (3, 5.0, "ok"),
+        (3, 7200.0, "ok"),
+        (3, 2 * 86400.0, "warn"),
+        (1, 29.5 * 86400, "fail"),
+    ],
 )
 def test_outbox_depth_and_age(depth: int, oldest: float | None, grade: str) -> None:
     assert grade_outbox(depth, oldest).grade == grade
@@ -179,8 +185,8 @@ async def test_identity_files_as_operators_leave_them(tmp_path: Path) -> None:
 
 async def test_undelivered_billing_records_are_counted_read_only(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    two_hours_ago = datetime.now(UTC).timestamp() - 7200
-    async with await Outbox.open(state, clock=lambda: two_hours_ago) as outbox:
+    two_days_ago = datetime.now(UTC).timestamp() - 2 * 86400 - 7200
+    async with await Outbox.open(state, clock=lambda: two_days_ago) as outbox:
         for job_id in ("j1", "j2"):
             await outbox.accept(job_id, "m")
             frame = orjson.dumps(
@@ -190,7 +196,7 @@ async def test_undelivered_billing_records_are_counted_read_only(tmp_path: Path)
     before = {p.name: p.stat().st_mtime_ns for p in state.iterdir()}
     [check] = await check_outbox(state)
     assert check.grade == "warn" and check.detail.startswith("2 billing record(s)")
-    assert "2h" in check.detail
+    assert "2d" in check.detail
     assert {p.name: p.stat().st_mtime_ns for p in state.iterdir()} == before
     [none] = await check_outbox(tmp_path / "elsewhere")
     assert none.grade == "ok" and not (tmp_path / "elsewhere").exists()

@@ -51,15 +51,15 @@ def route(backend: str = "vllm:a", native_id: str = "m") -> Route:
         ("backend_error", 500, "failure"),  # an error event mid-stream counts too
         ("auth_rejected_by_backend", 0, "failure"),
         ("backend_timeout", 0, "failure"),  # before any byte
-        ("backend_timeout", 10, "success"),  # after bytes: slow, not broken
+        ("backend_timeout", 10, "neutral"),  # after bytes: slow, not broken (§8)
         ("connection_lost", 0, "neutral"),
         ("cancelled", 0, "neutral"),
         ("shutting_down", 0, "neutral"),
         ("internal", 0, "neutral"),
         ("out_of_capacity", 0, "neutral"),
         ("rate_limited", 0, "neutral"),
-        ("bad_request", 0, "success"),  # the route answered: the client's request was wrong
-        ("model_not_loaded", 0, "success"),
+        ("bad_request", 0, "neutral"),  # §8: only a job_done breaks a streak
+        ("model_not_loaded", 0, "neutral"),  # a 404: discovery's business (§8)
     ],
 )
 def test_what_a_finished_attempt_says_about_its_route(

@@ -145,7 +145,7 @@ async def test_two_runs_of_the_outbox_share_the_journal_as_a_killed_run_would(
     orphan for the next, with the bytes last recorded."""
     first = await Outbox.open(tmp_path)
     await first.accept("j", "m")
-    await first.progress("j", 512)
+    first.progress("j", 512)
     async with await Outbox.open(tmp_path) as second:
         assert await second.orphans() == [("j", "m", 512)]
         assert second.in_store("j")
@@ -173,3 +173,48 @@ async def test_a_v1_outbox_carries_its_jobs_in_flight_into_the_journal(tmp_path:
     assert "jobs" not in tables and version == SCHEMA_VERSION
     async with await Outbox.open(tmp_path) as outbox:  # carried once, still there
         assert [job for job, _, _ in await outbox.orphans()] == ["old-1", "old-2"]
+
+
+# --- torn lines (protocol.md §8): the next record starts on a new line ------------------------
+
+
+@pytest.mark.parametrize("torn", [b'{"a": "dead", "m": "m", "t"', b'{"e": "j', b"\xff\xfe", b"{"])
+def test_a_record_after_a_torn_last_line_is_read_back(tmp_path: Path, torn: bytes) -> None:
+    """A crash mid-write leaves a last line without its end; what the next run writes after it
+    must not be glued onto it (that job would be lost: no connection_lost, run twice)."""
+    path = tmp_path / FILE_NAME
+    path.write_bytes(lines({"a": "old", "m": "m", "t": 1}) + torn)
+    journal = Journal.open(path)
+    assert set(journal.jobs) == {"old"}
+    journal.accepted("new", "m", 2)
+    journal.progressed("new", 10)
+    journal.close()
+    jobs, skipped = replay(path.read_bytes())
+    assert jobs == {"old": InFlight("m", 1), "new": InFlight("m", 2, 10)}
+    assert skipped == 1  # the torn line alone
+
+
+def test_a_write_that_failed_part_way_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    """A full disk can take part of a record; once space is back, the next record starts on a
+    new line. The partial write is made real: a file size limit (RLIMIT_FSIZE) cuts it."""
+    import resource
+    import signal
+
+    path = tmp_path / FILE_NAME
+    journal = Journal.open(path)
+    journal.accepted("first", "m", 1)
+    limit = path.stat().st_size + 10  # room for 10 bytes of the next record only
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        with pytest.raises(OutboxError, match="cannot write"):
+            journal.accepted("cut-short", "m" * 50, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.stat().st_size == limit  # 10 bytes of it are in the file
+    journal.accepted("after", "m", 3)
+    journal.close()
+    jobs, skipped = replay(path.read_bytes())
+    assert set(jobs) == {"first", "after"} and skipped == 1

@@ -6,6 +6,7 @@ job got exactly one terminal frame.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -55,7 +56,8 @@ async def serving(coord: DevCoordinator, model: str = "m") -> str:
 
 async def finished(coord: DevCoordinator, job_id: str, timeout: float = 10) -> JobRecord:  # noqa: ASYNC109
     return await coord.wait_for(
-        lambda c: c.jobs[job_id] if c.jobs[job_id].terminal is not None else None, timeout
+        lambda c: done if (done := c.jobs.get(job_id)) and done.terminal is not None else None,
+        timeout,
     )
 
 
@@ -576,7 +578,7 @@ def executor_of(store: MemoryStore, outbound: Outbound, backend: OneBackend) -> 
         routes=lambda: {"m": (route,)},
         registry=lambda: cast(Registry, backend),
         max_concurrent=lambda: 4,
-        accepting=lambda: True,
+        status=lambda: "ready",
         backend_failed=lambda _: None,
     )
     return Executor(outbound, JobStats(), store, hooks, TokenWindow(None))
@@ -673,41 +675,296 @@ async def test_a_job_that_cannot_be_recorded_is_never_started_and_ends_internal(
 
 
 class FullFor(MemoryStore):
-    """A store whose disk is full when the frames of `full` jobs are written."""
+    """A store whose disk is full while `full` is set: no frame can be written."""
 
-    def __init__(self, *full: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.full = set(full)
+        self.full = True
+        self.tries = 0
+        self._tried = anyio.Event()
+
+    async def tried(self, count: int) -> None:
+        """Returns once `finish` was called `count` times in all."""
+        while self.tries < count:
+            await self._tried.wait()
 
     async def finish(self, job_id: str, frame: str, ledger: object) -> str:
-        if job_id in self.full:
+        self.tries += 1
+        self._tried.set()
+        self._tried = anyio.Event()
+        if self.full:
             raise OutboxError("outbox /state/outbox.sqlite3: the disk is full")
         return await super().finish(job_id, frame, None)
 
 
-async def test_a_terminal_frame_that_cannot_be_stored_is_not_sent_and_the_agent_goes_on(
+async def test_a_terminal_frame_that_cannot_be_stored_is_kept_retried_and_sent_once_stored(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """protocol.md §5: stored before sent. A full disk at the end of a job (or of a refusal)
-    costs that frame (the journal reports the job after a restart), never the agent."""
-    store, outbound = FullFor("j1", "refused"), Outbound()
+    """protocol.md §8: a frame the store refuses is kept in memory and stored again until it is,
+    sent only once stored; meanwhile new jobs are refused `out_of_capacity` naming the store,
+    one error line says so (not one per try), and nothing ever reaches the task group."""
+    store, outbound = FullFor(), Outbound()
 
     async def pieces() -> AsyncIterator[bytes]:
         yield FIRST_PIECE
         yield b"data: [DONE]\n\n"
 
     executor = executor_of(store, outbound, OneBackend(pieces))
+    executor.store_retry_s = 0.01
     async with anyio.create_task_group() as group:
         await group.start(executor.run)
         executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
-        executor.submit(Job(job_id="refused", model_id="unknown", request=REQUEST))
         await executor.wait_idle()
-        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))
-        assert isinstance(decode(await store.ended("j2")), JobDone)
-        await anyio.wait_all_tasks_blocked()  # the refusal's task has ended too
+        assert executor.store_problem is not None and "disk is full" in executor.store_problem
+        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))  # refused meanwhile
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))  # a repeat: not run
+        await store.tried(6)  # tried again and again, never sent
+        assert outbound.take().terminal_ids == [] and executor.unstored == 2
+        store.full = False  # space freed
+        done, refused = decode(await store.ended("j1")), decode(await store.ended("j2"))
+        await anyio.wait_all_tasks_blocked()
+        assert outbound.take().terminal_ids == ["j1", "j2"]  # in the order they ended
+        assert executor.store_problem is None
+        executor.submit(Job(job_id="j3", model_id="m", request=REQUEST))  # served again
+        assert isinstance(decode(await store.ended("j3")), JobDone)
         group.cancel_scope.cancel()
-    assert outbound.take().terminal_ids == ["j2"]
+    assert isinstance(done, JobDone)
+    assert isinstance(refused, JobError) and refused.error_code == "out_of_capacity"
+    assert "disk is full" in refused.message and "/state/" in refused.message
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 2 and all("disk is full" in e for e in errors)
-    assert {e.split("job_id=")[1].split(":")[0] for e in errors} == {"j1", "refused"}
+    assert len(errors) == 1 and "disk is full" in errors[0]
     assert not any(r.exc_info for r in caplog.records)
+
+
+# --- issue 19: what a hostile backend or coordinator cannot do any more -----------------------
+
+
+async def test_a_backends_absurd_usage_is_billed_on_the_estimate_and_costs_nobody_anything(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """protocol.md §8: `completion_tokens` ≥ 2^63 once took the agent down with every job in
+    flight; now that job is estimated with one warning naming the backend, and the others run."""
+    from provider_agent.ledger import LedgerReader, Period
+
+    async with fake_vllm("m", tokens=4) as backend:
+        backend.usage = {"prompt_tokens": 7, "completion_tokens": 2**63, "total_tokens": 2**64 - 1}
+        backend.gate = anyio.Event()
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            jobs = []
+            for _ in range(3):  # three streams held open at once
+                backend.started = anyio.Event()
+                jobs.append(await coord.send_job(pid, "m", REQUEST))
+                await backend.started.wait()
+            backend.gate.set()  # all three end together, each with the absurd figure
+            records = [await finished(coord, job.job_id) for job in jobs]
+            backend.usage = None
+            after = await finished(coord, (await coord.send_job(pid, "m", REQUEST)).job_id)
+    for record in records:
+        assert isinstance(record.terminal, JobDone) and record.terminal.usage_source == "estimated"
+        assert record.terminal.tokens.output == 4 and record.terminal.tokens.output < 10**12
+    assert isinstance(after.terminal, JobDone) and after.terminal.usage_source is None
+    warnings = [r.getMessage() for r in caplog.records if "not believed" in r.getMessage()]
+    assert len(warnings) == 3 and all(f"backend=vllm:{backend.url}" in w for w in warnings)
+    assert not any(r.exc_info for r in caplog.records)
+    with LedgerReader(tmp_path / "state" / "outbox.sqlite3") as ledger:
+        [total] = ledger.totals("model", Period())
+    assert total.jobs == 4 and total.tokens_out == 4 * 4
+    coord.assert_no_violations()
+
+
+async def test_whatever_happens_while_a_job_ends_stays_with_that_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing built while ending one job may reach the jobs task group (it ended the agent):
+    a figure no ledger row holds (a price of 2^63-1 × 10^7 tokens) ends that job `internal`."""
+    store, outbound = MemoryStore(), Outbound()
+    usage: dict[str, object] = {
+        "choices": [],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 10**7},
+    }
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE + sse_chunk(usage) + b"data: [DONE]\n\n"
+
+    executor = executor_of(store, outbound, OneBackend(pieces))
+    priced = Route("b", "vllm", "m", Price(1, 2**63 - 1), frozenset({"openai"}), None, None, 0, 0)
+    executor.hooks.routes = lambda: {"m": (priced,)}
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+        ended = decode(await store.ended("j1"))
+        executor.hooks.routes = lambda: {"m": (dataclasses.replace(priced, price=Price(1, 1)),)}
+        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))  # the agent goes on
+        served = decode(await store.ended("j2"))
+        group.cancel_scope.cancel()
+    assert isinstance(ended, JobError) and ended.error_code == "internal"
+    assert ended.tokens_emitted > 0
+    assert isinstance(served, JobDone) and served.tokens.output == 10**7
+    assert [r.levelname for r in caplog.records if r.exc_info] == ["ERROR"]
+
+
+async def test_a_repeat_whose_frame_expired_before_the_prune_is_run_as_a_new_job(
+    tmp_path: Path,
+) -> None:
+    """protocol.md §8: a repeat is never unanswered. 24 h after its delivery the job_id is new,
+    even while the hourly prune has not yet forgotten it."""
+    from provider_agent.outbox import Outbox
+
+    now = [1_750_000_000.0]
+    backend = OneBackend(one_stream)
+    async with await Outbox.open(tmp_path, clock=lambda: now[0]) as outbox:
+        outbound = Outbound()
+        executor = executor_of(MemoryStore(), outbound, backend)
+        executor.outbox = outbox
+        async with anyio.create_task_group() as group:
+            await group.start(executor.run)
+            executor.submit(Job(job_id="j", model_id="m", request=REQUEST))
+            await executor.wait_idle()
+            await outbox.delivered(["j"])
+            executor.submit(Job(job_id="j", model_id="m", request=REQUEST))  # within 24 h
+            await anyio.wait_all_tasks_blocked()
+            assert backend.opened == 1  # answered with the stored frame, not run again
+            now[0] += 24 * 3600 + 1
+            assert outbox.in_store("j")  # no prune has run
+            executor.submit(Job(job_id="j", model_id="m", request=REQUEST))
+            await anyio.wait_all_tasks_blocked()
+            await executor.wait_idle()
+            group.cancel_scope.cancel()
+        assert backend.opened == 2
+        assert outbound.take().terminal_ids == ["j", "j", "j"]
+        assert len(await outbox.undelivered()) == 1  # the new run's frame, to be delivered
+
+
+async def one_stream() -> AsyncIterator[bytes]:
+    yield FIRST_PIECE
+    yield b"data: [DONE]\n\n"
+
+
+async def test_a_jobs_first_bytes_are_recorded_as_they_are_relayed(tmp_path: Path) -> None:
+    """protocol.md §8: `tokens_emitted` after a crash is at least the bytes recorded, and the
+    first relayed bytes are recorded at once (it was 0 when the agent died in the first second)."""
+    from provider_agent.inflight import FILE_NAME as JOURNAL
+    from provider_agent.inflight import replay
+    from provider_agent.outbox import Outbox
+
+    recorded: list[int] = []
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield FIRST_PIECE
+        jobs, _ = replay((tmp_path / JOURNAL).read_bytes())  # what a killed agent leaves
+        recorded.append(jobs["j1"].bytes_relayed)
+        yield b"data: [DONE]\n\n"
+
+    async with await Outbox.open(tmp_path) as outbox:
+        executor = executor_of(MemoryStore(), Outbound(), OneBackend(pieces))
+        executor.outbox = outbox
+        async with anyio.create_task_group() as group:
+            await group.start(executor.run)
+            executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
+            await anyio.wait_all_tasks_blocked()
+            await executor.wait_idle()
+            group.cancel_scope.cancel()
+    assert recorded == [len(FIRST_PIECE)]
+
+
+async def test_one_models_404_does_not_sideline_the_other_models_of_its_backend(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """protocol.md §8: the 10 s skip is per route. A 404 for m1 on backend one (the model was
+    unloaded) once sent every model of that backend elsewhere for 10 s."""
+    async with fake_vllm("m1", "m2") as one, fake_vllm("m2") as two:
+        one.statuses = {"m1": 404}
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(one.url, two.url))
+        async with running_agent(cfg):
+            pid = await serving(coord, "m2")
+            failed = await finished(coord, (await coord.send_job(pid, "m1", REQUEST)).job_id)
+            served = await finished(coord, (await coord.send_job(pid, "m2", REQUEST)).job_id)
+    assert isinstance(failed.terminal, JobError)
+    assert failed.terminal.error_code == "model_not_loaded"
+    assert isinstance(served.terminal, JobDone)
+    assert [b["model"] for b in one.bodies] == ["m1", "m2"] and two.bodies == []
+    coord.assert_no_violations()
+
+
+async def test_integers_beyond_64_bits_reach_the_backend_exactly(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    """protocol.md §8: the same JSON values (they reached the backend as floats)."""
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            request = '{"messages":[],"seed":18446744073709551616,"x":[-99999999999999999999999]}'
+            await coord.send(
+                pid, '{"type":"job","job_id":"big","model_id":"m","request":' + request + "}"
+            )
+            record = await finished(coord, "big")
+    assert isinstance(record.terminal, JobDone)
+    assert backend.bodies[0]["seed"] == 2**64 and backend.bodies[0]["x"] == [-(10**23) + 1]
+
+
+async def test_frames_that_cannot_be_answered_are_dropped_with_one_line_per_10_s(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """protocol.md §8: a `job` without an answerable job_id (control characters, over 128) is
+    logged at most once per 10 s for all such frames; a bad format is `unsupported_format`; a
+    model_id breaking the model-id rule is `bad_request` and is never stored whole (50 frames
+    of 1 MiB model ids once wrote 694 MiB into the ledger)."""
+    async with fake_vllm("m") as backend:
+        cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
+        async with running_agent(cfg):
+            pid = await serving(coord)
+            for i in range(30):
+                job_id = "x" * 129 if i % 2 else f"j{i}\u001b[2J"
+                await coord.send(
+                    pid,
+                    orjson.dumps(
+                        {"type": "job", "job_id": job_id, "model_id": "m", "request": {}}
+                    ).decode(),
+                )
+            huge = "m" * (1024 * 1024)
+            for i in range(20):
+                await coord.send(
+                    pid,
+                    orjson.dumps(
+                        {"type": "job", "job_id": f"long{i}", "model_id": huge, "request": {}}
+                    ).decode(),
+                )
+            await coord.send(
+                pid, '{"type":"job","job_id":"fmt","model_id":"m","request":{},"format":"xml"}'
+            )
+            fmt = await finished(coord, "fmt")
+            longs = [await finished(coord, f"long{i}") for i in range(20)]
+            served = await finished(coord, (await coord.send_job(pid, "m", REQUEST)).job_id)
+    assert isinstance(fmt.terminal, JobError) and fmt.terminal.error_code == "unsupported_format"
+    for record in longs:
+        assert isinstance(record.terminal, JobError) and record.terminal.error_code == "bad_request"
+    assert isinstance(served.terminal, JobDone)  # the session lived through all of it
+    dropped = [r for r in caplog.records if "malformed frame dropped" in r.getMessage()]
+    assert len(dropped) == 1
+    assert (tmp_path / "state" / "outbox.sqlite3").stat().st_size < 1024 * 1024
+    assert not any(
+        len(r.getMessage()) > 2000 for r in caplog.records
+    )  # no log line carries a model id whole
+
+
+async def test_refusals_waiting_for_a_failing_store_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flood of jobs while the disk is full cannot grow memory without end: past
+    MAX_UNSTORED waiting frames a refusal (which bills nothing) is dropped, not kept."""
+    from provider_agent import jobs
+
+    monkeypatch.setattr(jobs, "MAX_UNSTORED", 3)
+    store, outbound = FullFor(), Outbound()
+    executor = executor_of(store, outbound, OneBackend(one_stream))
+    executor.store_retry_s = 3600
+    async with anyio.create_task_group() as group:
+        await group.start(executor.run)
+        for i in range(10):
+            executor.submit(Job(job_id=f"r{i}", model_id="unknown", request=REQUEST))
+        await anyio.wait_all_tasks_blocked()
+        assert executor.unstored == 3 and executor.store_problem is not None
+        group.cancel_scope.cancel()

@@ -317,16 +317,19 @@ def test_earnings_reads_state_directory_when_set(tmp_path: Path) -> None:
             "earnings: --since '2025-3-1': not a date; write YYYY-MM-DD (UTC)",
         ),
         (("--until", "2025-02-30"), "earnings: --until '2025-02-30': no such day"),
+        (("--since", "2026-13-01"), "earnings: --since '2026-13-01': no such day"),
+        (("--since", "-2026-01-01"), "earnings: --since '-2026-01-01': not a date"),
         (("--since", "2025-03-02", "--until", "2025-03-01"), "earnings: --since must be a day"),
         (("--since", "\x1b[2J"), "earnings: --since '\\x1b[2J': not a date"),
     ],
 )
-def test_earnings_bad_dates_are_one_line_exit_78(
+def test_earnings_bad_dates_are_one_line_exit_2(
     tmp_path: Path, args: tuple[str, ...], expected: str
 ) -> None:
+    """cli.md (settled): a bad DATE is an invalid argument (2), not a configuration error."""
     anyio.run(write_jobs, tmp_path / "state")
     result = earnings(tmp_path, *args)
-    assert result.returncode == 78
+    assert result.returncode == 2
     assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""
 
@@ -377,3 +380,22 @@ def test_earnings_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     )
     assert result.stdout.splitlines()[0] == HEADER_LINE
     assert result.stderr == "" and result.returncode == 0
+
+
+async def test_totals_of_rows_with_the_largest_figures_are_exact_never_an_overflow(
+    tmp_path: Path,
+) -> None:
+    """Rows a store may hold (each figure up to 2^63-1, as an older agent wrote them for a
+    backend's absurd usage) add up exactly: sqlite's own sum() raised "integer overflow"."""
+    big = 2**63 - 1
+    async with await Outbox.open(tmp_path) as outbox:
+        for job_id in ("x", "y", "z"):
+            entry = LedgerEntry("m", "b", "job_done", big, big, "reported", 0, 0)
+            await outbox.finish(job_id, f'{{"job_id":"{job_id}"}}', entry)
+        with sqlite3.connect(tmp_path / FILE_NAME) as db:
+            db.execute("UPDATE ledger SET amount_micro_usdc = ?", (big,))
+    with LedgerReader(tmp_path / FILE_NAME) as reader:
+        [total] = reader.totals("model", Period())
+    assert (total.jobs, total.tokens_in, total.tokens_out) == (3, 3 * big, 3 * big)
+    assert total.amount_micro_usdc == 3 * big
+    assert "TOTAL" in render_totals([total], "model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from provider_agent.metrics import FinishedJob, JobStats, percentile
 from provider_agent.protocol import Heartbeat, encode
 
@@ -51,7 +53,20 @@ def test_serving_failures_count_and_set_last_error() -> None:
     assert beat.queue_depth == 1
     assert beat.error_rate_60s == 1.0
     assert beat.last_error_code == "backend_error"
-    assert beat.last_error_at == "2026-11-23T12:00:00Z"
+    assert beat.last_error_at == "2026-11-23T12:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("microsecond", "expected"),
+    [(0, "12:00:00.000Z"), (999_999, "12:00:00.999Z"), (412_987, "12:00:00.412Z")],
+)
+def test_last_error_at_has_exactly_three_fraction_digits(microsecond: int, expected: str) -> None:
+    """protocol.md §8: RFC 3339 UTC, three digits and Z; truncated, never into the next second."""
+    stats = JobStats()
+    stats.job_started()
+    when = datetime(2026, 11, 23, 12, 0, 0, microsecond, tzinfo=UTC)
+    stats.job_finished(failed(10.0, "backend_timeout"), wall_clock=when)
+    assert stats.heartbeat(now=11.0).last_error_at == f"2026-11-23T{expected}"
 
 
 def test_refusals_count_in_the_window_but_never_in_flight() -> None:
@@ -68,3 +83,19 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([5.0], 50) == 5.0
     assert percentile([float(v) for v in range(1, 101)], 95) == 95.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def test_heartbeat_figures_as_protocol_section_8_settles_them() -> None:
+    """Latencies over job_dones only; the error rate is job_errors other than `cancelled` over
+    terminal frames that are not refusals; a job the drain cut off counts as an error."""
+    stats = JobStats()
+    stats.job_finished(done(100.0, 100))
+    stats.job_finished(FinishedJob(100.0, 5000.0, 3, 1.0, "backend_error"))  # slow, then broke
+    stats.job_finished(FinishedJob(100.0, 20.0, 1, 1.0, "cancelled"))
+    stats.job_finished(failed(100.0, "shutting_down"))  # cut off by the drain's deadline
+    stats.job_finished(failed(100.0, "bad_request"))  # the backend's 400, after it started
+    stats.job_refused(failed(100.0, "shutting_down"))  # refused while stopping: not counted
+    stats.job_refused(failed(100.0, "model_not_loaded"))
+    beat = stats.heartbeat(now=101.0)
+    assert beat.p50_latency_ms == 100 and beat.p95_latency_ms == 100
+    assert beat.error_rate_60s == 0.6  # 3 errors of 5 frames that are not refusals

@@ -30,6 +30,7 @@ from provider_agent.outbox import (
     SCHEMA_VERSION,
     LedgerEntry,
     Outbox,
+    PruneReport,
     amount_micro_usdc,
     entry_from_frame,
     keep_days_of,
@@ -85,7 +86,7 @@ async def test_a_job_from_accept_to_delivered_and_kept_for_repeats(tmp_path: Pat
         await outbox.accept("j1", "llama3.1:8b")
         assert outbox.in_store("j1")
         assert await outbox.stored_frame("j1") is None  # in flight: no frame yet
-        await outbox.progress("j1", 512)
+        outbox.progress("j1", 512)
         assert await outbox.orphans() == [("j1", "llama3.1:8b", 512)]
 
         clock.now += 2
@@ -274,7 +275,7 @@ CHILD = textwrap.dedent(
         await outbox.accept("in-flight", "m2")
         await outbox.accept("done-delivered", "m1")
         await outbox.finish("done-undelivered", sys.argv[2], price)
-        await outbox.progress("in-flight", 1234)
+        outbox.progress("in-flight", 1234)
         await outbox.finish("done-delivered", sys.argv[3], price)
         await outbox.delivered(["done-delivered"])
         print("ready", flush=True)
@@ -325,11 +326,20 @@ def test_after_sigkill_undelivered_frames_and_orphans_survive(tmp_path: Path) ->
 # -- pruning ----------------------------------------------------------------------------------
 
 
+async def prune_until(outbox: Outbox, clock: Clock, when: float) -> list[PruneReport]:
+    """Prune every (nearly) day until `when`, as a running agent does (hourly)."""
+    reports = []
+    while clock.now < when:
+        clock.now = min(when, clock.now + DAY - 1)
+        reports.append(await outbox.prune())
+    return reports
+
+
 async def test_prune_keeps_each_kind_exactly_as_long_as_promised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = Clock()
-    async with await Outbox.open(tmp_path, clock=clock, keep_days=30) as outbox:
+    async with await Outbox.open(tmp_path, clock=clock, keep_days=60) as outbox:
         await outbox.finish("delivered", done("delivered"), entry())
         await outbox.delivered(["delivered"])
         await outbox.finish("unconfirmed", done("unconfirmed"), entry())
@@ -347,10 +357,10 @@ async def test_prune_keeps_each_kind_exactly_as_long_as_promised(
         assert await outbox.stored_frame("delivered") is None
         assert await outbox.undelivered() == [("unconfirmed", done("unconfirmed"))]
 
-        clock.now = T0 + 7 * DAY - 1
-        assert (await outbox.prune()).dropped_undelivered == ()
+        reports = await prune_until(outbox, clock, T0 + 30 * DAY - 1)
+        assert not any(r.dropped_undelivered or r.skipped for r in reports)
         assert caplog.records == []
-        clock.now = T0 + 7 * DAY + 1
+        clock.now = T0 + 30 * DAY + 1
         with caplog.at_level(logging.WARNING):
             report = await outbox.prune()
         assert report.dropped_undelivered == ("unconfirmed",)
@@ -361,9 +371,8 @@ async def test_prune_keeps_each_kind_exactly_as_long_as_promised(
         assert not outbox.in_store("unconfirmed") and not outbox.in_store("orphan")
         # The ledger keeps both rows until keep_days.
         assert len(ledger_rows(tmp_path)) == 2
-        clock.now = T0 + 30 * DAY - 1
-        assert (await outbox.prune()).ledger_rows == 0
-        clock.now = T0 + 30 * DAY + 1
+        assert sum(r.ledger_rows for r in await prune_until(outbox, clock, T0 + 60 * DAY - 1)) == 0
+        clock.now = T0 + 60 * DAY + 1
         assert (await outbox.prune()).ledger_rows == 2
     assert ledger_rows(tmp_path) == []
 
@@ -647,3 +656,40 @@ async def test_close_writes_every_call_already_handed_over(tmp_path: Path) -> No
     with pytest.raises(OutboxError, match="closed"):
         await outbox.accept("late", "m")
     assert len(ledger_rows(tmp_path)) == 20
+
+
+@pytest.mark.parametrize(
+    ("jump", "word"), [(8 * DAY, "moved forward 8.0 days"), (-HOUR, "moved back 3600 s")]
+)
+async def test_a_prune_after_the_wall_clock_jumped_removes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, jump: float, word: str
+) -> None:
+    """protocol.md §8: a clock correction (NTP stepping a clock that was days behind) must not
+    drop minutes-old unconfirmed billing records, nor end the 24 h of a delivered frame: the
+    prune that sees the jump acts on nothing and says so; the next one acts."""
+    clock = Clock()
+    async with await Outbox.open(tmp_path, clock=clock) as outbox:
+        await outbox.prune()
+        await outbox.finish("unconfirmed", done("unconfirmed"), entry())
+        await outbox.finish("delivered", done("delivered"), entry())
+        await outbox.delivered(["delivered"])
+        clock.now += jump
+        with caplog.at_level(logging.WARNING):
+            report = await outbox.prune()
+        assert report.skipped and report == PruneReport((), (), (), 0, skipped=True)
+        assert word in caplog.text and "nothing pruned" in caplog.text
+        assert await outbox.undelivered() == [("unconfirmed", done("unconfirmed"))]
+        assert outbox.in_store("delivered")
+        clock.now += HOUR
+        assert not (await outbox.prune()).skipped  # the next prune acts, on the new clock
+
+
+async def test_the_last_prune_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    async with await Outbox.open(tmp_path, clock=clock) as outbox:
+        await outbox.prune()
+        await outbox.finish("unconfirmed", done("unconfirmed"), entry())
+    clock.now += 40 * DAY  # the clock was stepped while the agent was stopped
+    async with await Outbox.open(tmp_path, clock=clock) as outbox:
+        assert (await outbox.prune()).skipped
+        assert await outbox.undelivered() == [("unconfirmed", done("unconfirmed"))]

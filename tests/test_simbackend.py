@@ -5,6 +5,8 @@ and `provider-agent sim-backend` is a well-behaved command."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import signal
 import socket
@@ -730,6 +732,100 @@ async def test_scope_all_reaches_discovery_too(http: aiohttp.ClientSession) -> N
         assert statuses == [500, 500, 500]
         report = await discover(sim)
     assert not report.ok
+
+
+#: What a `usage` fault may report: beyond 64 bits, negative, huge floats, not a number at all.
+ABSURD_FIGURES: list[Any] = [2**63, 2**64, 10**30, -1, 1e300, "12", None, math.nan]
+
+
+def reported_counts(raw: bytes, names: tuple[str, ...]) -> list[Any]:
+    """Every token count named `names` in an SSE body or a JSON answer, read with the stdlib's
+    parser (exact integers beyond 64 bits; `NaN` too)."""
+    found: list[Any] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if key in names and not isinstance(value, dict | list):
+                    found.append(value)
+                walk(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                walk(value)
+
+    if raw.startswith(b"{"):
+        walk(json.loads(raw))
+        return found
+    for line in raw.decode().split("\n"):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            walk(json.loads(line[len("data: ") :]))
+    return found
+
+
+def same_figure(value: Any, figure: Any) -> bool:
+    if isinstance(figure, float) and math.isnan(figure):
+        return isinstance(value, float) and math.isnan(value)
+    return type(value) is type(figure) and value == figure
+
+
+@pytest.mark.parametrize("figure", ABSURD_FIGURES)
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_usage_fault_reports_the_figure_in_every_count_and_the_stream_still_ends(
+    http: aiohttp.ClientSession, kind: str, figure: Any
+) -> None:
+    outputs = ("completion_tokens", "output_tokens", "predicted_n")
+    inputs = ("prompt_tokens", "input_tokens", "prompt_n")
+    async with SimBackend(kind, tokens=3, tokens_per_s=0) as sim:
+        name = sim.models[0].name
+        bodies: list[tuple[str, dict[str, Any]]] = [
+            (CHAT_PATH[kind], chat_body(name, **usage_options())),
+            (CHAT_PATH[kind], chat_body(name, stream=False)),
+        ]
+        if sim.anthropic:
+            bodies += [
+                (MESSAGES_PATH[kind], chat_body(name, max_tokens=5)),
+                (MESSAGES_PATH[kind], chat_body(name, max_tokens=5, stream=False)),
+            ]
+        for side in ("output", "input", "both"):
+            for path, body in bodies:
+                sim.fault = Fault(kind="usage", usage_figure=figure, usage_side=side, count=1)
+                status, raw, _ = await post(http, sim.url + path, body)
+                assert status == 200
+                assert sim.fault is None  # count 1: spent
+                changed = (outputs if side != "input" else ()) + (
+                    inputs if side != "output" else ()
+                )
+                kept = outputs if side == "input" else inputs if side == "output" else ()
+                counts = reported_counts(raw, changed)
+                assert counts, (side, path, raw)
+                assert all(same_figure(value, figure) for value in counts), (side, path, raw)
+                assert all(isinstance(v, int) for v in reported_counts(raw, kept)), raw
+                if body["stream"]:
+                    end = b"message_stop" if path.endswith("/messages") else b"data: [DONE]"
+                    assert end in raw
+        _, plain, _ = await post(http, sim.url + CHAT_PATH[kind], bodies[0][1])
+    assert all(isinstance(v, int) for v in reported_counts(plain, outputs + inputs))
+    assert sum(sim.completed.values()) == 3 * len(bodies) + 1
+
+
+async def test_a_usage_fault_beyond_64_bits_through_the_control_endpoint(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SimBackend("vllm", tokens=2, tokens_per_s=0) as sim:
+        fault = b'{"kind":"usage","usage_figure":100000000000000000000000000000,"count":1}'
+        async with http.post(sim.url + "/__sim/fault", data=fault) as response:
+            assert response.status == 200
+        assert sim.fault is not None and sim.fault.usage_figure == 10**29
+        status, raw, _ = await get(http, sim.url + "/__sim/state")
+        assert status == 200 and b'"usage_figure":100000000000000000000000000000' in raw
+        _, answer, _ = await post(
+            http, sim.url + "/v1/chat/completions", chat_body(sim.models[0].name, stream=False)
+        )
+    assert b'"completion_tokens":100000000000000000000000000000' in answer
+    assert Fault.from_spec("usage:1e300", 2) == Fault(kind="usage", usage_figure=1e300, count=2)
+    assert Fault.from_spec('usage:"12"').usage_figure == "12"
+    with pytest.raises(ValueError, match="--fault usage:JSON"):
+        Fault.from_spec("usage:twelve")
 
 
 async def test_hang_before_headers_records_the_client_giving_up(

@@ -279,3 +279,80 @@ def test_text_chars_survives_deep_nesting() -> None:
     for _ in range(10_000):
         nested = [{"content": nested}]
     assert text_chars(nested) == 3
+
+
+# --- figures no backend can mean (protocol.md §8): not believed, the job is estimated ---------
+
+ABSURD = [10**12 + 1, 2**63 - 1, 2**63, 2**64, 10**30]
+
+
+@pytest.mark.parametrize("figure", ABSURD)
+@pytest.mark.parametrize(
+    ("fmt", "report", "field"),
+    [
+        (
+            "openai",
+            lambda n: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": n}},
+            "completion_tokens",
+        ),
+        (
+            "openai",
+            lambda n: {"choices": [], "usage": {"prompt_tokens": n, "completion_tokens": 3}},
+            "prompt_tokens",
+        ),
+        (
+            "openai",
+            lambda n: {"choices": [], "timings": {"prompt_n": 3, "predicted_n": n}},
+            "predicted_n",
+        ),
+        (
+            "openai",
+            lambda n: {"choices": [], "timings": {"prompt_n": 3, "cache_n": n, "predicted_n": 2}},
+            "cache_n",
+        ),
+        (
+            "anthropic",
+            lambda n: {"type": "message_delta", "usage": {"output_tokens": n}},
+            "output_tokens",
+        ),
+        (
+            "anthropic",
+            lambda n: {
+                "type": "message_start",
+                "message": {"usage": {"input_tokens": 1, "cache_read_input_tokens": n}},
+            },
+            "cache_read_input_tokens",
+        ),
+    ],
+)
+def test_a_count_beyond_10_to_the_12_is_not_believed_and_the_job_is_estimated(
+    fmt: WireFormat, report: Any, field: str, figure: int
+) -> None:
+    body = json_sse(report(figure))
+    body += sse({"type": "message_stop"}) if fmt == "anthropic" else sse("[DONE]")
+    meter = fed(fmt, [body])
+    usage = meter.result()
+    assert usage.estimated and meter.disbelieved == (field,)
+    assert 0 <= usage.input < 10**12 and 0 <= usage.output < 10**12
+    assert usage == Usage(estimate_input_tokens(REQUEST), 0, True)
+
+
+def test_the_largest_believed_count_is_10_to_the_12() -> None:
+    chunk = {"choices": [], "usage": {"prompt_tokens": 10**12, "completion_tokens": 0}}
+    meter = fed("openai", [sse(chunk, "[DONE]")])
+    assert meter.result() == Usage(10**12, 0, False) and meter.disbelieved == ()
+
+
+def test_three_anthropic_input_parts_that_add_up_beyond_10_to_the_12_are_not_believed() -> None:
+    usage = {key: 4 * 10**11 for key in ("input_tokens", "cache_creation_input_tokens")}
+    usage["cache_read_input_tokens"] = 4 * 10**11
+    events = sse({"type": "message_start", "message": {"usage": usage}}, {"type": "message_stop"})
+    meter = fed("anthropic", [events])
+    assert meter.result().estimated and meter.disbelieved == ("input_tokens",)
+
+
+def json_sse(event: dict[str, Any]) -> bytes:
+    """One SSE event whose JSON holds integers of any size (orjson writes at most 64 bits)."""
+    import json
+
+    return b"data: " + json.dumps(event).encode() + b"\n\n"

@@ -31,9 +31,16 @@ for every matching request or the next `count` ones:
 - `slow_health` (`delay_s`) and `loading`: the kind's health probe answers late, or "not ready":
   503 (llama.cpp's `Loading model` on every non-public path, with `meta: null` listings), LM
   Studio lists its models as not loaded; the other kinds answer 503 on their health probe.
+- `usage` (`usage_figure`, any JSON value, `usage_side`): the completion runs as usual, but every
+  token count it reports says `usage_figure` instead — output (`completion_tokens`,
+  `output_tokens`, llama.cpp's `predicted_n`), input (`prompt_tokens`, `input_tokens`,
+  `prompt_n`) or both, with `total_tokens` too, in the usage chunk, `message_start`,
+  `message_delta`, `timings` and whole answers alike. A figure beyond 64 bits is written exactly
+  (`2**64`, `10**30`); a non-finite float as `NaN`/`Infinity`, which is not JSON (a backend's bug).
 
 `http` and `hang` apply to completions unless `scope="all"` (then to health and discovery
-too); `slow_health` and `loading` count health probes.
+too); `die`, `error` and `usage` to completions only; `slow_health` and `loading` count health
+probes.
 
 Records, for assertions and benchmarks: `requests` (each `SimRequest`: method, path, headers,
 body, status, outcome, tokens sent, whether the client went away first, and the monotonic and
@@ -55,9 +62,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import heapq
 import itertools
+import json
 import math
 import os
 import signal
@@ -113,9 +122,15 @@ _FAULT_ARGS: Final[dict[str, tuple[str, str] | None]] = {
     "error": ("after_tokens", "N needs a whole number of tokens ≥ 0"),
     "slow_health": ("delay_s", "SECONDS needs 0-3600 seconds"),
     "loading": None,
+    "usage": ("usage_figure", "JSON needs a JSON value"),
 }
-_FAULT_SPECS: Final = "refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading"
-FaultKind = Literal["refuse", "http", "hang", "die", "error", "slow_health", "loading"]
+_FAULT_SPECS: Final = (
+    "refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading, usage:JSON"
+)
+FaultKind = Literal["refuse", "http", "hang", "die", "error", "slow_health", "loading", "usage"]
+#: The token counts a `usage` fault replaces: output, input (`total_tokens` goes with either).
+_OUTPUT_FIGURES: Final = ("completion_tokens", "output_tokens", "predicted_n")
+_INPUT_FIGURES: Final = ("prompt_tokens", "input_tokens", "prompt_n")
 RouteClass = Literal["health", "discovery", "completion", "other"]
 _T = TypeVar("_T")
 
@@ -129,6 +144,8 @@ class Fault(BaseModel):
     status: int = Field(500, ge=400, le=599, description="http: the status answered")
     after_tokens: int = Field(0, ge=0, description="die/error: tokens written first")
     delay_s: float = Field(2.0, ge=0, le=3600, description="slow_health: the delay")
+    usage_figure: Any = Field(None, description="usage: reported instead of the token counts")
+    usage_side: Literal["output", "input", "both"] = "output"
     count: int | None = Field(None, ge=1, description="matching requests it lasts; None: all")
     scope: Literal["completions", "all"] = "completions"
 
@@ -145,6 +162,11 @@ class Fault(BaseModel):
             raise ValueError(f"--fault {kind} takes no argument, not {spec!r}")
         if arg and takes is not None:
             fields[takes[0]] = arg
+        if kind == "usage":
+            try:
+                fields["usage_figure"] = json.loads(arg)
+            except ValueError:
+                raise ValueError(f"--fault usage:JSON needs a JSON value, not {spec!r}") from None
         try:
             fault = cls.model_validate(fields)
         except ValidationError:
@@ -157,7 +179,7 @@ class Fault(BaseModel):
     def applies_to(self, route: RouteClass) -> bool:
         if self.kind in ("slow_health", "loading"):
             return route == "health"
-        if self.kind in ("die", "error"):
+        if self.kind in ("die", "error", "usage"):
             return route == "completion"
         if self.kind in ("http", "hang"):
             return route == "completion" or (self.scope == "all" and route != "other")
@@ -259,9 +281,69 @@ def sse_event(name: str, obj: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _dumps(obj: Any) -> bytes:
+    """JSON; integers beyond 64 bits (a `usage` fault's) written exactly by the stdlib."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers
+        body=_dumps(obj), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _figure_names(fault: Fault) -> tuple[str, ...]:
+    side = fault.usage_side
+    names = (_OUTPUT_FIGURES if side != "input" else ()) + (
+        _INPUT_FIGURES if side != "output" else ()
+    )
+    return (*names, "total_tokens")
+
+
+def absurd_usage(obj: Any, fault: Fault) -> Any:
+    """`obj` (a chunk, an event or a whole answer) with the token counts it reports replaced by
+    the `usage` fault's figure: in `usage`, `message.usage` (`message_start`) and `timings`."""
+    if not isinstance(obj, dict):
+        return obj
+    names = _figure_names(fault)
+    out = dict(obj)
+    message = out.get("message")
+    if isinstance(message, dict) and isinstance(message.get("usage"), dict):
+        out["message"] = absurd_usage(message, fault)
+    for part in ("usage", "timings"):
+        report = out.get(part)
+        if isinstance(report, dict):
+            out[part] = {k: fault.usage_figure if k in names else v for k, v in report.items()}
+    return out
+
+
+def absurd_sse(data: bytes, fault: Fault) -> bytes:
+    """SSE bytes with each `data:` line's token counts replaced (`absurd_usage`)."""
+    lines = data.split(b"\n")
+    for index, line in enumerate(lines):
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        try:
+            obj = orjson.loads(line[6:])
+        except orjson.JSONDecodeError:
+            continue
+        changed = absurd_usage(obj, fault)
+        if changed != obj:
+            lines[index] = b"data: " + json.dumps(changed, separators=(",", ":")).encode()
+    return b"\n".join(lines)
+
+
+def _absurd_frames(frames: StreamFrames, fault: Fault) -> StreamFrames:
+    closing = frames.closing
+
+    def absurd_closing(n: int, truncated: bool, elapsed: float) -> bytes:
+        return absurd_sse(closing(n, truncated, elapsed), fault)
+
+    return dataclasses.replace(
+        frames, first=absurd_sse(frames.first, fault), closing=absurd_closing
     )
 
 
@@ -1118,10 +1200,10 @@ class SimBackend:
                 }
             )
         if request.method == "POST" and request.path == CONTROL_PREFIX + "fault":
-            try:
-                payload = orjson.loads(await request.read())
+            try:  # the stdlib's parser: a usage figure may be beyond 64 bits, or NaN
+                payload = json.loads(await request.read())
                 self.fault = None if payload is None else Fault.model_validate(payload)
-            except (orjson.JSONDecodeError, ValidationError) as exc:
+            except (ValueError, ValidationError) as exc:
                 return _json({"error": f"not a fault: {exc}"}, 400)
             return _json({"fault": payload})
         return _json({"error": "unknown control endpoint"}, 404)
@@ -1863,6 +1945,8 @@ class SimBackend:
             frames = anthropic_frames(self.kind, job)
         else:
             frames = openai_frames(self.kind, job, self.price)
+        if fault is not None and fault.kind == "usage":
+            frames = _absurd_frames(frames, fault)
         return await self._stream(request, rec, job, frames, fault)
 
     async def _stream(
@@ -1996,8 +2080,13 @@ class SimBackend:
         self.completed[rec.key] += 1
         self._first_write(rec)
         if anthropic_route:
-            return _json(self.anthropic_message(job))
-        return _json(self.chat_completion(job, delay))
+            answer = self.anthropic_message(job)
+        else:
+            answer = self.chat_completion(job, delay)
+        if fault is not None and fault.kind == "usage":
+            body = json.dumps(absurd_usage(answer, fault), separators=(",", ":"))
+            return web.Response(text=body, content_type="application/json")
+        return _json(answer)
 
     def anthropic_message(self, job: Job) -> dict[str, Any]:
         usage: dict[str, int] = {"input_tokens": job.prompt_tokens, "output_tokens": job.n_tokens}
