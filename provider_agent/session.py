@@ -4,6 +4,12 @@ Every decision is `session_state.SessionCore`'s: this module feeds it what happe
 a frame arrived, the socket ended, frames were written, a pong came back) and carries out the
 actions it answers. The socket has one owner, the writer, which drains the daemon's `Outbound`
 lanes; the reader never waits on anything but the socket, so pongs are always read.
+
+Reconnecting is tenacity's loop: `AsyncRetrying` calls `_attempt` (one connection, start to
+end) for as long as it returns a `Redial`; `PolicyWait` asks `ReconnectPolicy` how long to wait;
+`before_sleep` writes the one log line per ended attempt and tells the daemon; the sleep is a
+cancel scope that `reconnect()` cuts short. Cancellation is never retried: tenacity stores any
+BaseException an attempt raises, and `retry_if_result` sends it back up unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Protocol
 import anyio
 import anyio.abc
 import anyio.lowlevel
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_never
+from tenacity.wait import wait_base
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State as SocketState
@@ -44,13 +52,13 @@ from provider_agent.session_state import (
     Received,
     Reconnect,
     ReconnectPolicy,
+    Redial,
     SessionCore,
     SessionFailure,
     Signer,
     State,
     Stop,
     StoreProviderId,
-    Wait,
     Written,
     classify,
     classify_close,
@@ -113,6 +121,33 @@ def _ignore_fault(fault: Fault | None) -> None:
     return None
 
 
+def _redial_of(retry_state: RetryCallState) -> Redial:
+    """The `Redial` the attempt just ended with (tenacity asks for a wait only after one)."""
+    outcome = retry_state.outcome
+    redial = outcome.result() if outcome is not None and not outcome.failed else None
+    if not isinstance(redial, Redial):
+        raise RuntimeError(f"no Redial to wait after: {retry_state}")
+    return redial
+
+
+def _goes_on(outcome: object) -> bool:
+    """tenacity's retry predicate: an attempt that ended in a `Redial` is retried; one that
+    returned None (the session is stopped) or raised (cancelled, interrupted) is not."""
+    return isinstance(outcome, Redial)
+
+
+class PolicyWait(wait_base):
+    """tenacity's wait, decided by `ReconnectPolicy` from how the last connection ended: the
+    reset after a healthy session, full jitter, the planned spread, the local floor, the
+    immediate redial after a requested reconnect. The decision itself stays pure, in the policy."""
+
+    def __init__(self, policy: ReconnectPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        return self.policy.delay_after(_redial_of(retry_state))
+
+
 @dataclass
 class SessionHooks:
     """What the session asks of the rest of the agent (the daemon supplies these)."""
@@ -150,7 +185,8 @@ class Session:
     ) -> None:
         self.hooks = hooks
         self.outbound = outbound or Outbound()
-        self.core = SessionCore(identity, __version__, hooks.enrollment_code, policy)
+        self.policy = policy or ReconnectPolicy()
+        self.core = SessionCore(identity, __version__, hooks.enrollment_code)
         self._identity = identity
         self.clock = clock
         self._ws: ClientConnection | None = None
@@ -173,10 +209,6 @@ class Session:
         self.core.signer = identity
 
     @property
-    def policy(self) -> ReconnectPolicy:
-        return self.core.policy
-
-    @property
     def attempts(self) -> int:
         return self.core.attempts
 
@@ -197,19 +229,17 @@ class Session:
         return self.core.state is state
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; returns after `close()`."""
+        """Connect, serve, reconnect with backoff; returns after `close()`. Cancelling it ends it
+        at once, whether connected, dialling or waiting to redial."""
+        retrying = AsyncRetrying(
+            sleep=self._sleep,
+            stop=stop_never,
+            wait=PolicyWait(self.policy),
+            retry=retry_if_result(_goes_on),
+            before_sleep=self._before_sleep,
+        )
         with anyio.CancelScope() as self._run_scope:
-            while self.core.state is not State.STOPPED:
-                self.core.handle(Dial(self.clock()))
-                self._closing_code = None
-                fault = await self._one_connection()
-                for action in self.core.handle(Ended(fault, self.clock())):
-                    if isinstance(action, Wait):
-                        self._log_wait(action)
-                        self.hooks.on_reconnect(action.fault)
-                        with anyio.CancelScope() as self._wait_scope:
-                            await anyio.sleep(action.delay_s)
-                        self._wait_scope = None
+            await retrying(self._attempt)
         self._run_scope = None
         log.info("coordinator session closed (going away)")
 
@@ -238,6 +268,32 @@ class Session:
         else:
             for action in actions:
                 self._close_soon(action)
+
+    # --- the retry loop's parts ------------------------------------------------------------------
+
+    async def _attempt(self) -> Redial | None:
+        """One connection from dial to end: the `Redial` the core answers its end with, or None
+        once the session is stopped."""
+        if self._is(State.STOPPED):
+            return None  # closed before it ever ran
+        self.core.handle(Dial(self.clock()))
+        self._closing_code = None
+        fault = await self._one_connection()
+        actions = self.core.handle(Ended(fault, self.clock()))
+        return next((a for a in actions if isinstance(a, Redial)), None)
+
+    def _before_sleep(self, retry_state: RetryCallState) -> None:
+        """The one log line per ended attempt, then the daemon's hook (its metrics)."""
+        redial = _redial_of(retry_state)
+        self._log_wait(redial, retry_state.upcoming_sleep)
+        self.hooks.on_reconnect(redial.fault)
+
+    async def _sleep(self, seconds: float) -> None:
+        """The wait before a redial: `reconnect()` cuts it short (dial now), `close()` cancels
+        the whole run."""
+        with anyio.CancelScope() as self._wait_scope:
+            await anyio.sleep(seconds)
+        self._wait_scope = None
 
     # --- one connection --------------------------------------------------------------------------
 
@@ -396,8 +452,6 @@ class Session:
                 if "auth_failed" in fault.detail:
                     log.warning("coordinator refused the handshake: %s", fault.detail)
                 raise SessionFailure(fault)
-            case Wait():
-                pass
 
     async def _confirm(self, job_ids: tuple[str, ...]) -> None:
         await self.hooks.on_confirmed(job_ids)
@@ -423,19 +477,17 @@ class Session:
         elif self._run_scope is not None and self.core.state is State.CLOSING:
             self._closing_code = action.code
 
-    def _log_wait(self, action: Wait) -> None:
-        fault = action.fault
+    def _log_wait(self, redial: Redial, delay_s: float) -> None:
+        fault = redial.fault
         if fault is None:
             log.info("reconnecting now")
         elif fault.kind is FaultKind.PLANNED:
-            log.info(
-                "coordinator restarting: reconnect in %.3fs (%s)", action.delay_s, fault.detail
-            )
+            log.info("coordinator restarting: reconnect in %.3fs (%s)", delay_s, fault.detail)
         else:
             log.warning(
                 "coordinator connection attempt=%d ended fault=%s cause=%s next_delay_s=%.3f",
                 self.core.attempts,
                 fault.kind.value,
                 fault.detail,
-                action.delay_s,
+                delay_s,
             )

@@ -9,7 +9,7 @@ only add actions and may divert to a failure):
 
     IDLE ──Dial──▶ CONNECTING ──Opened──▶ AWAIT_CHALLENGE ──Received──▶ AWAIT_AUTH
       ▲                                                                    │ Received (auth_ok)
-      └──────────── Ended (any connected state; a Wait action says how long) ◀── AUTHENTICATED
+      └──────────── Ended (any connected state; a Redial says how it ended) ◀── AUTHENTICATED
     Stop: from IDLE/CONNECTING straight to STOPPED; from a connected state to CLOSING, then
     Ended → STOPPED. Reconnect: from a connected state to CLOSING, then Ended → IDLE, no wait.
 
@@ -21,10 +21,12 @@ Rules (protocol.md §1, §4–§7; the issues' reconnect policy):
 - Inbound frames after auth never end the session: each maps to one `Inbound` action.
 - Delivery: terminal frames written are confirmed by the pong to a ping sent right after them, or
   by `job_ack` — and once a coordinator has sent one `job_ack` in a session, only `job_ack`.
-- Backoff: full jitter, exponential from `base_s`, capped at `cap_s`, forever. A session that
-  stayed authenticated for `healthy_after_s` resets it; a connect-then-drop flap escalates it. A
-  close with 1001/1012 from the coordinator is a planned cycle: 0–2 s, no escalation. A local
-  fault (our disk, a bug) waits at least `local_fault_s`: redialling cannot fix it.
+- Backoff (`ReconnectPolicy.delay_after(redial)`, asked by the session's tenacity wait): full
+  jitter, exponential from `base_s`, capped at `cap_s`, forever. A session that stayed
+  authenticated for `healthy_after_s` resets it; a connect-then-drop flap escalates it. A close
+  with 1001/1012 from the coordinator is a planned cycle: 0–2 s, no escalation. A local fault
+  (our disk, a bug) waits at least `local_fault_s`: redialling cannot fix it. A reconnect we
+  asked for redials at once and resets the backoff.
 """
 
 from __future__ import annotations
@@ -179,6 +181,23 @@ class ReconnectPolicy:
     def next_delay_s(self) -> float:
         """Full jitter: uniform in [0, ceiling] (spreads a fleet's reconnects after an outage)."""
         return self.rng.uniform(0.0, self.ceiling_s())
+
+    def delay_after(self, redial: Redial) -> float:
+        """How long to wait before dialling again after the connection `redial` describes, and
+        record it: a requested reconnect redials at once and resets; a planned cycle waits
+        0–`planned_spread_s` and leaves the backoff as it was; anything else resets (a healthy
+        session) or escalates it, then a local fault waits at least `local_fault_s`."""
+        if redial.requested:
+            self.failures = 0
+            return 0.0
+        fault = redial.fault
+        if fault is not None and fault.kind is FaultKind.PLANNED:
+            return self.rng.uniform(0.0, self.planned_spread_s)
+        self.session_ended(redial.authenticated_at, redial.ended_at)
+        delay = self.next_delay_s()
+        if fault is not None and fault.kind is FaultKind.LOCAL:
+            delay = max(delay, self.local_fault_s)
+        return delay
 
 
 # --- whose fault a failure is --------------------------------------------------------------------
@@ -376,12 +395,20 @@ class Fail:
 
 
 @dataclass(frozen=True)
-class Wait:
-    delay_s: float
+class Redial:
+    """The connection is gone and the session goes on: dial again after
+    `ReconnectPolicy.delay_after(this)`. What the policy needs to decide how long, nothing more."""
+
+    #: Whose fault the end was; None for a close of ours (always None when `requested`).
     fault: Fault | None
+    #: When the connection authenticated (None: it never did) and when it ended, monotonic.
+    authenticated_at: float | None
+    ended_at: float
+    #: `reconnect()` asked for it: dial again at once.
+    requested: bool = False
 
 
-Action = Send | StoreProviderId | Authenticated | Deliver | Ping | Confirmed | Close | Fail | Wait
+Action = Send | StoreProviderId | Authenticated | Deliver | Ping | Confirmed | Close | Fail | Redial
 
 _CONNECTED = (State.CONNECTING, State.AWAIT_CHALLENGE, State.AWAIT_AUTH, State.AUTHENTICATED)
 _OPEN = (State.AWAIT_CHALLENGE, State.AWAIT_AUTH, State.AUTHENTICATED)
@@ -419,19 +446,18 @@ class InvalidTransition(Exception):
 
 
 class SessionCore:
-    """The coordinator link's decisions. Feed events with `handle()`; do the actions returned."""
+    """The coordinator link's decisions. Feed events with `handle()`; do the actions returned.
+    How long to wait before a redial is not its decision but `ReconnectPolicy`'s."""
 
     def __init__(
         self,
         signer: Signer,
         agent_version: str,
         enrollment_code: Callable[[], str | None],
-        policy: ReconnectPolicy | None = None,
     ) -> None:
         self.signer = signer
         self.agent_version = agent_version
         self.enrollment_code = enrollment_code
-        self.policy = policy or ReconnectPolicy()
         self.state = State.IDLE
         self.provider_id: str | None = None
         self.attempts = 0
@@ -531,13 +557,5 @@ class SessionCore:
             return []
         if self._reconnecting:
             self._reconnecting = False
-            self.policy.failures = 0
-            return [Wait(0.0, None)]
-        fault = event.fault
-        if fault is not None and fault.kind is FaultKind.PLANNED:
-            return [Wait(self.policy.rng.uniform(0.0, self.policy.planned_spread_s), fault)]
-        self.policy.session_ended(authenticated_at, event.now)
-        delay = self.policy.next_delay_s()
-        if fault is not None and fault.kind is FaultKind.LOCAL:
-            delay = max(delay, self.policy.local_fault_s)
-        return [Wait(delay, fault)]
+            return [Redial(None, authenticated_at, event.now, requested=True)]
+        return [Redial(event.fault, authenticated_at, event.now)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import tempfile
 from itertools import pairwise
 from pathlib import Path
@@ -15,13 +16,30 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tenacity import AsyncRetrying, RetryCallState
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from provider_agent import __version__
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.identity import load
-from provider_agent.protocol import KNOWN_TYPES
-from tests.agent_harness import agent_where, fake_vllm, fast_policy, running_agent, write_config
+from provider_agent.identity import load, load_or_create
+from provider_agent.protocol import (
+    KNOWN_TYPES,
+    Capabilities,
+    CapabilityLimits,
+    CapabilityMetadata,
+    Heartbeat,
+)
+from provider_agent.session import PolicyWait, Session, SessionHooks
+from provider_agent.session_state import Fault, FaultKind, ReconnectPolicy, Redial
+from tests.agent_harness import (
+    agent_where,
+    fake_vllm,
+    fast_policy,
+    free_port,
+    running_agent,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -541,3 +559,203 @@ async def test_out_of_cycle_passes_are_spaced_however_often_they_are_asked_for(
         elapsed = anyio.current_time() - started
     assert 1 <= passes <= elapsed / 0.5 + 1
     coord.assert_no_violations()
+
+
+# --- the reconnect loop (tenacity) on a bare Session ----------------------------------------------
+
+
+class Ceiling(random.Random):
+    """A fake rng whose uniform(a, b) is always b: every backoff is its ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def an_hour() -> ReconnectPolicy:
+    """Every failed attempt waits an hour: a test sees the loop's sleep, never its end."""
+    return ReconnectPolicy(base_s=3600, cap_s=3600, rng=Ceiling())
+
+
+class Bare:
+    """A `Session` with no daemon around it: its hooks record what the loop does."""
+
+    def __init__(self, tmp_path: Path, url: str, policy: ReconnectPolicy) -> None:
+        self.url = url
+        self.faults: list[Fault | None] = []
+        self.waiting = anyio.Event()  # set by on_reconnect: the loop is about to sleep
+        self.authenticated = anyio.Event()
+        self.outcome: list[str] = []
+        self.session = Session(
+            SessionHooks(
+                url=lambda: self.url,
+                enrollment_code=lambda: None,
+                heartbeat_interval_s=lambda: 15.0,
+                capabilities=lambda: Capabilities(
+                    models=[],
+                    limits=CapabilityLimits(max_concurrent_total=1, max_tokens_per_minute=None),
+                    metadata=CapabilityMetadata(agent_version=__version__),
+                ),
+                heartbeat=lambda: Heartbeat(
+                    queue_depth=0,
+                    tokens_per_sec_p50=0,
+                    p50_latency_ms=0,
+                    p95_latency_ms=0,
+                    error_rate_60s=0,
+                    last_error_at=None,
+                    last_error_code=None,
+                ),
+                on_authenticated=self.authenticated.set,
+                on_inbound=lambda inbound: None,
+                on_reconnect=self._reconnecting,
+            ),
+            load_or_create(tmp_path / "identity.key"),
+            policy=policy,
+        )
+
+    def _reconnecting(self, fault: Fault | None) -> None:
+        self.faults.append(fault)
+        self.waiting.set()
+
+    async def run(self) -> None:
+        """`Session.run()`, noting whether it returned or was cancelled."""
+        try:
+            await self.session.run()
+        except anyio.get_cancelled_exc_class():
+            self.outcome.append("cancelled")
+            raise
+        self.outcome.append("returned")
+
+
+async def test_cancelling_the_session_while_it_waits_to_redial_ends_it_at_once(
+    tmp_path: Path,
+) -> None:
+    bare = Bare(tmp_path, f"ws://127.0.0.1:{free_port()}/provider/connect", an_hour())
+    async with anyio.create_task_group() as group:
+        group.start_soon(bare.run)
+        with anyio.fail_after(10):
+            await bare.waiting.wait()  # refused, logged, about to sleep an hour
+        started = anyio.current_time()
+        group.cancel_scope.cancel()
+    assert anyio.current_time() - started < 1.0
+    assert bare.outcome == ["cancelled"]  # the cancellation came out as itself, not retried
+    assert bare.session.attempts == 1
+    [fault] = bare.faults
+    assert fault is not None and fault.kind is FaultKind.NETWORK
+
+
+async def test_cancelling_a_connected_session_ends_it_at_once(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    bare = Bare(tmp_path, coord.ws_url, an_hour())
+    async with anyio.create_task_group() as group:
+        group.start_soon(bare.run)
+        with anyio.fail_after(10):
+            await bare.authenticated.wait()
+        started = anyio.current_time()
+        group.cancel_scope.cancel()
+    assert anyio.current_time() - started < 1.0
+    assert bare.outcome == ["cancelled"]
+    assert bare.faults == [] and bare.session.attempts == 1  # never counted as a failure
+    await coord.wait_for(lambda c: not c.connected())
+    coord.assert_no_violations()
+
+
+async def test_a_keyboard_interrupt_in_an_attempt_is_not_retried(tmp_path: Path) -> None:
+    bare = Bare(tmp_path, "", an_hour())
+    interrupt = KeyboardInterrupt()
+
+    def url() -> str:
+        raise interrupt
+
+    bare.session.hooks.url = url
+    with anyio.fail_after(5), pytest.raises(KeyboardInterrupt) as caught:
+        await bare.session.run()
+    assert caught.value is interrupt  # the very exception, out of tenacity untouched
+    assert bare.session.attempts == 1 and bare.faults == []
+
+
+async def test_reconnect_cuts_the_backoff_wait_short_and_close_ends_the_loop(
+    coord: DevCoordinator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "provider_agent.session")
+    bare = Bare(tmp_path, f"ws://127.0.0.1:{free_port()}/provider/connect", an_hour())
+    async with anyio.create_task_group() as group:
+        group.start_soon(bare.run)
+        with anyio.fail_after(10):
+            await bare.waiting.wait()  # an hour to wait
+            bare.url = coord.ws_url
+            bare.session.reconnect()  # the URL changed: dial now
+            await bare.authenticated.wait()
+        assert bare.session.attempts == 2
+        bare.session.close()
+    assert bare.outcome == ["returned"]
+    assert coord.attempts[-1].close_code == 1001
+    logged = [r.getMessage() for r in caplog.records]
+    assert "coordinator session closed (going away)" in logged
+    coord.assert_no_violations()
+
+
+async def test_close_while_waiting_to_redial_returns_at_once(tmp_path: Path) -> None:
+    bare = Bare(tmp_path, f"ws://127.0.0.1:{free_port()}/provider/connect", an_hour())
+    async with anyio.create_task_group() as group:
+        group.start_soon(bare.run)
+        with anyio.fail_after(10):
+            await bare.waiting.wait()
+        started = anyio.current_time()
+        bare.session.close()
+    assert anyio.current_time() - started < 1.0
+    assert bare.outcome == ["returned"] and bare.session.attempts == 1
+
+
+async def test_a_requested_reconnect_redials_at_once_and_resets_the_backoff(
+    coord: DevCoordinator, tmp_path: Path
+) -> None:
+    policy = an_hour()
+    bare = Bare(tmp_path, coord.ws_url, policy)
+    async with anyio.create_task_group() as group:
+        group.start_soon(bare.run)
+        await coord.wait_for(lambda c: c.connected())
+        policy.failures = 7  # as if after an outage: a fault now would wait an hour
+        bare.session.reconnect()
+        await coord.wait_for(lambda c: len(c.attempts) == 2 and len(c.connected()) == 1)
+        assert bare.faults == [None] and policy.failures == 0
+        bare.session.close()
+    assert coord.attempts[0].close_code == 1000 and coord.attempts[1].close_code == 1001
+    coord.assert_no_violations()
+
+
+async def test_one_log_line_and_one_hook_call_per_ended_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bare = Bare(
+        tmp_path,
+        f"ws://127.0.0.1:{free_port()}/provider/connect",
+        ReconnectPolicy(base_s=0.001, cap_s=0.001, rng=Ceiling()),
+    )
+    five = anyio.Event()
+
+    def reconnecting(fault: Fault | None) -> None:
+        bare.faults.append(fault)
+        if len(bare.faults) == 5:
+            bare.session.close()
+            five.set()
+
+    bare.session.hooks.on_reconnect = reconnecting
+    with anyio.fail_after(10):
+        await bare.run()
+    assert five.is_set() and bare.outcome == ["returned"]
+    lines = [r.getMessage() for r in caplog.records if "coordinator connection" in r.getMessage()]
+    assert len(lines) == 5
+    for number, line in enumerate(lines, start=1):
+        assert line.startswith(f"coordinator connection attempt={number} ended fault=network")
+        assert line.endswith("next_delay_s=0.001")
+    assert all(f is not None and f.kind is FaultKind.NETWORK for f in bare.faults)
+
+
+def test_policy_wait_asks_the_policy_about_the_attempts_redial() -> None:
+    policy = ReconnectPolicy(failures=2, rng=Ceiling())
+    state = RetryCallState(AsyncRetrying(), fn=None, args=(), kwargs={})
+    state.set_result(Redial(Fault(FaultKind.LOCAL, "disk full"), None, 1.0))
+    assert PolicyWait(policy)(state) == 30.0 and policy.failures == 3  # 4 s, lifted to 30 s
+    state.set_result(Redial(None, None, 2.0, requested=True))
+    assert PolicyWait(policy)(state) == 0.0 and policy.failures == 0

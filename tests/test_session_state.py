@@ -32,13 +32,13 @@ from provider_agent.session_state import (
     Received,
     Reconnect,
     ReconnectPolicy,
+    Redial,
     Send,
     SessionCore,
     SessionFailure,
     State,
     Stop,
     StoreProviderId,
-    Wait,
     Written,
     answer_challenge,
     auth_outcome,
@@ -141,16 +141,90 @@ def test_flap_after_auth_escalates_but_a_healthy_session_resets() -> None:
     assert policy.failures == 0 and policy.next_delay_s() == 0.0
 
 
+class Top(random.Random):
+    """A fake rng whose uniform(a, b) is always b: every delay is its ceiling exactly."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class Bottom(random.Random):
+    """A fake rng whose uniform(a, b) is always a: full jitter at its luckiest (0)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+NET = Fault(FaultKind.NETWORK, "connection lost (no close frame)")
+COORD = Fault(FaultKind.COORDINATOR, "auth_failed: not enrolled")
+PLANNED = Fault(FaultKind.PLANNED, "coordinator restarting (close code 1012)")
+LOCAL = Fault(FaultKind.LOCAL, "local I/O failed (No space left on device)")
+
+#: (failures before, how the connection ended, rng, the delay, failures after) with the default
+#: policy (1 s doubling to 60 s, healthy after 30 s, local floor 30 s, planned spread 2 s); times
+#: are a fake monotonic clock.
+POLICY_TABLE: dict[str, tuple[int, Redial, type[random.Random], float, int]] = {
+    "first failure, never authenticated": (0, Redial(NET, None, 5.0), Top, 1.0, 1),
+    "a refused handshake escalates by doubling": (3, Redial(COORD, None, 5.0), Top, 8.0, 4),
+    "capped at 60 s": (6, Redial(NET, None, 5.0), Top, 60.0, 7),
+    "stays capped, forever": (40, Redial(NET, None, 5.0), Top, 60.0, 41),
+    "full jitter reaches down to 0": (3, Redial(NET, None, 5.0), Bottom, 0.0, 4),
+    "30 s authenticated: reset, redial at once": (5, Redial(NET, 100.0, 130.0), Top, 0.0, 0),
+    "a flap short of 30 s escalates": (5, Redial(NET, 100.0, 129.9), Top, 32.0, 6),
+    "planned close: at most 2 s, no escalation": (6, Redial(PLANNED, 100.0, 100.5), Top, 2.0, 6),
+    "planned close: no reset either": (6, Redial(PLANNED, 100.0, 200.0), Top, 2.0, 6),
+    "planned close: jitter down to 0": (6, Redial(PLANNED, None, 1.0), Bottom, 0.0, 6),
+    "local fault: at least 30 s": (0, Redial(LOCAL, None, 1.0), Bottom, 30.0, 1),
+    "local fault after a healthy session": (3, Redial(LOCAL, 0.0, 100.0), Top, 30.0, 0),
+    "local fault above the floor keeps it": (7, Redial(LOCAL, None, 1.0), Top, 60.0, 8),
+    "reconnect(): at once, reset": (9, Redial(None, None, 1.0, requested=True), Top, 0.0, 0),
+    "reconnect() after a healthy session": (0, Redial(None, 0.0, 99.0, requested=True), Top, 0, 0),
+    "a close of ours, not requested, backs off": (2, Redial(None, None, 1.0), Top, 4.0, 3),
+}
+
+
+@pytest.mark.parametrize(
+    ("failures", "redial", "rng", "delay", "after"),
+    list(POLICY_TABLE.values()),
+    ids=list(POLICY_TABLE),
+)
+def test_reconnect_policy_table(
+    failures: int, redial: Redial, rng: type[random.Random], delay: float, after: int
+) -> None:
+    """What the session's tenacity wait (`PolicyWait`) asks, decided by the policy alone."""
+    policy = ReconnectPolicy(failures=failures, rng=rng())
+    assert policy.delay_after(redial) == delay
+    assert policy.failures == after
+
+
+def test_a_seeded_policy_replays_the_same_delays() -> None:
+    def delays(seed: int) -> list[float]:
+        policy = ReconnectPolicy(rng=random.Random(seed))
+        return [policy.delay_after(Redial(NET, None, float(t))) for t in range(12)]
+
+    assert delays(5) == delays(5) != delays(6)
+    assert all(0 <= d <= min(60, 2 ** (n - 1)) for n, d in enumerate(delays(5), start=1))
+
+
 # --- the state machine: events in, actions out, an injected clock ---------------------------------
 
 
-def core(provider_id: str | None = None, **policy: float) -> SessionCore:
-    return SessionCore(
-        Key(provider_id),
-        "0.1.0",
-        lambda: "POD-ENROLL-1",
-        ReconnectPolicy(rng=random.Random(3), **policy),  # type: ignore[arg-type]
-    )
+def core(provider_id: str | None = None) -> SessionCore:
+    return SessionCore(Key(provider_id), "0.1.0", lambda: "POD-ENROLL-1")
+
+
+def policy(**settings: float) -> ReconnectPolicy:
+    return ReconnectPolicy(rng=random.Random(3), **settings)  # type: ignore[arg-type]
+
+
+def end(
+    c: SessionCore, p: ReconnectPolicy, fault: Fault | None, now: float
+) -> tuple[Redial, float]:
+    """The connection ends: the core's `Redial`, and the delay the policy gives it (one turn of
+    the session's tenacity loop, without the loop)."""
+    [redial] = c.handle(Ended(fault, now))
+    assert isinstance(redial, Redial)
+    return redial, p.delay_after(redial)
 
 
 def state_of(c: SessionCore) -> State:
@@ -178,18 +252,19 @@ def test_handshake_path_stores_a_new_provider_id_once() -> None:
     "first", ['{"type":"auth_ok","provider_id":"p"}', "garbage", '{"type":"heartbeat"}']
 )
 def test_a_wrong_first_frame_fails_as_the_coordinators_fault(first: str) -> None:
-    c = core()
+    c, p = core(), policy()
     c.handle(Dial(0))
     c.handle(Opened(0))
     [fail] = c.handle(Received(decode(first), 0))
     assert isinstance(fail, Fail) and fail.fault.kind is FaultKind.COORDINATOR
     assert c.state is State.CLOSING
-    [wait] = c.handle(Ended(fail.fault, 1.0))
-    assert isinstance(wait, Wait) and state_of(c) is State.IDLE and c.policy.failures == 1
+    redial, _ = end(c, p, fail.fault, 1.0)
+    assert redial == Redial(fail.fault, None, 1.0)
+    assert state_of(c) is State.IDLE and p.failures == 1
 
 
 def test_auth_failed_backs_off_with_growing_ceilings() -> None:
-    c = core(base_s=1, cap_s=60)
+    c, p = core(), policy(base_s=1, cap_s=60)
     ceilings = []
     for t in range(6):
         c.handle(Dial(t))
@@ -197,9 +272,9 @@ def test_auth_failed_backs_off_with_growing_ceilings() -> None:
         c.handle(Received(challenge(), t))
         [fail] = c.handle(Received(decode('{"type":"auth_failed","reason":"no"}'), t))
         assert isinstance(fail, Fail) and "auth_failed: no" in fail.fault.detail
-        [wait] = c.handle(Ended(fail.fault, t + 0.1))
-        assert isinstance(wait, Wait) and 0 <= wait.delay_s <= c.policy.ceiling_s()
-        ceilings.append(c.policy.ceiling_s())
+        _, delay = end(c, p, fail.fault, t + 0.1)
+        assert 0 <= delay <= p.ceiling_s()
+        ceilings.append(p.ceiling_s())
     assert ceilings == [1, 2, 4, 8, 16, 32]
 
 
@@ -245,31 +320,31 @@ def test_unconfirmed_pings_are_forgotten_when_the_socket_ends() -> None:
 
 
 def test_healthy_session_resets_backoff_with_an_injected_clock() -> None:
-    c = core(base_s=1, cap_s=60, healthy_after_s=30)
-    c.policy.failures = 5
+    c, p = core(), policy(base_s=1, cap_s=60, healthy_after_s=30)
+    p.failures = 5
     authenticate(c, now=100.0)
-    [wait] = c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 131.0))
-    assert wait == Wait(0.0, Fault(FaultKind.NETWORK, "reset")) and c.policy.failures == 0
+    reset = Fault(FaultKind.NETWORK, "reset")
+    assert end(c, p, reset, 131.0) == (Redial(reset, 100.0, 131.0), 0.0) and p.failures == 0
     authenticate(c, now=200.0)
-    [wait] = c.handle(Ended(Fault(FaultKind.NETWORK, "reset"), 201.0))  # a flap: escalate
-    assert isinstance(wait, Wait) and c.policy.failures == 1
+    end(c, p, reset, 201.0)  # a flap: escalate
+    assert p.failures == 1
 
 
 def test_planned_restart_neither_escalates_nor_waits_long() -> None:
-    c = core(base_s=1, cap_s=60)
-    c.policy.failures = 6
+    c, p = core(), policy(base_s=1, cap_s=60)
+    p.failures = 6
     for t in range(20):
         authenticate(c, now=float(t))
-        [wait] = c.handle(Ended(Fault(FaultKind.PLANNED, "1012"), t + 0.5))
-        assert isinstance(wait, Wait) and 0 <= wait.delay_s <= 2.0
-    assert c.policy.failures == 6
+        _, delay = end(c, p, Fault(FaultKind.PLANNED, "1012"), t + 0.5)
+        assert 0 <= delay <= 2.0
+    assert p.failures == 6
 
 
 def test_a_local_fault_waits_at_least_local_fault_s() -> None:
-    c = core(base_s=0.01, cap_s=0.1, local_fault_s=30)
+    c, p = core(), policy(base_s=0.01, cap_s=0.1, local_fault_s=30)
     authenticate(c)
-    [wait] = c.handle(Ended(Fault(FaultKind.LOCAL, "disk full"), 0.1))
-    assert isinstance(wait, Wait) and wait.delay_s >= 30
+    _, delay = end(c, p, Fault(FaultKind.LOCAL, "disk full"), 0.1)
+    assert delay >= 30
 
 
 def test_stop_and_reconnect_from_each_state() -> None:
@@ -279,15 +354,37 @@ def test_stop_and_reconnect_from_each_state() -> None:
     authenticate(c)
     assert c.handle(Stop()) == [Close(1001)] and c.state is State.CLOSING
     assert c.handle(Ended(None, 1)) == [] and state_of(c) is State.STOPPED
-    c = core()
+    c, p = core(), policy()
     authenticate(c)
-    c.policy.failures = 4
+    p.failures = 4
     assert c.handle(Reconnect()) == [Close(1000)]
-    assert c.handle(Ended(None, 1)) == [Wait(0.0, None)] and c.policy.failures == 0
+    assert end(c, p, None, 1) == (Redial(None, 0.0, 1, requested=True), 0.0) and p.failures == 0
     c = core()
     c.handle(Dial(0))
     assert c.handle(Reconnect()) == [] and c.state is State.CLOSING
     assert c.handle(Opened(0)) == [] and c.state is State.CLOSING  # dial finished: close it
+
+
+def test_the_core_hands_the_policy_how_the_connection_ended() -> None:
+    """The `Redial` carries the facts the policy decides on, and only those; a stop has none."""
+    c, p = core(), policy()
+    c.handle(Dial(0))
+    assert end(c, p, NET, 0.5)[0] == Redial(NET, None, 0.5)  # the dial failed: never authenticated
+    authenticate(c, now=1.0)
+    assert end(c, p, PLANNED, 9.0)[0] == Redial(PLANNED, 1.0, 9.0)
+    c.handle(Dial(10))  # a reconnect asked for while dialling: once it opens, close and redial
+    c.handle(Reconnect())
+    c.handle(Opened(10))
+    assert end(c, p, None, 10.5) == (Redial(None, None, 10.5, requested=True), 0.0)
+    c.handle(Dial(11))  # the coordinator broke the handshake, then a reconnect was asked for
+    c.handle(Opened(11))
+    [fail] = c.handle(Received(decode("garbage"), 11))
+    assert isinstance(fail, Fail)
+    c.handle(Reconnect())
+    assert end(c, p, fail.fault, 12)[0] == Redial(None, None, 12, requested=True)
+    authenticate(c, now=20.0)  # a stop: no Redial at all, the loop ends
+    c.handle(Stop())
+    assert c.handle(Ended(None, 21.0)) == [] and state_of(c) is State.STOPPED
 
 
 def test_events_a_state_cannot_have_are_bugs_not_input() -> None:
