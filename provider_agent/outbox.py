@@ -709,17 +709,22 @@ def _rollback(connection: sqlite3.Connection) -> None:
             log.debug("outbox: rollback after a failed batch also failed: %s", exc)
 
 
+def make_state_dir(directory: Path) -> None:
+    """Create the state directory (0700) when absent; OutboxError (one line) when it cannot be."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutboxError(
+            f"outbox: cannot create the state directory {directory}: {exc.strerror or exc}"
+        ) from None
+
+
 def _open_store(
     state_dir: Path, path: Path, synchronous: str, now_ms: int, busy_timeout_s: float
 ) -> tuple[sqlite3.Connection, set[str], Journal]:
     """(worker thread) Create or open the file, check it is ours and sound, migrate it, prove
     it writable, open the in-flight journal beside it, and load the ids both hold."""
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutboxError(
-            f"outbox: cannot create the state directory {state_dir}: {exc.strerror or exc}"
-        ) from None
+    make_state_dir(state_dir)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -31,6 +31,7 @@ from provider_agent.control import PAUSE_FILE
 from provider_agent.errors import OutboxError, StateDirError
 from provider_agent.inflight import FILE_NAME as JOURNAL_FILE
 from provider_agent.outbox import FILE_NAME as OUTBOX_FILE
+from provider_agent.outbox import make_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,7 @@ def lock(directory: Path) -> StateLock:
     StateDirError (exit 78) when another process holds it (naming the dir and that pid) or the
     lock file is not a regular file; OutboxError (exit 1, as an unusable outbox) when the
     directory cannot be created or written."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutboxError(
-            f"outbox: cannot create the state directory {directory}: {exc.strerror or exc}"
-        ) from None
+    make_state_dir(directory)
     path = directory / LOCK_FILE
     _refuse_if_not_regular(path)  # before opening it: opening a device may do something
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +20,7 @@ import pytest
 from provider_agent import __version__
 from provider_agent.config import MAX_PRICE, MAX_PRIORITY, MAX_TOKENS_PER_MINUTE
 from provider_agent.protocol import Capabilities
+from tests.signals import stop_and_time
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "agent.toml.example"
@@ -686,16 +686,10 @@ def test_discover_and_doctor_stop_promptly_on_a_signal(
         text=True,
         env=env,
     )
-    try:
-        assert black_hole.accepted.wait(30), "the command never reached the backend"
-        started = time.monotonic()
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=20)
-        elapsed = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    if not black_hole.accepted.wait(30):
+        stop_and_time(process, signal.SIGKILL)
+        pytest.fail("the command never reached the backend")
+    err, elapsed = stop_and_time(process, signum)
     assert process.returncode == code, err
     assert elapsed < 3.0, f"{command} took {elapsed:.1f}s to stop"
     assert "Traceback" not in err

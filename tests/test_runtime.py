@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from provider_agent.runtime import STOP_GRACE_S, event_loop_options, settle_heap
+from tests.signals import stop_and_time
 
 
 @pytest.fixture
@@ -77,16 +78,10 @@ def test_a_stopped_one_shot_command_ends_even_with_its_work_stuck_in_a_thread(
     process = subprocess.Popen(
         [sys.executable, "-c", _STUCK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline() == "working\n"
-        started = time.monotonic()
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=20)
-        elapsed = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    assert process.stdout is not None
+    if process.stdout.readline() != "working\n":
+        stop_and_time(process, signal.SIGKILL)
+        pytest.fail("the work never started")
+    err, elapsed = stop_and_time(process, signum)
     assert process.returncode == code, err
     assert elapsed < 1.0 + STOP_GRACE_S, f"took {elapsed:.2f}s"
