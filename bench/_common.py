@@ -96,8 +96,11 @@ class Table:
     def print(self) -> None:
         width = max((len(r[0]) for r in self.rows), default=0) + 2
         value_width = max((len(r[1]) for r in self.rows), default=0) + 2
+        target_width = max(12, max((len(r[2]) for r in self.rows), default=0) + 2)
         for name, value, target, mark in self.rows:
-            print(f"  {name:<{width}}{value:>{value_width}}   {target:<12}{mark}".rstrip())
+            print(
+                f"  {name:<{width}}{value:>{value_width}}   {target:<{target_width}}{mark}".rstrip()
+            )
 
 
 # --- child processes -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 and an agent that is SIGKILLed mid-work.
 
     .venv/bin/python bench/chaos.py [--jobs 300] [--concurrency 16] [--kills 20] [--burst 4]
-        [--tokens 240] [--rate 8] [--seed 11]
+        [--tokens 240] [--rate 8] [--seed 11] [--tmpfs-mb 32]
 
 Processes on loopback: two simulated vLLM backends serving the same model (`provider-agent
 sim-backend`), the reference coordinator (`DevCoordinator`, run by this file as a child with
@@ -23,6 +23,20 @@ Chaos, from a plan drawn with `--seed`:
 - each backend is SIGKILLed once at a random moment and started again 2–5 s later. Before the
   kill the simulator is told to refuse new connections and its per-key counts are read, so no
   execution is forgotten with the process;
+- the disk fills once (protocol.md §8, "a terminal frame that cannot be stored"): the agent's
+  state dir is a small tmpfs of its own (`--tmpfs-mb`, mounted by this process: root only;
+  without root, or where the mount fails, the phase is skipped and the run says so), and at a
+  random moment of a healthy stretch a file there is written until ENOSPC and kept full (topped
+  up) until the agent notices — /readyz 503 naming the store, at most 30 s: only a write that
+  needs a new page fails — and 3–6 s more, then deleted. Meanwhile the agent keeps the terminal
+  frames it cannot store in memory and sends them once stored, refuses new jobs (the clients
+  retry, as they do) and answers /readyz 503 — it must not exit. The mount is undone however
+  the run ends (`umount -l`); with `--keep` the state dir is copied out first;
+- a second agent is started once, in another healthy stretch with jobs streaming, as an
+  operator might by mistake: `provider-agent run` with the same config, then the same without
+  the subcommand (`run` is the default). Each must exit 78 within a few seconds with one line
+  naming the state dir and the running agent's pid, and change nothing: no connection to the
+  coordinator, and the first agent's frames are counted below like every other;
 - then the agent is SIGKILLed once with jobs streaming, and started again.
 
 The journal: the reference coordinator keeps its records in memory, and a SIGKILL loses them. The
@@ -47,7 +61,14 @@ Counted at the end (targets from shared/spec/benchmarks.md and the issue):
 - the outbox empty at the end: no frame undelivered, no job open;
 - `provider-agent earnings --csv`: one row per stored terminal frame, none doubled, and as many
   `job_done` rows as job_done frames journaled;
-- contract violations the coordinator saw (0).
+- contract violations the coordinator saw (0);
+- the full disk: /readyz answered 503 naming the store within 30 s of the disk filling, the
+  store failed and worked again after ("terminal frames cannot be stored" logged, then "stores
+  terminal frames again"), /readyz 200 within 30 s of the space coming back, no agent exit, and
+  how many terminal frames waited for the store (the jobs that ended or were refused while it
+  failed) — their frames are in the counts above: none lost, none doubled;
+- the second agent: exit 78, within SECOND_RUN_WITHIN_S, one line naming the dir and the pid,
+  no connection to the coordinator (each of the two attempts).
 Prints a table and one summary line; exits 1 when a target is missed.
 """
 
@@ -57,17 +78,20 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import errno
 import io
 import math
 import os
 import random
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -106,6 +130,26 @@ RECONNECT_GIVE_UP_S = 90.0
 #: Log timestamps are cut to milliseconds.
 LOG_TS_SLACK_S = 0.002
 _WAIT_LOG = re.compile(r"next_delay_s=([0-9.]+)|reconnect in ([0-9.]+)s")
+#: The file that fills the state dir's tmpfs.
+FILLER = "chaos-disk-filler"
+#: How long the disk stays full once the agent noticed (drawn); how long it may take to notice:
+#: only a write that needs a new page fails (sqlite reuses its WAL, a journal line may fit in
+#: the last page); how long the store may take to work again after.
+FULL_FOR_S = (3.0, 6.0)
+NOTICE_WITHIN_S = 30.0
+STORE_BACK_WITHIN_S = 30.0
+#: In /readyz's 503 while the store fails.
+STORE_READYZ = "cannot store"
+#: A second `run` on the same state dir exits 78 within this (cli.md: EX_CONFIG).
+SECOND_RUN_WITHIN_S = 10.0
+SECOND_RUN_EXIT = 78
+#: What the agent logs when the store fails (either line may come first, and the other is then
+#: held back for a minute), and when it works again (jobs.py).
+STORE_FAILING_LOGS = (
+    "terminal frames cannot be stored",
+    "delivery of terminal frames not recorded",
+)
+STORE_BACK_LOG = "stores terminal frames again"
 
 
 # --- the journaling coordinator (a child process) -------------------------------------------------
@@ -272,6 +316,118 @@ class Load:
         return attempt.complete
 
 
+# --- the full disk --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def state_tmpfs(where: Path, size_mb: int) -> Iterator[tuple[Path | None, str]]:
+    """`where` (made here) as a tmpfs of `size_mb` MiB: (the mount, "") — or (None, why not):
+    mounting needs root. Unmounted (lazily: the agent may still hold files there) on the way
+    out, whatever happens."""
+    where.mkdir(parents=True, exist_ok=True)
+    if size_mb <= 0:
+        yield None, "--tmpfs-mb 0"
+        return
+    if os.geteuid() != 0:
+        yield None, "mounting a tmpfs needs root"
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        yield None, f"mount failed: {mounted.stderr.strip() or mounted.returncode}"
+        return
+    try:
+        yield where, ""
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def fill(path: Path) -> int:
+    """Write `path` (appending) until the filesystem says ENOSPC, down to single bytes; the
+    bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            block = b"\0" * size
+            while True:
+                try:
+                    written += os.write(fd, block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return written
+
+
+@dataclass
+class FullDisk:
+    """The full-disk phase, as it went."""
+
+    skipped: str = ""  # why, when it did not run
+    filling_wall: float | None = None  # when the filling began
+    filled_bytes: int = 0
+    full_wall: float | None = None  # when the file first hit ENOSPC
+    freed_wall: float | None = None  # when it was deleted
+    readyz: Counter[int] = field(default_factory=Counter)  # statuses while full
+    noticed_s: float | None = None  # from full to /readyz 503 naming the store
+    noticed_wall: float | None = None
+    readyz_reason: str = ""  # that 503's body
+    ready_again_s: float | None = None  # from the delete to /readyz 200
+
+
+# --- the second agent -----------------------------------------------------------------------------
+
+
+@dataclass
+class SecondRun:
+    """One attempt at a second agent on the same state dir."""
+
+    argv: list[str]
+    holder_pid: int
+    streaming: int
+    exit: int | None = None  # None: it did not exit within the limit (then killed)
+    seconds: float = math.nan
+    lines: list[str] = field(default_factory=list)
+    #: Coordinator connections while it ran; None when the coordinator restarted meanwhile (then
+    #: the running agent reconnects, and a connection tells nothing).
+    connects: int | None = 0
+
+    def names_dir_and_pid(self, state_dir: Path) -> bool:
+        if len(self.lines) != 1:
+            return False
+        line = self.lines[0]
+        return str(state_dir) in line and re.search(rf"\b{self.holder_pid}\b", line) is not None
+
+
+def run_second(argv: list[str]) -> tuple[int | None, float, list[str]]:
+    """Run a second agent; (exit status or None if still running after the limit, seconds, its
+    non-empty output lines)."""
+    began = time.monotonic()
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=SECOND_RUN_WITHIN_S * 3,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:  # run() killed it
+        out = (exc.stdout or b"") + (exc.stderr or b"")
+        text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+        return None, time.monotonic() - began, [ln for ln in text.splitlines() if ln.strip()]
+    seconds = time.monotonic() - began
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    return done.returncode, seconds, lines
+
+
 # --- the chaos ------------------------------------------------------------------------------------
 
 
@@ -301,6 +457,15 @@ class Chaos:
     agent_kill_streaming: int = 0
     agent_reconnect_s: float | None = None
     unexpected_exits: list[int] = field(default_factory=list)
+    #: When each of those exits was seen (wall time).
+    exit_walls: list[float] = field(default_factory=list)
+    config: Path | None = None
+    #: The agent's HTTP endpoint (`/readyz`), `http://HOST:PORT`.
+    endpoint: str = ""
+    #: The state dir's own tmpfs, or None (then no full-disk phase).
+    tmpfs: Path | None = None
+    disk: FullDisk = field(default_factory=FullDisk)
+    second_runs: list[SecondRun] = field(default_factory=list)
 
     def plan(self) -> list[str]:
         kinds = ["healthy"] * self.args.kills
@@ -315,18 +480,32 @@ class Chaos:
         # each backend dies during a different healthy stretch, so one always serves
         healthy = [index for index, kind in enumerate(kinds) if kind == "healthy"]
         backend_at = self.rng.sample(healthy, k=min(len(healthy), len(self.backends)))
+        # the full disk and the second agent in healthy stretches of their own where there are
+        # enough, from a generator of their own (the plan above stays what the seed made it)
+        phase_rng = random.Random(f"{self.args.seed}-phases")
+        spare = [index for index in healthy if index not in backend_at] or healthy
+        disk_at = phase_rng.choice(spare) if self.tmpfs is not None else None
+        second_at = phase_rng.choice([index for index in spare if index != disk_at] or spare)
         _, auth = await self._auth_after(0)
         async with anyio.create_task_group() as side:
-            for index, kind in enumerate(kinds):
-                for which, at in enumerate(backend_at):
-                    if at == index:
-                        side.start_soon(self._kill_backend, which, self.rng.uniform(3, 20))
-                if kind == "burst":
-                    uptime = self.rng.uniform(1, 3)
-                else:
-                    uptime = self.args.uptime_s + self.rng.uniform(1, 6)
-                await anyio.sleep(max(0.0, auth["t"] + uptime - time.monotonic()))
-                auth = await self._kill_coordinator(kind)
+            # the phases end (the disk freed, the store back) before the agent's SIGKILL
+            async with anyio.create_task_group() as phases:
+                for index, kind in enumerate(kinds):
+                    for which, at in enumerate(backend_at):
+                        if at == index:
+                            side.start_soon(self._kill_backend, which, self.rng.uniform(3, 20))
+                    if index == disk_at:
+                        phases.start_soon(
+                            self._fill_disk, phase_rng.uniform(2, 8), phase_rng.uniform(*FULL_FOR_S)
+                        )
+                    if index == second_at:
+                        phases.start_soon(self._second_agent, phase_rng.uniform(3, 15))
+                    if kind == "burst":
+                        uptime = self.rng.uniform(1, 3)
+                    else:
+                        uptime = self.args.uptime_s + self.rng.uniform(1, 6)
+                    await anyio.sleep(max(0.0, auth["t"] + uptime - time.monotonic()))
+                    auth = await self._kill_coordinator(kind)
             await self._kill_agent()
         self.load.chaos_done.set()
 
@@ -379,6 +558,72 @@ class Chaos:
         _, auth = await self._auth_after(seen)
         self.agent_reconnect_s = auth["t"] - killed_at
 
+    async def _fill_disk(self, offset: float, hold: float) -> None:
+        """Fill the state dir's filesystem `offset` s into a healthy stretch, keep it full
+        (topping it up: the agent may free a page now and then) until /readyz says the store
+        fails and `hold` s more (NOTICE_WITHIN_S at most without that), then free it; /readyz
+        is read meanwhile, and after until it answers 200 again."""
+        assert self.tmpfs is not None
+        await anyio.sleep(offset)
+        disk, filler = self.disk, self.tmpfs / FILLER
+        timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            disk.filling_wall = time.time()
+            try:
+                disk.filled_bytes = await anyio.to_thread.run_sync(fill, filler)
+                disk.full_wall = time.time()
+                full = time.monotonic()
+                until = full + NOTICE_WITHIN_S
+                while time.monotonic() < until:
+                    status, text = await self._readyz(http)
+                    disk.readyz[status] += 1
+                    if status == 503 and STORE_READYZ in text and disk.noticed_s is None:
+                        disk.noticed_s = time.monotonic() - full
+                        disk.noticed_wall = time.time()
+                        disk.readyz_reason = text.strip()
+                        until = time.monotonic() + hold
+                    disk.filled_bytes += await anyio.to_thread.run_sync(fill, filler)
+                    await anyio.sleep(0.25)
+            finally:
+                filler.unlink(missing_ok=True)
+                disk.freed_wall = time.time()
+            freed = time.monotonic()
+            with anyio.move_on_after(STORE_BACK_WITHIN_S):
+                while True:
+                    status, _ = await self._readyz(http)
+                    if status == 200:
+                        disk.ready_again_s = time.monotonic() - freed
+                        break
+                    await anyio.sleep(0.2)
+
+    async def _readyz(self, http: aiohttp.ClientSession) -> tuple[int, str]:
+        """/readyz's status and body; 0 when it did not answer (the agent restarting)."""
+        try:
+            async with http.get(f"{self.endpoint}/readyz") as response:
+                return response.status, await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return 0, ""
+
+    async def _second_agent(self, offset: float) -> None:
+        """`offset` s into a healthy stretch, with jobs streaming: a second agent on the same
+        config, as `run` and as the bare command (`run` is the default)."""
+        assert self.config is not None
+        await anyio.sleep(offset)
+        config = ["--allow-insecure", "--config", str(self.config)]
+        for argv in ([AGENT, "run", *config], [AGENT, *config]):
+            with anyio.move_on_after(60):
+                await self.load.wait_streaming(max(1, self.args.concurrency // 2))
+            attempt = SecondRun(argv, self.agent.pid, len(self.load.streaming))
+            self.second_runs.append(attempt)
+            seen = len(self.journal.refresh())
+            attempt.exit, attempt.seconds, attempt.lines = await anyio.to_thread.run_sync(
+                run_second, argv
+            )
+            await anyio.sleep(0.5)  # a connection it made would be journaled by now
+            events = self.journal.refresh()[seen:]
+            restarted = any(e["ev"] == "up" for e in events)
+            attempt.connects = None if restarted else sum(e["ev"] == "connect" for e in events)
+
     async def watch_agent(self) -> None:
         """An agent exit nobody asked for is counted, and the agent started again."""
         while True:
@@ -386,6 +631,7 @@ class Chaos:
             if not self.agent.alive():
                 assert self.agent.process is not None
                 self.unexpected_exits.append(self.agent.process.returncode)
+                self.exit_walls.append(time.time())
                 self.agent.start()
 
     async def served_now(self) -> Counter[str]:
@@ -447,21 +693,41 @@ def ledger_rows(config: Path) -> list[dict[str, str]]:
 class AgentLog:
     tracebacks: int
     waits: list[tuple[float, float]]  # (wall time logged, delay)
+    #: Wall times of the lines saying the store fails, and that it works again.
+    store_failing: list[float] = field(default_factory=list)
+    store_back: list[float] = field(default_factory=list)
+    #: Wall times of the lines for each job that ended or was refused (after its store).
+    ends: list[float] = field(default_factory=list)
+
+    def store_outage(self, since: float, seen: float | None) -> tuple[float, float] | None:
+        """(first failure, back) of the store's first outage from `since` (wall time): from
+        the first line saying it fails, or `seen` (when /readyz said so) if that came first, to
+        the line saying it works again."""
+        failed = sorted([t for t in self.store_failing if t >= since] + ([seen] if seen else []))
+        back = [t for t in self.store_back if failed and t > failed[0]]
+        return (failed[0], back[0]) if back else None
 
 
 def read_agent_log(path: Path) -> AgentLog:
-    tracebacks, waits = 0, []
+    log = AgentLog(0, [])
     for line in path.read_text(errors="replace").splitlines():
         if "Traceback (most recent call last)" in line:
-            tracebacks += 1
+            log.tracebacks += 1
         if not line.startswith("{"):
             continue
         entry = orjson.loads(line)
-        match = _WAIT_LOG.search(entry.get("msg", ""))
+        msg = entry.get("msg", "")
+        at = datetime.fromisoformat(entry["ts"]).timestamp()
+        match = _WAIT_LOG.search(msg)
         if match:
-            delay = float(match.group(1) or match.group(2))
-            waits.append((datetime.fromisoformat(entry["ts"]).timestamp(), delay))
-    return AgentLog(tracebacks, waits)
+            log.waits.append((at, float(match.group(1) or match.group(2))))
+        elif any(line in msg for line in STORE_FAILING_LOGS):
+            log.store_failing.append(at)
+        elif STORE_BACK_LOG in msg:
+            log.store_back.append(at)
+        elif msg.startswith(("job ended ", "job refused ")):
+            log.ends.append(at)
+    return log
 
 
 def early_redials(
@@ -493,14 +759,17 @@ class Findings:
     final_exit: int | None
     events: list[dict[str, Any]]
     wall_s: float
+    state_dir: Path
 
 
 async def run_chaos(args: argparse.Namespace, workdir: Path) -> Findings:
     ports = [free_port(), free_port()]
     coord_port = free_port()
     coord_url = f"http://127.0.0.1:{coord_port}"
+    endpoint = f"127.0.0.1:{free_port()}"
     journal = Journal(workdir / "journal.jsonl")
-    with children() as started:
+    state_dir = workdir / "state"
+    with state_tmpfs(state_dir, args.tmpfs_mb) as (tmpfs, skipped), children() as started:
         backends = [
             Child(
                 f"backend{n}",
@@ -528,6 +797,7 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> Findings:
             workdir,
             f"ws://127.0.0.1:{coord_port}/provider/connect",
             backends_toml,
+            prometheus_addr=endpoint,
             log_format="json",
             extra=f"[limits]\nmax_concurrent = {max(32, args.concurrency * 2)}\n",
         )
@@ -557,6 +827,10 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> Findings:
             agent,
             load,
             random.Random(args.seed),
+            config=config,
+            endpoint=f"http://{endpoint}",
+            tmpfs=tmpfs,
+            disk=FullDisk(skipped=skipped),
         )
         began = time.monotonic()
         async with anyio.create_task_group() as watching:
@@ -565,13 +839,20 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> Findings:
                 work.start_soon(load.run)
                 await chaos.run()
             wall = time.monotonic() - began
-            outbox = await wait_outbox_empty(workdir / "state", 60)
+            outbox = await wait_outbox_empty(state_dir, 60)
             watching.cancel_scope.cancel()
-        outbox = await wait_outbox_empty(workdir / "state", 60)
+        outbox = await wait_outbox_empty(state_dir, 60)
         served = await chaos.served_now()
         final_exit = agent.stop(timeout=30)
         ledger = ledger_rows(config)
         coordinator.stop()
+        if tmpfs is not None and args.keep is not None:  # the mount goes: keep a copy
+            shutil.copytree(
+                tmpfs,
+                workdir / "state.copy",
+                ignore=shutil.ignore_patterns(FILLER),
+                dirs_exist_ok=True,
+            )
     return Findings(
         chaos,
         served,
@@ -581,6 +862,7 @@ async def run_chaos(args: argparse.Namespace, workdir: Path) -> Findings:
         final_exit,
         journal.refresh(),
         wall,
+        state_dir,
     )
 
 
@@ -619,6 +901,101 @@ def ledger_rows_check(
     )
     ledger_done = sum(1 for row in ledger if row["outcome"] == "job_done")
     table.check("ledger job_done rows", str(ledger_done), f"= {done}", ledger_done == done)
+
+
+def disk_rows(table: Table, f: Findings) -> str:
+    """The full-disk phase's rows; its part of the summary line."""
+    disk = f.chaos.disk
+    if disk.skipped:
+        table.info("full disk", f"skipped ({disk.skipped})")
+        return f"full disk skipped ({disk.skipped})"
+    if disk.filling_wall is None or disk.freed_wall is None:
+        table.check("full disk: the phase ran", "no", "yes", False)
+        return "full disk did not run"
+    held = disk.freed_wall - (disk.full_wall or disk.freed_wall)
+    table.info("full disk: MiB written, held s", f"{disk.filled_bytes / 2**20:.1f}, {held:.1f}")
+    outage = f.log.store_outage(disk.filling_wall, disk.noticed_wall)
+    table.check(
+        "  store failed, then worked again", "yes" if outage else "no", "yes", outage is not None
+    )
+    waited = 0
+    if outage is not None:
+        waited = sum(1 for t in f.log.ends if outage[0] <= t <= outage[1])
+        table.info("  store failed for s", f"{outage[1] - outage[0]:.1f}")
+        table.info("  terminal frames that waited for it", str(waited))
+    statuses = ", ".join(f"{code or 'no answer'} ×{n}" for code, n in sorted(disk.readyz.items()))
+    table.info("  /readyz while full", statuses or "not read")
+    noticed = disk.noticed_s
+    table.check(
+        "  /readyz 503 for the store, after s",
+        f"{noticed:.1f}" if noticed is not None else "no",
+        f"≤ {NOTICE_WITHIN_S:g}",
+        noticed is not None,
+    )
+    back = disk.ready_again_s
+    table.check(
+        "  /readyz 200 again after freeing, s",
+        f"{back:.1f}" if back is not None else "no",
+        f"≤ {STORE_BACK_WITHIN_S:g}",
+        back is not None,
+    )
+    until = disk.freed_wall + STORE_BACK_WITHIN_S
+    exits = sum(1 for t in f.chaos.exit_walls if disk.filling_wall <= t <= until)
+    table.check("  agent exits meanwhile", str(exits), "0", exits == 0)
+    lasted = f"{outage[1] - outage[0]:.1f} s" if outage else "never"
+    return f"full disk: store failed {lasted}, {waited} frames waited, {exits} exits"
+
+
+def disk_details(f: Findings) -> None:
+    """The terminal frames the coordinator got from the disk filling to STORE_BACK_WITHIN_S
+    after it was freed, by outcome."""
+    disk = f.chaos.disk
+    if disk.filling_wall is None or disk.freed_wall is None:
+        return
+    until = disk.freed_wall + STORE_BACK_WITHIN_S
+    codes = Counter(
+        str(orjson.loads(e["frame"]).get("error_code", "job_done"))
+        for e in f.events
+        if e["ev"] == "terminal" and disk.filling_wall <= e["wall"] <= until
+    )
+    print(
+        f"  terminal frames from the disk filling to {STORE_BACK_WITHIN_S:g} s after it was "
+        "freed: " + (", ".join(f"{code} {n}" for code, n in codes.most_common()) or "none")
+    )
+
+
+def second_rows(table: Table, f: Findings, state_dir: Path) -> str:
+    """The second agent's rows; its part of the summary line."""
+    runs = f.chaos.second_runs
+    table.check("second agent: attempts", str(len(runs)), "2", len(runs) == 2)
+    for run in runs:
+        how = "run" if "run" in run.argv[1:2] else "no subcommand"
+        table.check(
+            f"  {how}: exit, s, one line naming dir + pid",
+            f"{run.exit}, {run.seconds:.1f}, {'yes' if run.names_dir_and_pid(state_dir) else 'no'}",
+            f"{SECOND_RUN_EXIT}, ≤ {SECOND_RUN_WITHIN_S:g}, yes",
+            run.exit == SECOND_RUN_EXIT
+            and run.seconds <= SECOND_RUN_WITHIN_S
+            and run.names_dir_and_pid(state_dir),
+        )
+        table.check(
+            "    its connections to the coordinator",
+            "n/a (restarted)" if run.connects is None else str(run.connects),
+            "0",
+            not run.connects,
+        )
+    exits = "/".join(str(run.exit) for run in runs) or "none"
+    slowest = max((run.seconds for run in runs), default=math.nan)
+    return f"second agent: exit {exits} within {slowest:.1f} s"
+
+
+def second_details(f: Findings) -> None:
+    for run in f.chaos.second_runs:
+        how = "run" if "run" in run.argv[1:2] else "no subcommand"
+        print(
+            f"  second agent ({how}, {run.streaming} streams running, pid "
+            f"{run.holder_pid} holding): " + (" | ".join(run.lines) or "(no output)")
+        )
 
 
 def report(args: argparse.Namespace, f: Findings) -> int:
@@ -677,7 +1054,13 @@ def report(args: argparse.Namespace, f: Findings) -> int:
     )
     ledger_rows_check(table, f.ledger, set(frames), job_done)
     table.check("contract violations", str(len(violations)), "0", not violations)
+    disk = disk_rows(table, f)
+    second = second_rows(table, f, f.state_dir)
     table.print()
+    if f.chaos.disk.readyz_reason:
+        print(f"  /readyz while the disk was full: {f.chaos.disk.readyz_reason}")
+    disk_details(f)
+    second_details(f)
     for reason, count in Counter(violations).most_common(3):
         print(f"  violation ×{count}: {reason}")
     for job_id in sorted(without_terminal)[:3]:
@@ -689,7 +1072,7 @@ def report(args: argparse.Namespace, f: Findings) -> int:
         f"{len(dispatched)} jobs dispatched, {len(frames)} terminal frames, "
         f"{len(without_terminal)} accepted without one, {len(twice)} run twice; reconnect p50 "
         f"{p50:.2f} s; {len(exits)} unplanned exits; outbox {f.outbox.undelivered} undelivered; "
-        f"ledger {len(f.ledger)} rows"
+        f"ledger {len(f.ledger)} rows; {disk}; {second}"
     )
     return 1 if table.missed else 0
 
@@ -705,6 +1088,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=240, help="tokens per response (240)")
     parser.add_argument("--rate", type=float, default=8.0, help="tokens/s per stream (8)")
     parser.add_argument("--seed", type=int, default=11, help="the chaos plan's seed (11)")
+    parser.add_argument(
+        "--tmpfs-mb",
+        type=int,
+        default=32,
+        help="the state dir's own tmpfs, filled once (32; 0: no tmpfs, no full-disk phase)",
+    )
     parser.add_argument(
         "--uptime-s",
         type=float,

@@ -14,11 +14,22 @@ frame, so it is not sent), binary frames, colliding job ids (in flight and ended
 unknown jobs, acks for unknown jobs, handshake frames after the handshake, jobs for unknown
 models, `request` not an object, absurd deadlines and formats, control characters and long
 strings in ids — and, between them, well-formed jobs for both backends, so hostile frames meet
-jobs in flight. The simulators are also told to fail some completions (401, a mid-stream error).
+jobs in flight. The simulators are also told to report absurd usage figures for the first
+completions (the `usage` fault, each figure for two): token counts of 2^63, 2^64, 10^30,
+10^12 + 1, -1, ±1e300, 12.5, "12", true, null, [], {}, NaN and Infinity (not JSON), as output,
+input or both, in OpenAI usage chunks and Anthropic `message_start` / `message_delta` events
+(vLLM) and in OpenRouter's usage chunk; and to fail some completions (401, a mid-stream error,
+a cut) from a third and two thirds of the way on, once those figures are served.
 
 A frame is job-shaped when it is a JSON object (RFC 8259, as orjson reads it) with `"type":"job"`
-and a string `job_id` of 1–128 characters (protocol.md §4); such a job_id must get exactly one
-distinct terminal frame (repeats of it identical), and no other id any.
+and a `job_id` the agent can answer: a string of 1–128 printable characters (protocol.md §8,
+`provider_agent.protocol.readable_job_id`); such a job_id must get exactly one distinct terminal
+frame (repeats of it identical), and no other id any — a `job` with an unreadable job_id is
+dropped. Where a job-shaped frame's fields alone decide its answer (§8), the answer is predicted
+and checked: a `model_id` breaking the model-id rule (1–256 printable characters, not only
+whitespace), a `request` not an object, or a `deadline_ms` that is not a positive JSON integer
+→ `bad_request`; a `format` other than "openai", "anthropic" or null, and nothing else wrong →
+`unsupported_format`.
 
 Targets (shared/spec/benchmarks.md): the session survives every frame (the one exception, a
 frame over 16 MiB that the agent closes with 1009, is sent last, and the agent must come back);
@@ -34,6 +45,14 @@ line, a frame the agent sent after the handshake, a systemd STATUS notification
 (`NOTIFY_SOCKET`), the HTTP endpoint's /metrics, /status, /healthz, /readyz (when this build
 serves them) or `provider-agent status --json` (when it has that command).
 
+And for the absurd usage figures (protocol.md §8: counts outside 0–10^12 are not believed, no
+figure from a backend can stop the agent or another job): every job a simulator served with a
+`usage` fault ends `job_done` with `usage_source: "estimated"`, or with an error that is not
+the figure's doing (cancelled, backend_timeout, connection_lost, shutting_down); one whose
+figure was a number outside 0–10^12 has exactly one "not believed" warning naming it; the
+agent's process never exits before the final SIGTERM; and `provider-agent earnings` (totals and
+`--csv`) still reads the ledger afterwards.
+
 Prints a table and one summary line; exits 1 when a target is missed.
 """
 
@@ -47,6 +66,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +87,7 @@ from _common import AGENT, BenchError, Child, Table, free_port, rss_mb, run_benc
 
 from provider_agent.dev.coordinator import DevCoordinator, check_agent_frame
 from provider_agent.dev.simbackend import Fault, SimBackend
+from provider_agent.protocol import readable_job_id
 
 FRAME_LIMIT = 16 * 1024 * 1024
 VLLM_MODEL = "m"
@@ -76,6 +97,22 @@ ENROLL_ENV = "PROVIDER_AGENT_ENROLLMENT_CODE"
 TERMINAL_TYPES = frozenset({"job_done", "job_error"})
 SETTLE_S = 2.0
 ANSWER_WITHIN_S = 180.0
+#: The largest token count a backend is believed (protocol.md §8).
+MAX_BELIEVED = 10**12
+#: Usage figures the simulators report (the `usage` fault), each for a few completions.
+ABSURD_FIGURES: tuple[Any, ...] = (
+    *(2**63, 2**64, 2**64 - 1, 10**30, MAX_BELIEVED + 1, -1, -(2**63) - 1),
+    *(1e300, -1e300, 12.5, "12", True, None, [], {}, math.nan, math.inf),
+)
+BYOK_FIGURES: tuple[Any, ...] = (2**63, 2**64, 10**30, -1, 1e300, "12", None, math.nan)
+USAGE_SIDES = ("output", "input", "both")
+#: Completions each usage fault lasts.
+USAGE_FAULT_COUNT = 2
+#: How a job whose backend reported absurd usage may end besides an estimated `job_done`: ends
+#: that are not the figure's doing.
+NOT_THE_FIGURES_DOING = frozenset(
+    {"cancelled", "backend_timeout", "connection_lost", "shutting_down"}
+)
 
 
 # --- the coordinator side -------------------------------------------------------------------------
@@ -132,8 +169,9 @@ class Hostile:
     payload: str | bytes
 
 
-def job_shaped_id(payload: str | bytes) -> str | None:
-    """The job_id that must get one terminal frame, or None (not a job frame one can answer)."""
+def job_frame(payload: str | bytes) -> dict[str, Any] | None:
+    """The frame as JSON when it is job-shaped (a `job` with a job_id the agent can answer,
+    protocol.md §8), else None."""
     if isinstance(payload, bytes):
         return None
     try:
@@ -142,8 +180,42 @@ def job_shaped_id(payload: str | bytes) -> str | None:
         return None
     if not isinstance(data, dict) or data.get("type") != "job":
         return None
-    job_id = data.get("job_id")
-    return job_id if isinstance(job_id, str) and 1 <= len(job_id) <= 128 else None
+    return data if readable_job_id(data.get("job_id")) is not None else None
+
+
+def job_shaped_id(payload: str | bytes) -> str | None:
+    """The job_id that must get one terminal frame, or None (not a job frame one can answer)."""
+    data = job_frame(payload)
+    return data["job_id"] if data is not None else None
+
+
+def breaks_model_id_rule(value: object) -> bool:
+    """protocol.md §2: 1–256 characters, printable, no control characters, not only
+    whitespace."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 256 or value.isspace():
+        return True
+    return not value.isprintable() or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
+
+
+def predicted_code(data: dict[str, Any]) -> str | None:
+    """The error code a job-shaped frame must be answered with when its fields alone decide it
+    (protocol.md §4, §8), else None (a job to run, or a figure this reading cannot tell)."""
+    wrong = set()
+    if breaks_model_id_rule(data.get("model_id")):
+        wrong.add("model_id")
+    if not isinstance(data.get("request"), dict):
+        wrong.add("request")
+    fmt = data.get("format")
+    if fmt is not None and not (isinstance(fmt, str) and fmt in ("openai", "anthropic")):
+        wrong.add("format")
+    deadline = data.get("deadline_ms")
+    if isinstance(deadline, float) and not abs(deadline) < 2**63:
+        return None  # orjson reads a JSON integer beyond 64 bits as a float: cannot tell
+    if deadline is not None and not (type(deadline) is int and deadline > 0):
+        wrong.add("deadline_ms")
+    if not wrong:
+        return None
+    return "unsupported_format" if wrong == {"format"} else "bad_request"
 
 
 @dataclass
@@ -405,10 +477,34 @@ class Watch:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def usage_faults(sims: tuple[SimBackend, ...]) -> dict[str, list[str]]:
+    """Queue the `usage` faults on each simulator — every figure in turn, sides taking turns,
+    each for USAGE_FAULT_COUNT completions, one after the other with no completion between
+    (the simulator's `fault_queue`) — from the first job on, before the failures at a third of
+    the way (`fail_next`). The figures per simulator kind, for the report."""
+    figures = {}
+    for sim in sims:
+        values = ABSURD_FIGURES if sim.kind == "vllm" else BYOK_FIGURES
+        figures[sim.kind] = [repr(value) for value in values]
+        sim.fault_queue = [
+            Fault(
+                kind="usage",
+                usage_figure=figure,
+                usage_side=USAGE_SIDES[n % len(USAGE_SIDES)],
+                count=USAGE_FAULT_COUNT,
+            )
+            for n, figure in enumerate(values)
+        ]
+    return figures
+
+
 @dataclass
 class Findings:
     sent: Counter[str]
     expected: dict[str, str]  # job_id → the class of the frame that first named it
+    predicted: dict[str, str]  # job_id → the error code its first job-shaped frame must get
+    #: request `user` (the simulators' job key) → the job_ids of the frames that carried it
+    users: dict[str, set[str]]
     frames: list[str | bytes]
     session_ends: int
     oversize_closed: int | None
@@ -417,7 +513,14 @@ class Findings:
     rss_parts: list[float]
     log_text: str
     watch: Watch
+    #: Completions the simulators served with a `usage` fault: (kind, job key, the fault).
+    usage_served: list[tuple[str, str, Fault]]
+    #: The figures each simulator was to report (kind → reprs).
+    usage_figures: dict[str, list[str]]
+    #: The agent had exited (or been started again) before the final SIGTERM.
+    exited_early: bool
     final_exit: int | None
+    earnings: list[tuple[str, int, str]]  # (command, exit status, stderr's last line)
     canaries: dict[str, str]
     byok_advertised: bool
     enrolled: bool
@@ -440,6 +543,17 @@ def agent_config(
     return path
 
 
+def fail_next(sim: SimBackend, fault: Fault) -> None:
+    """`fault` for the next completions, in place of any failure before it — but after the
+    `usage` faults still queued: the failures withdraw the routes, and jobs after that reach
+    no backend for the rest of the run, so the figures would meet none."""
+    usage = [f for f in (sim.fault, *sim.fault_queue) if f is not None and f.kind == "usage"]
+    if not usage:
+        sim.fault, sim.fault_queue = fault, []
+    else:
+        sim.fault_queue = [*(f for f in sim.fault_queue if f.kind == "usage"), fault]
+
+
 async def send_all(
     coordinator: RecordingCoordinator,
     provider_id: str,
@@ -450,14 +564,14 @@ async def send_all(
     total: int,
 ) -> None:
     """Send `frames` (numbered from `first` of `total`); at a third and two thirds of the way,
-    the simulators start failing some completions."""
+    the simulators start failing some completions (once the usage figures are served)."""
     vllm, byok = sims
     for index, frame in enumerate(frames, start=first):
         if index == total // 3:
-            byok.fault = Fault(kind="http", status=401, count=25)
-            vllm.fault = Fault(kind="error", after_tokens=1, count=25)
+            fail_next(byok, Fault(kind="http", status=401, count=25))
+            fail_next(vllm, Fault(kind="error", after_tokens=1, count=25))
         if index == 2 * total // 3:
-            vllm.fault = Fault(kind="die", after_tokens=1, count=25)
+            fail_next(vllm, Fault(kind="die", after_tokens=1, count=25))
         await coordinator.send(provider_id, frame.payload)
         if index % 50 == 0:
             await anyio.lowlevel.checkpoint()  # the coordinator's reader keeps up with answers
@@ -469,7 +583,9 @@ async def quiet_rss(
     """VmRSS once every job-shaped id sent so far is answered (or the wait gave up), and a
     moment more: a second, different terminal frame would show by then too."""
     with contextlib.suppress(TimeoutError):
-        await coordinator.wait_for(lambda c: answered(c, expected), timeout=ANSWER_WITHIN_S)
+        await coordinator.wait_for(
+            lambda _: answered(coordinator, expected), timeout=ANSWER_WITHIN_S
+        )
     await anyio.sleep(SETTLE_S)
     return rss_mb(agent.pid) if agent.alive() else math.nan
 
@@ -484,17 +600,48 @@ def answered(coordinator: RecordingCoordinator, expected: dict[str, str]) -> boo
     return expected.keys() <= seen
 
 
+def served_with_usage_faults(sims: tuple[SimBackend, ...]) -> list[tuple[str, str, Fault]]:
+    """(kind, job key, fault) of each completion a simulator served with a `usage` fault."""
+    return [
+        (sim.kind, rec.key, rec.fault)
+        for sim in sims
+        for rec in sim.requests
+        if rec.key is not None and rec.fault is not None and rec.fault.kind == "usage"
+    ]
+
+
+def expectations(
+    frames: list[Hostile],
+) -> tuple[dict[str, str], dict[str, str], dict[str, set[str]]]:
+    """From the frames to send: each job-shaped id and the class of the first frame naming it,
+    the answers predicted from that frame's fields, and the job_ids each request `user` (the
+    simulators' job key) was sent with."""
+    expected: dict[str, str] = {}
+    predicted: dict[str, str] = {}
+    users: dict[str, set[str]] = {}
+    for frame in frames:
+        data = job_frame(frame.payload)
+        if data is None:
+            continue
+        job_id = data["job_id"]
+        if job_id not in expected:
+            expected[job_id] = frame.kind
+            if (code := predicted_code(data)) is not None:
+                predicted[job_id] = code
+        request = data.get("request")
+        user = request.get("user") if isinstance(request, dict) else None
+        if isinstance(user, str):
+            users.setdefault(user, set()).add(job_id)
+    return expected, predicted, users
+
+
 async def run_fuzz(args: argparse.Namespace, workdir: Path) -> Findings:
     canaries = {
         "BYOK key": "sk-or-v1-canary-" + uuid.uuid4().hex,
         "enrollment code": "POD-ENROLL-CANARY" + uuid.uuid4().hex[:12].upper(),
     }
     frames = Generator(random.Random(args.seed), args.near_limit).frames(args.frames)
-    expected: dict[str, str] = {}
-    for frame in frames:
-        job_id = job_shaped_id(frame.payload)
-        if job_id is not None:
-            expected.setdefault(job_id, frame.kind)
+    expected, predicted, users = expectations(frames)
     notify_path = workdir / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
@@ -533,6 +680,7 @@ async def run_fuzz(args: argparse.Namespace, workdir: Path) -> Findings:
         rss_start = rss_mb(agent.pid)
         began = time.monotonic()
         sims = (vllm, byok)
+        usage_figures = usage_faults(sims)
         rss_parts = []
         bounds = [args.frames * n // args.parts for n in range(args.parts + 1)]
         for start, stop in itertools.pairwise(bounds):
@@ -556,12 +704,16 @@ async def run_fuzz(args: argparse.Namespace, workdir: Path) -> Findings:
                     lambda c: len(c.attempts) > attempts and c.connected(), timeout=90
                 )
                 came_back = True
+        exited_early = not agent.alive() or agent.starts != 1
         final_exit = agent.stop(timeout=30)
         group.cancel_scope.cancel()
     notify.close()
+    earnings = [run_earnings(config, extra) for extra in ([], ["--by", "model"], ["--csv"])]
     return Findings(
         sent=Counter(frame.kind for frame in frames),
         expected=expected,
+        predicted=predicted,
+        users=users,
         frames=list(coordinator.frames),
         session_ends=session_ends,
         oversize_closed=oversize_closed,
@@ -570,12 +722,25 @@ async def run_fuzz(args: argparse.Namespace, workdir: Path) -> Findings:
         rss_parts=rss_parts,
         log_text=agent.log.read_text(errors="replace"),
         watch=watch,
+        usage_served=served_with_usage_faults(sims),
+        usage_figures=usage_figures,
+        exited_early=exited_early,
         final_exit=final_exit,
+        earnings=earnings,
         canaries=canaries,
         byok_advertised=byok_advertised,
         enrolled=enrolled,
         wall_s=wall,
     )
+
+
+def run_earnings(config: Path, extra: list[str]) -> tuple[str, int, str]:
+    """`provider-agent earnings` over the ledger the run left: (command, exit status, the last
+    line of stderr)."""
+    argv = [AGENT, "earnings", *extra, "--allow-insecure", "--config", str(config)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    return " ".join(["earnings", *extra]), done.returncode, last
 
 
 # --- judging --------------------------------------------------------------------------------------
@@ -588,10 +753,13 @@ class Verdicts:
     unexpected: list[str]
     problems: Counter[str]
     late_chunks: list[str]
+    #: job_id → its terminal frame (the first one, parsed)
+    terminal: dict[str, dict[str, Any]]
 
 
 def judge_frames(frames: list[str | bytes], expected: dict[str, str]) -> Verdicts:
     terminals: dict[str, set[str]] = {}
+    terminal: dict[str, dict[str, Any]] = {}
     problems: Counter[str] = Counter()
     late_chunks: list[str] = []
     for text in frames:
@@ -604,6 +772,7 @@ def judge_frames(frames: list[str | bytes], expected: dict[str, str]) -> Verdict
             continue
         if data.get("type") in TERMINAL_TYPES:
             terminals.setdefault(job_id, set()).add(str(text))
+            terminal.setdefault(job_id, data)
         elif data.get("type") == "job_chunk" and job_id in terminals:
             problems["job_chunk after the job's terminal frame"] += 1
             late_chunks.append(job_id)
@@ -613,7 +782,95 @@ def judge_frames(frames: list[str | bytes], expected: dict[str, str]) -> Verdict
         unexpected=[job_id for job_id in terminals if job_id not in expected],
         problems=problems,
         late_chunks=late_chunks,
+        terminal=terminal,
     )
+
+
+def misanswered(f: Findings, v: Verdicts) -> dict[str, tuple[str, str]]:
+    """job_id → (predicted code, what it got) where the answer is not the predicted one."""
+    out = {}
+    for job_id, code in f.predicted.items():
+        data = v.terminal.get(job_id)
+        if data is None:
+            continue  # counted as unanswered
+        got = str(data.get("error_code") or data.get("type"))
+        if got != code:
+            out[job_id] = (code, got)
+    return out
+
+
+#: The warning for figures not believed names the job and the backend (`kind:url`).
+_NOT_BELIEVED = re.compile(r"not believed.* job_id=(?P<job_id>.*) backend=(?P<kind>[a-z]+):")
+
+
+def _as_logged(job_id: str) -> str:
+    """A (printable) job_id as the warning shows it: without surrounding spaces."""
+    return job_id.strip()
+
+
+def out_of_range_number(figure: Any) -> bool:
+    """A figure §8 disbelieves with a warning: a JSON number outside 0–10^12 (NaN and Infinity
+    are not JSON: the backend's line is unreadable, so there is nothing to disbelieve)."""
+    if isinstance(figure, bool) or not isinstance(figure, int | float):
+        return False
+    return math.isfinite(figure) and not 0 <= figure <= MAX_BELIEVED
+
+
+@dataclass
+class UsageVerdict:
+    jobs: int = 0
+    #: Completions whose key no job_id, or several, carried (the agent's own probes: a
+    #: withdrawn route is tried with a one-token completion of its own)
+    ambiguous: int = 0
+    estimated: int = 0
+    other_ends: Counter[str] = field(default_factory=Counter)
+    wrong: list[tuple[str, str, Any]] = field(default_factory=list)  # (job_id, end, figure)
+    warned_once: int = 0
+    warnings_off: list[tuple[str, int]] = field(default_factory=list)  # (job_id, warnings)
+    figures: set[tuple[str, str]] = field(default_factory=set)  # (kind, repr) that reached a job
+    unserved: list[tuple[str, str]] = field(default_factory=list)  # planned, reached none
+
+
+def judge_usage(f: Findings, v: Verdicts) -> UsageVerdict:
+    """How the jobs served with absurd usage figures ended, and their warnings."""
+    warnings: Counter[tuple[str, str]] = Counter()  # (job_id as logged, backend kind)
+    for line in f.log_text.splitlines():
+        if "not believed" not in line:
+            continue
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            named = _NOT_BELIEVED.search(entry.get("msg", ""))
+            if entry.get("level") == "warning" and named is not None:
+                warnings[named["job_id"], named["kind"]] += 1
+    out = UsageVerdict()
+    for kind, key, fault in f.usage_served:
+        ids = f.users.get(key, set())
+        if len(ids) != 1:
+            out.ambiguous += 1
+            continue
+        (job_id,) = ids
+        out.jobs += 1
+        out.figures.add((kind, repr(fault.usage_figure)))
+        data = v.terminal.get(job_id)
+        if data is None:
+            continue  # counted as unanswered
+        if data.get("type") == "job_done":
+            if data.get("usage_source") != "estimated":
+                out.wrong.append((job_id, "job_done, usage believed", fault.usage_figure))
+                continue
+            out.estimated += 1
+            if out_of_range_number(fault.usage_figure):
+                count = warnings[_as_logged(job_id), kind]
+                if count == 1:
+                    out.warned_once += 1
+                else:
+                    out.warnings_off.append((job_id, count))
+            continue
+        code = str(data.get("error_code"))
+        out.other_ends[code] += 1
+        if code not in NOT_THE_FIGURES_DOING:
+            out.wrong.append((job_id, code, fault.usage_figure))
+    return out
 
 
 @dataclass
@@ -656,9 +913,55 @@ def canary_sightings(f: Findings) -> dict[str, int]:
     }
 
 
+def usage_rows(table: Table, f: Findings, usage: UsageVerdict) -> None:
+    planned = {(kind, figure) for kind, figures in f.usage_figures.items() for figure in figures}
+    usage.unserved = sorted(planned - usage.figures)
+    table.info(
+        "jobs served with absurd usage figures",
+        ", ".join(
+            f"{kind} {sum(1 for k, _, _ in f.usage_served if k == kind)}"
+            for kind in f.usage_figures
+        ),
+    )
+    table.info("  ended job_done, estimated", str(usage.estimated))
+    table.info(
+        "  ended otherwise (not the figure's doing)",
+        ", ".join(f"{k} {n}" for k, n in usage.other_ends.most_common()) or "0",
+    )
+    table.check(
+        "  usage believed, or ended by the figure", str(len(usage.wrong)), "0", not usage.wrong
+    )
+    table.check(
+        "  out of 0–10^12 without exactly one warning",
+        f"{len(usage.warnings_off)} of {usage.warned_once + len(usage.warnings_off)}",
+        "0",
+        not usage.warnings_off,
+    )
+    table.check(
+        "  figures that reached no job",
+        f"{len(usage.unserved)} of {len(planned)}",
+        "0",
+        not usage.unserved,
+    )
+
+
+def usage_details(usage: UsageVerdict) -> None:
+    for job_id, end, figure in usage.wrong[:3]:
+        print(f"  usage figure {figure!r}: {end}: {job_id!r}")
+    for job_id, count in usage.warnings_off[:3]:
+        print(f"  {count} 'not believed' warnings: {job_id!r}")
+    if usage.unserved:
+        print("  figures no job met: " + ", ".join(f"{k} {r}" for k, r in usage.unserved))
+    if usage.ambiguous:
+        print(f"  {usage.ambiguous} usage-fault completions not of one job (the agent's probes)")
+
+
 def report(args: argparse.Namespace, f: Findings) -> int:
     v = judge_frames(f.frames, f.expected)
     log = judge_log(f.log_text)
+    wrong_codes = misanswered(f, v)
+    usage = judge_usage(f, v)
+    earnings_failed = [(cmd, rc, last) for cmd, rc, last in f.earnings if rc != 0]
     seen = canary_sightings(f)
     leaks = sum(seen.values())
     growth = f.rss_parts[-1] - f.rss_parts[0]
@@ -677,10 +980,22 @@ def report(args: argparse.Namespace, f: Findings) -> int:
         "1009, yes",
         f.oversize_closed == 1009 and f.came_back,
     )
+    table.check(
+        "agent exits before the SIGTERM", "1" if f.exited_early else "0", "0", not f.exited_early
+    )
     table.check("agent exit on SIGTERM", str(f.final_exit), "0", f.final_exit == 0)
     table.check("job_ids without a terminal frame", str(len(v.missing)), "0", not v.missing)
     table.check("job_ids with differing terminal frames", str(len(v.several)), "0", not v.several)
     table.check("terminal frames for other ids", str(len(v.unexpected)), "0", not v.unexpected)
+    table.info("answers predicted from the fields (§8)", str(len(f.predicted)))
+    table.check("  answered otherwise", str(len(wrong_codes)), "0", not wrong_codes)
+    usage_rows(table, f, usage)
+    table.check(
+        "earnings after the run: failed commands",
+        f"{len(earnings_failed)} of {len(f.earnings)}",
+        "0",
+        not earnings_failed,
+    )
     table.check(
         "contract problems in sent frames", str(sum(v.problems.values())), "0", not v.problems
     )
@@ -718,6 +1033,11 @@ def report(args: argparse.Namespace, f: Findings) -> int:
         print(f"  no terminal frame: {job_id!r} ({f.expected[job_id]})")
     for job_id in v.several[:3]:
         print(f"  differing terminal frames: {job_id!r}")
+    for job_id, (code, got) in list(wrong_codes.items())[:3]:
+        print(f"  predicted {code}, got {got}: {job_id!r} ({f.expected[job_id]})")
+    usage_details(usage)
+    for cmd, rc, last in earnings_failed:
+        print(f"  {cmd}: exit {rc}: {last}")
     for place, count in seen.items():
         if count:
             print(f"  canary: {place} ×{count}")
@@ -725,7 +1045,10 @@ def report(args: argparse.Namespace, f: Findings) -> int:
         f"\nfuzz: {'MISS ' + ', '.join(table.missed) if table.missed else 'ok'} — "
         f"{sum(f.sent.values()):,} frames: {f.session_ends} session ends, "
         f"{len(v.missing)} job_ids unanswered, {len(v.several)} answered twice differently, "
-        f"{log.tracebacks} tracebacks, RSS {growth:+.1f} MB, {leaks} secrets seen"
+        f"{len(wrong_codes)} answered otherwise than predicted, {log.tracebacks} tracebacks, "
+        f"RSS {growth:+.1f} MB, {leaks} secrets seen; {usage.jobs} jobs with absurd usage: "
+        f"{usage.estimated} estimated, {len(usage.wrong)} believed or failed by it; "
+        f"{int(f.exited_early)} agent exits"
     )
     return 1 if table.missed else 0
 

@@ -212,7 +212,7 @@ def _sim_backend_options(sim: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--fault",
         metavar="KIND[:ARG]",
-        help="refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading",
+        help="refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading, usage:JSON",
     )
     sim.add_argument("--fault-count", type=int, metavar="N", help="only the next N requests")
     sim.add_argument("--fault-scope", choices=["completions", "all"], default="completions")

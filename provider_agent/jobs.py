@@ -42,11 +42,11 @@ from provider_agent.protocol import (
 )
 from provider_agent.ratelimit import TokenWindow
 from provider_agent.routing import AgentStatus, Refusal, RouteLoad, admit, order_routes
+from provider_agent.text import printable
 from provider_agent.upstream import (
     FirstBytes,
     RouteFailure,
     UnencodableRequest,
-    printable,
     request_body,
 )
 from provider_agent.usage import UsageMeter
@@ -192,6 +192,7 @@ class Executor:
         #: How often frames waiting for the store are tried again (tests shorten it).
         self.store_retry_s = STORE_RETRY_S
         self._store_failing_log = Throttle(STORE_FAILING_LOG_S)
+        self._delivery_failing_log = Throttle(STORE_FAILING_LOG_S)
         self._group: anyio.abc.TaskGroup | None = None
         self._idle = anyio.Event()
         self._idle.set()
@@ -306,7 +307,7 @@ class Executor:
         try:
             await self.outbox.delivered(job_ids)
         except OutboxError as exc:
-            if self._store_failing_log.due(self.tick()) is not None:
+            if self._delivery_failing_log.due(self.tick()) is not None:
                 log.error("delivery of terminal frames not recorded (they go again later): %s", exc)
 
     # --- the daemon's shutdown steps -------------------------------------------------------------
@@ -378,9 +379,9 @@ class Executor:
                 outcome = Outcome(*running.stop_reason)
             elif outcome is None:
                 outcome = Outcome("backend_timeout", "deadline_ms passed")
-        except OutboxError as exc:  # the state dir is full or gone: one line, not a traceback
-            log.error("job failed job_id=%s: %s", printable(job.job_id), exc)
-            outcome = Outcome("internal", "the agent could not record the job")
+        except OutboxError as exc:  # the state dir is full or gone: the store fails (§8)
+            self._store_failing(exc)
+            outcome = Outcome("out_of_capacity", self.store_problem or str(exc))
         except Exception as exc:  # a bug must cost one job, never the agent
             log.exception("job failed internally job_id=%s", printable(job.job_id))
             outcome = Outcome("internal", f"internal error ({type(exc).__name__})")
@@ -632,7 +633,10 @@ class Executor:
         self._unstored_added.set()
 
     def _store_failing(self, exc: OutboxError) -> None:
+        """The store refused a record. New jobs are refused until the frames waiting are stored,
+        or, when none waits (the journal failed), for one retry interval: the next job tries."""
         self.store_problem = f"this agent cannot store billing records now: {exc}"
+        self._unstored_added.set()
         held = self._store_failing_log.due(self.tick())
         if held is not None:
             log.error(
@@ -649,7 +653,7 @@ class Executor:
         while True:
             await self._unstored_added.wait()
             self._unstored_added = anyio.Event()
-            while self._unstored:
+            while self._unstored or self.store_problem is not None:
                 await anyio.sleep(self.store_retry_s)
                 await self._store_unstored()
 

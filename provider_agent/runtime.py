@@ -45,6 +45,30 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+    pin_mmap_threshold()
+
+
+#: glibc's `M_MMAP_THRESHOLD` (malloc.h) and its default: blocks this large or larger are mapped
+#: on their own and go back to the kernel when freed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def pin_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep glibc's mmap threshold at its default instead of letting it drift up.
+
+    glibc raises the threshold to the size of every mapped block that is freed (up to 32 MiB),
+    and the heap's trim threshold with it: after one near-16 MiB frame from the coordinator, every
+    later block under 16 MiB comes from the heap and is not given back, and the agent sat ~30 MB
+    higher for good (bench/fuzz.py's memory target). Set explicitly, the threshold stays put.
+    False where the C library has no `mallopt` (musl, macOS): nothing to pin there."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, size))
 
 
 # --- one-shot commands and signals ----------------------------------------------------------------

@@ -644,33 +644,48 @@ async def test_bytes_read_after_a_job_was_stopped_are_not_sent() -> None:
 
 
 class UnwritableStore(MemoryStore):
-    """The state directory is full: nothing can be recorded as accepted."""
+    """The state directory is full (while `full`): nothing can be recorded as accepted."""
+
+    full = True
 
     async def accept(self, job_id: str, model_id: str) -> None:
-        raise OutboxError("outbox /state/inflight.jsonl: cannot write: No space left on device")
+        if self.full:
+            raise OutboxError("outbox /state/inflight.jsonl: cannot write: No space left on device")
+        await super().accept(job_id, model_id)
 
 
-async def test_a_job_that_cannot_be_recorded_is_never_started_and_ends_internal(
+async def test_a_job_that_cannot_be_recorded_is_never_started_and_the_store_counts_as_failing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A journal that cannot be written (a full disk) is the store failing (protocol.md §8):
+    that job is answered `out_of_capacity` without starting, new jobs are refused until a retry
+    interval has passed, and then the next job is tried again."""
     store, outbound = UnwritableStore(), Outbound()
 
-    async def pieces() -> AsyncIterator[bytes]:
-        yield FIRST_PIECE
-
-    backend = OneBackend(pieces)
+    backend = OneBackend(one_stream)
     executor = executor_of(store, outbound, backend)
+    executor.store_retry_s = 0.05
     async with anyio.create_task_group() as group:
         await group.start(executor.run)
         executor.submit(Job(job_id="j1", model_id="m", request=REQUEST))
         frame = decode(await store.ended("j1"))
-        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))  # the agent goes on
-        await store.ended("j2")
+        assert executor.store_problem is not None
+        executor.submit(Job(job_id="j2", model_id="m", request=REQUEST))  # refused at once
+        refused = decode(await store.ended("j2"))
+        with anyio.fail_after(10):
+            while executor.store_problem is not None:  # noqa: ASYNC110 (the executor's timer)
+                await anyio.sleep(0.01)
+        store.full = False
+        executor.submit(Job(job_id="j3", model_id="m", request=REQUEST))  # space is back
+        served: object = decode(await store.ended("j3"))
         group.cancel_scope.cancel()
-    assert isinstance(frame, JobError) and frame.error_code == "internal"
-    assert backend.opened == 0  # not started upstream: nothing relayed that is not recorded
+    for answer in (frame, refused):
+        assert isinstance(answer, JobError) and answer.error_code == "out_of_capacity"
+        assert "No space left" in answer.message
+    assert isinstance(served, JobDone)
+    assert backend.opened == 1  # only j3 started upstream: nothing relayed that is not recorded
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert errors and "No space left" in errors[0].getMessage()
+    assert len(errors) == 1 and "No space left" in errors[0].getMessage()
     assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
 
 

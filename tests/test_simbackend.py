@@ -828,6 +828,39 @@ async def test_a_usage_fault_beyond_64_bits_through_the_control_endpoint(
         Fault.from_spec("usage:twelve")
 
 
+async def test_the_fault_queue_follows_each_spent_fault_with_no_request_between(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with SimBackend("vllm", tokens=2, tokens_per_s=0) as sim:
+        sim.fault_queue = [
+            Fault(kind="http", status=503, count=2),
+            Fault(kind="usage", usage_figure=-1, count=1),
+            Fault(kind="http", status=429, count=1),
+        ]
+        body = chat_body(sim.models[0].name, **usage_options())
+        answers = [await post(http, sim.url + "/v1/chat/completions", body) for _ in range(5)]
+        assert [a[0] for a in answers] == [503, 503, 200, 429, 200]
+        assert reported_counts(answers[2][1], ("completion_tokens",)) == [-1]
+        assert reported_counts(answers[4][1], ("completion_tokens",)) == [2]
+        assert sim.fault is None and sim.fault_queue == []
+        listing = [
+            {"kind": "http", "status": 502, "count": 1},
+            {"kind": "usage", "usage_figure": 2**64, "usage_side": "both", "count": 1},
+        ]
+        async with http.post(sim.url + "/__sim/fault", json=listing) as response:
+            assert response.status == 200
+        _, raw, _ = await get(http, sim.url + "/__sim/state")
+        assert orjson.loads(raw)["fault"]["status"] == 502
+        assert b'"usage_figure":18446744073709551616' in raw
+        statuses = [(await post(http, sim.url + "/v1/chat/completions", body))[0] for _ in range(2)]
+        assert statuses == [502, 200]
+        async with http.post(sim.url + "/__sim/fault", data=b"[null]") as response:
+            assert response.status == 400
+        async with http.post(sim.url + "/__sim/fault", data=b"null") as response:
+            assert response.status == 200
+        assert sim.fault is None and sim.fault_queue == []
+
+
 async def test_hang_before_headers_records_the_client_giving_up(
     http: aiohttp.ClientSession,
 ) -> None:

@@ -40,7 +40,9 @@ for every matching request or the next `count` ones:
 
 `http` and `hang` apply to completions unless `scope="all"` (then to health and discovery
 too); `die`, `error` and `usage` to completions only; `slow_health` and `loading` count health
-probes.
+probes. `sim.fault_queue` holds faults that follow, in order: each becomes `sim.fault` as soon as
+the one before is spent (its `count` reached; a fault without one is never spent), so that no
+request passes between them.
 
 Records, for assertions and benchmarks: `requests` (each `SimRequest`: method, path, headers,
 body, status, outcome, tokens sent, whether the client went away first, and the monotonic and
@@ -50,7 +52,8 @@ a fault cuts them later / finished with their end marker, by `job_key`: the
 `X-Request-Id` header, else the body's `metadata.job`, `user`, `metadata.user_id`, else
 `sha256:` of the raw body — so a chaos bench puts its job id in `metadata.job` or `user` and
 asserts no key was served twice). An out-of-process sim shows the same through `GET /__sim/state`
-and takes faults at `POST /__sim/fault` (a `Fault` as JSON, or `null`).
+and takes faults at `POST /__sim/fault` (a `Fault` as JSON, a list of them — the first is the
+fault, the rest its queue — or `null`).
 
 Cost: a stream's events are encoded once when it starts; each token is then one transport write,
 issued for every paced stream from one timer callback (`_Pacer`), so 256 streams at 40 tokens/s
@@ -938,6 +941,8 @@ class SimBackend:
         self._fault: Fault | None = None
         self._fault_left: int | None = None
         self.fault = fault
+        #: Faults that follow the current one, each once the one before is spent.
+        self.fault_queue: list[Fault] = []
         self.started_wall = int(time.time())
         self._models = {m.name: m for m in self.models}
         self._routes = self._build_routes()
@@ -1053,15 +1058,17 @@ class SimBackend:
         self._fault_left = fault.count if fault is not None else None
 
     def _take_fault_where(self, matches: Callable[[Fault], bool]) -> Fault | None:
-        """The active fault if it matches, counting it against `count`."""
+        """The active fault if it matches, counting it against `count`; a spent one gives way
+        to the next in `fault_queue` at once."""
+        if self._fault is None and self.fault_queue:
+            self.fault = self.fault_queue.pop(0)
         fault = self._fault
         if fault is None or not matches(fault):
             return None
         if self._fault_left is not None:
             self._fault_left -= 1
             if self._fault_left <= 0:
-                self._fault = None
-                self._fault_left = None
+                self.fault = self.fault_queue.pop(0) if self.fault_queue else None
         return fault
 
     def _loading(self) -> bool:
@@ -1186,12 +1193,13 @@ class SimBackend:
         return self._error(404, "Not Found")
 
     async def _control(self, request: web.Request) -> web.Response:
-        """`GET /__sim/state`, `POST /__sim/fault` (a Fault's JSON or null)."""
+        """`GET /__sim/state`, `POST /__sim/fault` (a Fault's JSON, a list of them, or null)."""
         if request.method == "GET" and request.path == CONTROL_PREFIX + "state":
             return _json(
                 {
                     "kind": self.kind,
                     "fault": self._fault.model_dump() if self._fault is not None else None,
+                    "fault_queue": [f.model_dump() for f in self.fault_queue],
                     "served": dict(self.served),
                     "completed": dict(self.completed),
                     "refused": self.refused,
@@ -1202,9 +1210,14 @@ class SimBackend:
         if request.method == "POST" and request.path == CONTROL_PREFIX + "fault":
             try:  # the stdlib's parser: a usage figure may be beyond 64 bits, or NaN
                 payload = json.loads(await request.read())
-                self.fault = None if payload is None else Fault.model_validate(payload)
+                given = (
+                    [] if payload is None else payload if isinstance(payload, list) else [payload]
+                )
+                faults = [Fault.model_validate(f) for f in given]
             except (ValueError, ValidationError) as exc:
                 return _json({"error": f"not a fault: {exc}"}, 400)
+            self.fault = faults[0] if faults else None
+            self.fault_queue = faults[1:]
             return _json({"fault": payload})
         return _json({"error": "unknown control endpoint"}, 404)
 
