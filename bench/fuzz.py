@@ -804,8 +804,9 @@ _NOT_BELIEVED = re.compile(r"not believed.* job_id=(?P<job_id>.*) backend=(?P<ki
 
 
 def _as_logged(job_id: str) -> str:
-    """A (printable) job_id as the warning shows it: without surrounding spaces."""
-    return job_id.strip()
+    """A job_id as the warning shows it: as it is (an answerable job_id is printable, and
+    `text.printable` leaves printable text alone, surrounding spaces included)."""
+    return job_id
 
 
 def out_of_range_number(figure: Any) -> bool:
