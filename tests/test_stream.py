@@ -93,6 +93,17 @@ async def failure_of(
     return caught.value.failure
 
 
+async def refused_before_any_byte(backend: Backend) -> RouteFailure:
+    """The failure of a stream that must fail before a single body byte reaches anyone: the
+    block is never entered and the `first_bytes` callback never called."""
+    sink = FirstBytesSink()
+    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
+        async with backend.stream("openai", BODY, deadline_in(), first_bytes=sink):
+            raise AssertionError("entered: bytes could have been relayed")
+    assert sink.handed == []
+    return caught.value.failure
+
+
 def odd_pieces(data: bytes) -> list[bytes]:
     """`data` cut at sizes that never line up with SSE events (1, 7, 13, 2, 31, … bytes)."""
     sizes = [1, 7, 13, 2, 31, 5, 64, 3]
@@ -654,16 +665,9 @@ async def test_a_compressed_answer_is_a_backend_error_before_any_byte(
 ) -> None:
     extra = [b"Content-Encoding: " + value for value in encodings]
     server = await raw_server(answering(head_with(b"200 OK", extra, GZIP_BODY)))
-    sink = FirstBytesSink()
-    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
-        async with backend_for("vllm", server.url, http_session).stream(
-            "openai", BODY, deadline_in(), first_bytes=sink
-        ):
-            raise AssertionError("entered: bytes could have been relayed")
-    failure = caught.value.failure
+    failure = await refused_before_any_byte(backend_for("vllm", server.url, http_session))
     assert (failure.code, failure.fallback) == ("backend_error", False)
     assert failure.message.startswith("vllm: the answer is compressed (Content-Encoding: ")
-    assert sink.handed == []
 
 
 @pytest.mark.parametrize("value", [b"identity", b"Identity", b" identity ", b""])
@@ -702,16 +706,9 @@ async def test_a_head_over_64_kib_is_a_backend_error_before_any_byte(
 ) -> None:
     body = b"data: [DONE]\n\n"
     server = await raw_server(answering(head_with(b"200 OK", padded_head(70_000), body)))
-    sink = FirstBytesSink()
-    with anyio.fail_after(BOUND_S), pytest.raises(StreamFailed) as caught:
-        async with backend_for("vllm", server.url, http_session).stream(
-            "openai", BODY, deadline_in(), first_bytes=sink
-        ):
-            raise AssertionError("entered: bytes could have been relayed")
-    failure = caught.value.failure
+    failure = await refused_before_any_byte(backend_for("vllm", server.url, http_session))
     assert (failure.code, failure.fallback) == ("backend_error", False)
     assert failure.message == "vllm: the answer's head is larger than 64 KiB"
-    assert sink.handed == []
 
 
 async def test_a_head_under_64_kib_is_fine(
