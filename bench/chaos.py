@@ -116,10 +116,10 @@ from _common import (
 from aiohttp import web
 
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.inflight import FILE_NAME as INFLIGHT_FILE
-from provider_agent.inflight import replay
-from provider_agent.protocol import AuthResponse, Job, JobDone, JobError
-from provider_agent.session_state import ReconnectPolicy
+from provider_agent.link.protocol import AuthResponse, Job, JobDone, JobError
+from provider_agent.link.state import ReconnectPolicy
+from provider_agent.store.journal import FILE_NAME as INFLIGHT_FILE
+from provider_agent.store.journal import replay
 
 MODEL = "m"
 KEY_PREFIX = "chaos-"

@@ -6,7 +6,7 @@
 
 Three figures, side by side in one run (targets: shared/spec/benchmarks.md):
 
-- One discovery pass (`provider_agent.discovery.run_pass`, the daemon's code and pool) over
+- One discovery pass (`provider_agent.discovery.run_pass.run_pass`, the daemon's code and pool) over
   `--backends` simulated vLLM servers, served by a child process (this file, `--serve-backends`):
   `--silent` of them accept TCP and never answer, `--oversize` answer their model listing with
   8 MiB + 1 bytes (chunked, so the cap is met while reading, not from a header). Target: every
@@ -56,11 +56,11 @@ from aiohttp import web
 
 from provider_agent.backends import make_backend
 from provider_agent.backends.base import new_http_session
-from provider_agent.catalog import BackendSeen, build
 from provider_agent.config import Config, parse
 from provider_agent.daemon import POOL_STREAMS
-from provider_agent.dev.simbackend import SimBackend
-from provider_agent.discovery import BackendReport, PassResult, probe, run_pass
+from provider_agent.dev.sim.backend import SimBackend
+from provider_agent.discovery.catalog import BackendSeen, build
+from provider_agent.discovery.run_pass import BackendReport, PassResult, probe, run_pass
 
 OVERSIZE_BYTES = 8 * 1024 * 1024 + 1
 TARGET_SLACK_S = 0.5

@@ -23,8 +23,8 @@ a cut) from a third and two thirds of the way on, once those figures are served.
 
 A frame is job-shaped when it is a JSON object (RFC 8259, as orjson reads it) with `"type":"job"`
 and a `job_id` the agent can answer: a string of 1–128 printable characters (protocol.md §8,
-`provider_agent.protocol.readable_job_id`); such a job_id must get exactly one distinct terminal
-frame (repeats of it identical), and no other id any — a `job` with an unreadable job_id is
+`provider_agent.link.protocol.readable_job_id`); such a job_id must get exactly one distinct
+terminal frame (repeats of it identical), and no other id any — a `job` with an unreadable job_id is
 dropped. Where a job-shaped frame's fields alone decide its answer (§8), the answer is predicted
 and checked: a `model_id` breaking the model-id rule (1–256 printable characters, not only
 whitespace), a `request` not an object, or a `deadline_ms` that is not a positive JSON integer
@@ -86,8 +86,8 @@ import orjson
 from _common import AGENT, BenchError, Child, Table, free_port, rss_mb, run_bench
 
 from provider_agent.dev.coordinator import DevCoordinator, check_agent_frame
-from provider_agent.dev.simbackend import Fault, SimBackend
-from provider_agent.protocol import readable_job_id
+from provider_agent.dev.sim.backend import Fault, SimBackend
+from provider_agent.link.protocol import readable_job_id
 
 FRAME_LIMIT = 16 * 1024 * 1024
 VLLM_MODEL = "m"

@@ -24,7 +24,7 @@ from typing import Literal
 
 import anyio
 
-from provider_agent.outbox import FILE_NAME, LedgerEntry, Outbox
+from provider_agent.store.outbox import FILE_NAME, LedgerEntry, Outbox
 
 ENTRY = LedgerEntry("llama3.1:8b", "ollama", "job_done", 420, 80, "reported", 300_000, 600_000)
 

@@ -22,7 +22,7 @@ import anyio.lowlevel
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from provider_agent.outbound import Outbound, chunk_frame
+from provider_agent.link.lanes import Outbound, chunk_frame
 
 EVENT = b'data: {"choices":[{"delta":{"content":"tok"}}]}\n\n'
 TARGET_EVENTS_PER_S = 10_000

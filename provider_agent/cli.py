@@ -23,8 +23,8 @@ from provider_agent import __version__
 
 if TYPE_CHECKING:
     from provider_agent.config import Config
-    from provider_agent.discovery import PassResult
-    from provider_agent.status import AgentStatus
+    from provider_agent.discovery.run_pass import PassResult
+    from provider_agent.observe.status import AgentStatus
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line saying which and why (cli.md: exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        from provider_agent.text import printable
+        from provider_agent.safe_text import printable
 
         self.exit(EX_USAGE, f"{self.prog}: {printable(message, 300)} (see --help)\n")
 
@@ -184,7 +184,7 @@ def _service_parser(service: argparse.ArgumentParser) -> None:
     uninstall.add_argument("--root", metavar="DIR", help="remove under DIR; run no systemctl")
 
 
-#: `sim-backend --kind` choices (provider_agent.dev.simbackend.KINDS; kept here so that building
+#: `sim-backend --kind` choices (provider_agent.dev.sim.backend.KINDS; kept here so that building
 #: the parser imports nothing heavy).
 SIM_KINDS = ("vllm", "llamacpp", "lmstudio", "ollama", "openrouter", "venice")
 
@@ -257,8 +257,8 @@ def _discard(stream: TextIO) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(_joined_dash_values(sys.argv[1:] if argv is None else argv))
-    from provider_agent import logs
     from provider_agent.errors import ConfigError, IdentityError, StateDirError
+    from provider_agent.observe import logs
 
     quiet_default = (
         "error" if args.command in _SILENT else "warn" if args.command in _QUIET else "info"
@@ -302,7 +302,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "dev-coordinator":
         return _dev_coordinator(args.listen)
     if command == "sim-backend":
-        from provider_agent.dev.simbackend import run_command
+        from provider_agent.dev.sim.backend import run_command
 
         return run_command(args)
     if command == "init":
@@ -328,17 +328,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "status":
         return _status(config, config_path, as_json=args.json)
     if command == "earnings":
-        from provider_agent.ledger import earnings_command
+        from provider_agent.store.ledger import earnings_command
 
         return earnings_command(config.state.dir, args.since, args.until, args.by, as_csv=args.csv)
     if command in ("pause", "resume"):
         return _pause_or_resume(config, command, args)
     if command == "doctor":
-        from provider_agent.doctor import doctor_command
+        from provider_agent.ops.doctor import doctor_command
 
         return doctor_command(config, config_path, as_json=args.json)
     if command == "selftest":
-        from provider_agent.selftest import selftest_command
+        from provider_agent.ops.selftest import selftest_command
 
         return selftest_command(config, as_json=args.json, include_all=args.all)
     raise AssertionError(command)
@@ -352,7 +352,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 def _load(path: Path, args: argparse.Namespace) -> Config:
     from provider_agent import config as config_module
-    from provider_agent import logs
+    from provider_agent.observe import logs
 
     allow_insecure = args.allow_insecure or args.command in _LOCAL_ONLY
     config = config_module.load(path, allow_insecure=allow_insecure)
@@ -382,8 +382,8 @@ def _validate(config: Config) -> int:
 
 def _discover(config: Config, *, as_json: bool) -> int:
     from provider_agent.backends.base import new_http_session
-    from provider_agent.discovery import run_pass
-    from provider_agent.protocol import encode
+    from provider_agent.discovery.run_pass import run_pass
+    from provider_agent.link.protocol import encode
     from provider_agent.runtime import Stopped, run_until_signal
 
     async def one_pass() -> PassResult:
@@ -404,7 +404,7 @@ def render_discovery(result: PassResult) -> str:
     """The readable `discover` table: the backends, then the advertised models. Columns fit
     their content (a backend's name keeps its port); text from outside is escaped. LISTED is
     what a backend reported, ADVERTISED how many advertised models it serves."""
-    from provider_agent.text import printable
+    from provider_agent.safe_text import printable
 
     serving: dict[str, int] = {}
     for routes in result.catalog.routes.values():
@@ -486,7 +486,7 @@ def _columns(
 def _status(config: Config, config_path: Path, *, as_json: bool) -> int:
     import anyio
 
-    from provider_agent.http_api import StatusUnavailable, fetch_status, status_url
+    from provider_agent.observe.http_api import StatusUnavailable, fetch_status, status_url
 
     listen = config.observability.listen
     if listen is None:
@@ -510,7 +510,7 @@ def render_status(status: AgentStatus) -> str:
     their routes, withdrawn routes, the GPUs, the jobs running and the last errors. Everything in
     it came from whatever answered on the agent's port: every string is escaped, whichever
     field it is in (`_escaped`), before any of it is laid out."""
-    from provider_agent.text import printable
+    from provider_agent.safe_text import printable
 
     status = _escaped(status)
     jobs, session, window = status.jobs, status.session, status.rate_window
@@ -609,8 +609,8 @@ _STATUS_TEXT_LIMIT = 1000
 def _escaped(status: AgentStatus) -> AgentStatus:
     """`status` with every string in it made printable (control characters, terminal escape
     sequences, bidi overrides shown as escapes; each at most _STATUS_TEXT_LIMIT characters)."""
-    from provider_agent.status import AgentStatus
-    from provider_agent.text import printable
+    from provider_agent.observe.status import AgentStatus
+    from provider_agent.safe_text import printable
 
     def walk(value: object) -> object:
         if isinstance(value, str):
@@ -626,7 +626,7 @@ def _escaped(status: AgentStatus) -> AgentStatus:
 
 def _withdrawn_lines(status: AgentStatus) -> list[str]:
     """Routes withdrawn for failing jobs, a row each."""
-    from provider_agent.text import printable
+    from provider_agent.safe_text import printable
 
     if not status.withdrawn_routes:
         return []
@@ -654,7 +654,7 @@ def _withdrawn_lines(status: AgentStatus) -> list[str]:
 
 def _gpu_lines(status: AgentStatus) -> list[str]:
     """The last GPU sample, a row per GPU and why an unhealthy one is."""
-    from provider_agent.text import printable
+    from provider_agent.safe_text import printable
 
     if not status.gpus:
         return []
@@ -681,7 +681,7 @@ def _gpu_lines(status: AgentStatus) -> list[str]:
 
 def _pause_lines(status: AgentStatus) -> list[str]:
     """`paused: …` while paused (until when, the time left, why); nothing otherwise."""
-    from provider_agent.text import printable
+    from provider_agent.safe_text import printable
 
     pause = status.paused
     if pause is None:
@@ -719,7 +719,7 @@ def _span(seconds: float) -> str:
 
 
 def _identity(config: Config) -> int:
-    from provider_agent.identity import load_or_create
+    from provider_agent.link.identity import load_or_create
 
     identity = load_or_create(config.identity.key_path)
     if identity.created:
@@ -738,7 +738,7 @@ def _pause_or_resume(config: Config, command: str, args: argparse.Namespace) -> 
     """`pause` / `resume`: one request over the running agent's control socket."""
     import anyio
 
-    from provider_agent import control
+    from provider_agent.ops import pause as control
 
     try:
         for_s = (
@@ -771,7 +771,7 @@ def _pause_or_resume(config: Config, command: str, args: argparse.Namespace) -> 
 def _init(output_option: str, force: bool) -> int:
     import anyio
 
-    from provider_agent.init_config import OutputError, run_init
+    from provider_agent.ops.init_config import OutputError, run_init
 
     if not output_option.strip():
         print("init: --output is empty: give the path of the file to write", file=sys.stderr)
@@ -794,8 +794,8 @@ def _init(output_option: str, force: bool) -> int:
 
 
 def _service(args: argparse.Namespace) -> int:
-    from provider_agent import service
-    from provider_agent.text import printable
+    from provider_agent.ops import service
+    from provider_agent.safe_text import printable
 
     if args.root is not None:
         problem = service.root_problem(args.root)

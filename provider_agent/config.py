@@ -36,7 +36,7 @@ from pydantic_core import ErrorDetails
 from provider_agent.errors import ConfigError
 
 # Defined once, in protocol.py; re-exported (the `as`) for the modules that import it from here.
-from provider_agent.protocol import WireFormat as WireFormat  # noqa: PLC0414
+from provider_agent.link.protocol import WireFormat as WireFormat  # noqa: PLC0414
 
 BackendKind = Literal["vllm", "llamacpp", "lmstudio", "ollama", "openrouter", "venice"]
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]

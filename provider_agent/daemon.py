@@ -22,15 +22,19 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from provider_agent import __version__, http_api, logs, statedir
+from provider_agent import __version__
 from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
-from provider_agent.catalog import Catalog, Route, capabilities_message
+from provider_agent.clock import utc_ms
 from provider_agent.config import Config, load
-from provider_agent.control import Control
-from provider_agent.discovery import Discovery
+from provider_agent.discovery.catalog import Catalog, Route, capabilities_message
+from provider_agent.discovery.run_pass import Discovery
 from provider_agent.errors import ConfigError, IdentityError, OutboxError
-from provider_agent.health import (
+from provider_agent.jobs.executor import Executor, ExecutorHooks
+from provider_agent.jobs.measured import MeasuredSpeed
+from provider_agent.jobs.one_completion import tiny_completion
+from provider_agent.jobs.ratelimit import TokenWindow
+from provider_agent.jobs.route_health import (
     BackendTraffic,
     RouteHealth,
     Traffic,
@@ -38,24 +42,22 @@ from provider_agent.health import (
     probe_every_s,
     verdict,
 )
-from provider_agent.identity import Identity, load_or_create
-from provider_agent.jobs import Executor, ExecutorHooks
-from provider_agent.logs import Throttle
-from provider_agent.measured import MeasuredSpeed
-from provider_agent.metrics import AgentMetrics, JobStats
-from provider_agent.outbound import Outbound
-from provider_agent.outbox import Outbox, keep_days_of
-from provider_agent.probe import tiny_completion
-from provider_agent.protocol import Capabilities, ErrorCode, Heartbeat
-from provider_agent.ratelimit import TokenWindow
-from provider_agent.routing import AgentStatus
+from provider_agent.jobs.routing import AgentStatus
+from provider_agent.link.identity import Identity, load_or_create
+from provider_agent.link.lanes import Outbound
+from provider_agent.link.protocol import Capabilities, ErrorCode, Heartbeat
+from provider_agent.link.session import Session, SessionHooks
+from provider_agent.link.state import Fault, Inbound, ReconnectPolicy, State
+from provider_agent.observe import http_api, logs
+from provider_agent.observe.logs import Throttle
+from provider_agent.observe.prometheus import AgentMetrics, JobStats
+from provider_agent.observe.systemd import Notifier
+from provider_agent.observe.telemetry import GpuTelemetry
+from provider_agent.ops.pause import Control
 from provider_agent.runtime import event_loop_options, settle_heap
-from provider_agent.session import Session, SessionHooks
-from provider_agent.session_state import Fault, Inbound, ReconnectPolicy, State
-from provider_agent.systemd import Notifier
-from provider_agent.telemetry import GpuTelemetry
-from provider_agent.text import printable
-from provider_agent.timestamps import utc_ms
+from provider_agent.safe_text import printable
+from provider_agent.store import statedir
+from provider_agent.store.outbox import Outbox, keep_days_of
 
 log = logging.getLogger(__name__)
 

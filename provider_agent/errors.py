@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from provider_agent.upstream import RouteFailure
+    from provider_agent.jobs.upstream import RouteFailure
 
 
 class AgentError(Exception):

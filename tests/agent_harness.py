@@ -19,8 +19,8 @@ from anyio.abc import Process
 from provider_agent.config import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import AgentRecord, DevCoordinator
-from provider_agent.identity import load_or_create
-from provider_agent.session_state import ReconnectPolicy
+from provider_agent.link.identity import load_or_create
+from provider_agent.link.state import ReconnectPolicy
 
 
 def write_config(

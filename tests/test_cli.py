@@ -19,7 +19,7 @@ import pytest
 
 from provider_agent import __version__
 from provider_agent.config import MAX_PRICE, MAX_PRIORITY, MAX_TOKENS_PER_MINUTE
-from provider_agent.protocol import Capabilities
+from provider_agent.link.protocol import Capabilities
 from tests.signals import stop_and_time
 
 ROOT = Path(__file__).resolve().parent.parent

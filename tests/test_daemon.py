@@ -177,7 +177,7 @@ async def test_a_stop_during_the_first_discovery_pass_ends_it_at_once(
 async def test_sigkill_with_a_job_in_flight_reports_connection_lost_after_restart(
     coord: DevCoordinator, tmp_path: Path
 ) -> None:
-    from provider_agent.protocol import JobError
+    from provider_agent.link.protocol import JobError
     from tests.agent_harness import fake_vllm
 
     async with fake_vllm("m") as backend:
@@ -237,9 +237,9 @@ def state_view(state: Path) -> tuple[list[str], dict[str, int], list[tuple[str, 
     pid."""
     import sqlite3
 
-    from provider_agent.inflight import FILE_NAME as JOURNAL
-    from provider_agent.inflight import replay
-    from provider_agent.outbox import FILE_NAME as OUTBOX
+    from provider_agent.store.journal import FILE_NAME as JOURNAL
+    from provider_agent.store.journal import replay
+    from provider_agent.store.outbox import FILE_NAME as OUTBOX
 
     open_jobs, _ = replay((state / JOURNAL).read_bytes())
     db = sqlite3.connect(f"{(state / OUTBOX).as_uri()}?mode=ro", uri=True)
@@ -262,7 +262,7 @@ async def test_a_second_run_on_the_same_state_dir_exits_78_naming_it_and_changes
     `run`) while the agent runs with a job in flight. The second one used to report that job
     as an orphan (`connection_lost`, earning 0) before failing on the port, and the first
     agent's real `job_done` was then discarded as a repeat."""
-    from provider_agent.protocol import JobDone
+    from provider_agent.link.protocol import JobDone
     from tests.agent_harness import fake_vllm, free_port
 
     async with fake_vllm("m") as backend:

@@ -24,10 +24,10 @@ from provider_agent import __version__
 from provider_agent.backends.lean import LeanStream
 from provider_agent.backends.stream import AiohttpStream, RefusedStream
 from provider_agent.config import BackendConfig, WireFormat
+from provider_agent.discovery.listing import Health, ModelInfo, UpstreamPrice
 from provider_agent.errors import BackendAuthError, BackendError
-from provider_agent.listing import Health, ModelInfo, UpstreamPrice
-from provider_agent.text import printable
-from provider_agent.upstream import FirstBytes, RouteFailure
+from provider_agent.jobs.upstream import FirstBytes, RouteFailure
+from provider_agent.safe_text import printable
 
 #: `Health`, `ModelInfo` and `UpstreamPrice` live in the I/O-free `listing` module; they are
 #: re-exported here for the adapters and older imports.

@@ -31,7 +31,7 @@ from provider_agent.backends.stream import (
     head_problem,
 )
 from provider_agent.errors import StreamFailed
-from provider_agent.upstream import FirstBytes, RouteFailure
+from provider_agent.jobs.upstream import FirstBytes, RouteFailure
 
 #: Body bytes held for a slow reader before the socket stops being read (TCP backpressure).
 READ_HIGH_WATER = 256 * 1024

@@ -27,7 +27,7 @@ import orjson
 from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
 from provider_agent.config import WireFormat
 from provider_agent.errors import BackendError
-from provider_agent.text import printable
+from provider_agent.safe_text import printable
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from decimal import Decimal
 from typing import Any, ClassVar, NamedTuple
 
 from provider_agent.backends.base import Backend, openai_entries, positive_int
+from provider_agent.discovery.listing import ModelInfo, UpstreamPrice, scale_usd, usd_decimal
 from provider_agent.errors import BackendError
-from provider_agent.listing import ModelInfo, UpstreamPrice, scale_usd, usd_decimal
-from provider_agent.text import printable
+from provider_agent.safe_text import printable
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ cancelled from `first_bytes`, which lands in the read waiting), and the way out 
 connection.
 
 Both share this contract. Failures surface as `StreamFailed` with the protocol code (see
-`provider_agent.upstream`): before the first byte from `async with` (or from the first read),
+`provider_agent.jobs.upstream`): before the first byte from `async with` (or from the first read),
 after it from the iteration. A 2xx head means the backend accepted the job: whatever breaks after
 it, before or after the first body byte, is `backend_error` with no fallback (it may already be
 generating, on BYOK billing). A head larger than HEAD_CAP, or a 2xx one whose `Content-Encoding`
@@ -53,8 +53,8 @@ import aiohttp
 import anyio
 
 from provider_agent.errors import StreamFailed
-from provider_agent.protocol import ErrorCode
-from provider_agent.upstream import RouteFailure, error_for_status, printable
+from provider_agent.jobs.upstream import RouteFailure, error_for_status, printable
+from provider_agent.link.protocol import ErrorCode
 
 #: Seconds to establish the TCP (and TLS) connection; refused or silent past it = unreachable.
 CONNECT_TIMEOUT_S = 5.0

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from provider_agent.backends.base import Backend, openai_entries, positive_int
-from provider_agent.listing import ModelInfo, UpstreamPrice, exact_json, usd_decimal
+from provider_agent.discovery.listing import ModelInfo, UpstreamPrice, exact_json, usd_decimal
 
 TEXT_MODELS = {"type": "text"}
 

@@ -33,17 +33,17 @@ import anyio.abc
 import orjson
 import tomlkit
 
-from provider_agent import logs
 from provider_agent.config import load
 from provider_agent.daemon import Daemon, first_of
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.dev.simbackend import SimBackend
+from provider_agent.dev.sim.backend import SimBackend
 from provider_agent.errors import OutboxError
-from provider_agent.identity import load_or_create
-from provider_agent.ledger import LedgerReader, Period, render_totals, usdc
-from provider_agent.outbox import FILE_NAME
-from provider_agent.protocol import Capabilities, JobDone, JobError
-from provider_agent.text import printable
+from provider_agent.link.identity import load_or_create
+from provider_agent.link.protocol import Capabilities, JobDone, JobError
+from provider_agent.observe import logs
+from provider_agent.safe_text import printable
+from provider_agent.store.ledger import LedgerReader, Period, render_totals, usdc
+from provider_agent.store.outbox import FILE_NAME
 
 SHARED: Final = "llama-3.1-8b"
 #: Backend name → (kind, the models it serves); the first model is on both.

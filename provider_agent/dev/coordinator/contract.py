@@ -20,7 +20,14 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from provider_agent.dev.coordinator.records import JobRecord
-from provider_agent.protocol import SERVING_FAILURES, ErrorCode, Frame, JobDone, JobError, encode
+from provider_agent.link.protocol import (
+    SERVING_FAILURES,
+    ErrorCode,
+    Frame,
+    JobDone,
+    JobError,
+    encode,
+)
 
 #: One `job_chunk` frame carries at most this much JSON (a coordinator's default frame limit).
 MAX_CHUNK_FRAME_BYTES: Final = 1024 * 1024

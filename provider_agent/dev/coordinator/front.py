@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from provider_agent.dev.coordinator.records import JobRecord
-from provider_agent.protocol import Job, JobDone, JobError, ModelOffer, WireFormat
+from provider_agent.link.protocol import Job, JobDone, JobError, ModelOffer, WireFormat
 
 if TYPE_CHECKING:
     from provider_agent.dev.coordinator.server import DevCoordinator

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from provider_agent.protocol import Capabilities, Heartbeat, JobDone, JobError, ModelOffer
+from provider_agent.link.protocol import Capabilities, Heartbeat, JobDone, JobError, ModelOffer
 
 #: Bound of every history kept (timestamps, violations, attempts, jobs).
 HISTORY: Final = 10_000

@@ -44,7 +44,7 @@ from provider_agent.dev.coordinator.records import (
     excerpt,
     utcnow,
 )
-from provider_agent.protocol import (
+from provider_agent.link.protocol import (
     AuthChallenge,
     AuthFailed,
     AuthOk,
@@ -681,7 +681,7 @@ class DevCoordinator:
             if not verdict.problems:
                 self._violation(
                     pid,
-                    f"fits protocol.md but provider_agent.protocol refuses it: {frame.reason}",
+                    f"fits protocol.md but provider_agent.link.protocol refuses it: {frame.reason}",
                     text,
                 )
             return
