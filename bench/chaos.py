@@ -144,7 +144,7 @@ STORE_READYZ = "cannot store"
 SECOND_RUN_WITHIN_S = 10.0
 SECOND_RUN_EXIT = 78
 #: What the agent logs when the store fails (either line may come first, and the other is then
-#: held back for a minute), and when it works again (jobs.py).
+#: held back for a minute), and when it works again (jobs/executor.py).
 STORE_FAILING_LOGS = (
     "terminal frames cannot be stored",
     "delivery of terminal frames not recorded",

@@ -86,7 +86,8 @@ import orjson
 from _common import AGENT, BenchError, Child, Table, free_port, rss_mb, run_bench
 
 from provider_agent.dev.coordinator import DevCoordinator, check_agent_frame
-from provider_agent.dev.sim.backend import Fault, SimBackend
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.dev.sim.faults import Fault
 from provider_agent.link.protocol import readable_job_id
 
 FRAME_LIMIT = 16 * 1024 * 1024

@@ -1,12 +1,72 @@
-"""PURE: how a moment is written wherever someone else reads it — the wire, `/status`, the
-ledger's CSV: RFC 3339 UTC with exactly three fraction digits and `Z`
-(`2026-12-06T17:23:15.412Z`, protocol.md §8). One function, so that no field drifts to
-microseconds, whole seconds or `+00:00` again.
+"""Time, in one place: how long the agent waits for each thing (`Timings`, handed to every part
+that waits, so a test passes small values instead of setting attributes), the monotonic clock
+(`Clock`), and how a moment is written wherever someone else reads it (`utc_ms`).
+
+`utc_ms` is RFC 3339 UTC with exactly three fraction digits and `Z` (`2026-12-06T17:23:15.412Z`,
+protocol.md §8): one function, so that no field drifts to microseconds, whole seconds or
+`+00:00` again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import anyio
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Every fixed interval and deadline of the running agent (the configurable ones live in
+    agent.toml). The defaults are the contract's; tests pass smaller ones."""
+
+    # The link (protocol.md §1, §4).
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    handshake_timeout_s: float = 15.0
+    #: How long a closing socket waits for the coordinator's close frame.
+    close_timeout_s: float = 5.0
+    #: The writer writes at most once this often; a job's first bytes never wait for it.
+    write_spacing_s: float = 0.001
+    #: A job whose frames cannot leave for this long ends `connection_lost` (protocol.md §4).
+    send_stall_s: float = 5.0
+    # Discovery and route health (protocol.md §2).
+    #: Out-of-cycle discovery passes (auth_ok, reload, a failing backend) at most this often.
+    out_of_cycle_pass_s: float = 10.0
+    #: Between probes of a withdrawn route; None: min(discovery interval, 30 s).
+    route_probe_s: float | None = None
+    #: The one-token completion that may restore a withdrawn route is given this long.
+    route_probe_timeout_s: float = 30.0
+    # The store.
+    #: How often the outbox drops what it no longer needs to keep.
+    prune_every_s: float = 3600.0
+    # The supervisor: a crashed child restarts after base, doubling up to cap.
+    restart_base_s: float = 1.0
+    restart_cap_s: float = 30.0
+    # The shutdown steps other than the drain (which is `state.drain_timeout_s`).
+    announce_s: float = 2.0
+    cancel_jobs_s: float = 5.0
+    flush_outbox_s: float = 5.0
+    close_session_s: float = 5.0
+
+    @property
+    def shutdown_budget_s(self) -> float:
+        """The shutdown steps' deadlines summed (systemd hears it with the drain's)."""
+        return self.announce_s + self.cancel_jobs_s + self.flush_outbox_s + self.close_session_s
+
+
+#: The contract's timings, for parts built without a test's.
+DEFAULT_TIMINGS = Timings()
+
+
+class Clock:
+    """Monotonic seconds and sleeping: the event loop's, unless a test passes its own."""
+
+    def now(self) -> float:
+        return anyio.current_time()
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
 
 
 def utc_ms(when: datetime | float) -> str:

@@ -141,3 +141,15 @@ def _exit_after(delay_s: float, code: int) -> None:
     timer = threading.Timer(delay_s, end)
     timer.daemon = True
     timer.start()
+
+
+async def first_of(*bodies: Callable[[], Awaitable[object]]) -> None:
+    """Run the bodies concurrently; return as soon as one of them returns."""
+    async with anyio.create_task_group() as group:
+
+        async def run(body: Callable[[], Awaitable[object]]) -> None:
+            await body()
+            group.cancel_scope.cancel()
+
+        for body in bodies:
+            group.start_soon(run, body)

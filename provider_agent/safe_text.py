@@ -8,13 +8,19 @@ nothing they send may steer a terminal (ESC sequences), forge a log line (CR, LF
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 #: protocol.md §2: a `model_id` is 1–256 characters.
 MODEL_ID_MAX_CHARS = 256
 #: Where `printable` cuts by default: enough for an error body's gist on one line.
 DEFAULT_LIMIT = 200
+#: Longest upstream message the agent passes on (a RouteFailure's, a usage warning's).
+MESSAGE_LIMIT = 300
+REDACTED = "[redacted]"
 
 _USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+_BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+")
+_WHITESPACE_RUN = re.compile(r"[\t\n\r\f\v]+")
 
 
 def model_id_problem(value: str) -> str | None:
@@ -34,13 +40,29 @@ def model_id_problem(value: str) -> str | None:
     return None
 
 
-def printable(value: object, limit: int | None = DEFAULT_LIMIT) -> str:
+def printable(
+    value: object,
+    limit: int | None = DEFAULT_LIMIT,
+    *,
+    secrets: Iterable[str] = (),
+    message: bool = False,
+) -> str:
     """`value` as one safe line: control and other unprintable characters as Python escapes
     (`\\x1b`, `\\r`, `\\x00`, `\\u202e`), the credentials of any URL in it (`user:pass@`) cut
     out, and at most `limit` characters (None: no cut), ending with how many were cut. Applying
     it again changes nothing (backslashes are left alone), so a caller need not know whether
-    text was already made safe."""
+    text was already made safe.
+
+    `secrets` are replaced by "[redacted]" first. A `message` (an upstream's error text, passed
+    on to the coordinator and the log) also has any `Bearer <token>` redacted and its runs of
+    line breaks and tabs folded to one space."""
     text = str(value)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    if message:
+        text = _BEARER.sub(f"Bearer {REDACTED}", text)
+        text = _WHITESPACE_RUN.sub(" ", text).strip()
     if "@" in text:
         text = _USERINFO.sub("", text)
     if (limit is None or len(text) <= limit) and text.isprintable():

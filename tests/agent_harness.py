@@ -8,7 +8,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -16,7 +16,8 @@ import orjson
 from aiohttp import web
 from anyio.abc import Process
 
-from provider_agent.config import load
+from provider_agent.clock import DEFAULT_TIMINGS, Timings
+from provider_agent.config.load import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import AgentRecord, DevCoordinator
 from provider_agent.link.identity import load_or_create
@@ -73,9 +74,11 @@ async def running_agent(
     policy: ReconnectPolicy | None = None,
     *,
     out_of_cycle_pass_s: float = 0.0,
+    timings: Timings = DEFAULT_TIMINGS,
 ) -> AsyncIterator[Daemon]:
     """A Daemon running in a task group of the test; stopped (gracefully) on exit. Out-of-cycle
-    passes are not spaced (tests wait on them) unless `out_of_cycle_pass_s` says so."""
+    passes are not spaced (tests wait on them) unless `out_of_cycle_pass_s` says so; other
+    intervals are `timings`'."""
     config = load(config_path, allow_insecure=True)
     daemon = Daemon(
         config,
@@ -83,9 +86,9 @@ async def running_agent(
         config_path=config_path,
         allow_insecure=True,
         policy=policy or fast_policy(),
+        timings=replace(timings, out_of_cycle_pass_s=out_of_cycle_pass_s),
         handle_signals=False,
     )
-    daemon.out_of_cycle_pass_s = out_of_cycle_pass_s
     async with anyio.create_task_group() as group:
         group.start_soon(daemon.run)
         await daemon.started.wait()

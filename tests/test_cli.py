@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pytest
 
 from provider_agent import __version__
-from provider_agent.config import MAX_PRICE, MAX_PRIORITY, MAX_TOKENS_PER_MINUTE
+from provider_agent.config.schema import MAX_PRICE, MAX_PRIORITY, MAX_TOKENS_PER_MINUTE
 from provider_agent.link.protocol import Capabilities
 from tests.signals import stop_and_time
 

@@ -118,7 +118,7 @@ def test_the_pure_catalog_does_not_load_the_http_stack() -> None:
 
 def test_old_imports_from_backends_base_keep_working() -> None:
     from provider_agent.backends import base
-    from provider_agent.discovery.run_pass import listing
+    from provider_agent.discovery import listing
 
     assert base.ModelInfo is listing.ModelInfo
     assert base.UpstreamPrice is listing.UpstreamPrice

@@ -17,7 +17,7 @@ from provider_agent.backends.ollama import OllamaBackend
 from provider_agent.backends.openrouter import OpenRouterBackend
 from provider_agent.backends.venice import VeniceBackend
 from provider_agent.backends.vllm import VllmBackend
-from provider_agent.config import BackendConfig, Config
+from provider_agent.config.schema import BackendConfig, Config
 
 ADAPTERS: dict[str, type[Backend]] = {
     cls.kind: cls

@@ -23,10 +23,10 @@ import orjson
 from provider_agent import __version__
 from provider_agent.backends.lean import LeanStream
 from provider_agent.backends.stream import AiohttpStream, RefusedStream
-from provider_agent.config import BackendConfig, WireFormat
+from provider_agent.config.schema import BackendConfig, WireFormat
 from provider_agent.discovery.listing import Health, ModelInfo, UpstreamPrice
-from provider_agent.errors import BackendAuthError, BackendError
-from provider_agent.jobs.upstream import FirstBytes, RouteFailure
+from provider_agent.errors import BackendAuthError, BackendError, RouteFailure
+from provider_agent.jobs.upstream import FirstBytes
 from provider_agent.safe_text import printable
 
 #: `Health`, `ModelInfo` and `UpstreamPrice` live in the I/O-free `listing` module; they are

@@ -30,8 +30,8 @@ from provider_agent.backends.stream import (
     UpstreamBody,
     head_problem,
 )
-from provider_agent.errors import StreamFailed
-from provider_agent.jobs.upstream import FirstBytes, RouteFailure
+from provider_agent.errors import RouteFailure, StreamFailed
+from provider_agent.jobs.upstream import FirstBytes
 
 #: Body bytes held for a slow reader before the socket stops being read (TCP backpressure).
 READ_HIGH_WATER = 256 * 1024

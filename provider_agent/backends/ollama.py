@@ -25,7 +25,7 @@ import anyio
 import orjson
 
 from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
-from provider_agent.config import WireFormat
+from provider_agent.config.schema import WireFormat
 from provider_agent.errors import BackendError
 from provider_agent.safe_text import printable
 

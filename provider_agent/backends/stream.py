@@ -52,9 +52,10 @@ from typing import Self
 import aiohttp
 import anyio
 
-from provider_agent.errors import StreamFailed
-from provider_agent.jobs.upstream import RouteFailure, error_for_status, printable
+from provider_agent.errors import RouteFailure, StreamFailed
+from provider_agent.jobs.upstream import error_for_status
 from provider_agent.link.protocol import ErrorCode
+from provider_agent.safe_text import MESSAGE_LIMIT, printable
 
 #: Seconds to establish the TCP (and TLS) connection; refused or silent past it = unreachable.
 CONNECT_TIMEOUT_S = 5.0
@@ -183,7 +184,10 @@ class UpstreamBody(ABC):
         return self._failure("backend_timeout", f"the job's deadline passed {when}")
 
     def _failure(self, code: ErrorCode, detail: str, *, fallback: bool = False) -> RouteFailure:
-        return RouteFailure(code, printable(f"{self._kind}: {detail}", self._secrets), fallback)
+        text = printable(
+            f"{self._kind}: {detail}", MESSAGE_LIMIT, secrets=self._secrets, message=True
+        )
+        return RouteFailure(code, text, fallback)
 
 
 class AiohttpStream(UpstreamBody):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from provider_agent.backends.base import Backend, ModelInfo, openai_entries, positive_int
-from provider_agent.config import WireFormat
+from provider_agent.config.schema import WireFormat
 from provider_agent.errors import BackendError
 
 

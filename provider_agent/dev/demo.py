@@ -33,14 +33,15 @@ import anyio.abc
 import orjson
 import tomlkit
 
-from provider_agent.config import load
-from provider_agent.daemon import Daemon, first_of
+from provider_agent.config.load import load
+from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.dev.sim.backend import SimBackend
+from provider_agent.dev.sim.core import SimBackend
 from provider_agent.errors import OutboxError
 from provider_agent.link.identity import load_or_create
 from provider_agent.link.protocol import Capabilities, JobDone, JobError
 from provider_agent.observe import logs
+from provider_agent.runtime import first_of
 from provider_agent.safe_text import printable
 from provider_agent.store.ledger import LedgerReader, Period, render_totals, usdc
 from provider_agent.store.outbox import FILE_NAME
@@ -261,7 +262,7 @@ class Demo:
             "the agent's first capabilities",
         )
         say(f"   capabilities arrived from {record.provider_id}:")
-        routes = daemon.catalog.routes if daemon.catalog is not None else {}
+        routes = daemon.agent.catalog.routes
         assert record.capabilities is not None
         for offer in record.capabilities.models:
             via = ", ".join(r.backend for r in routes.get(offer.model_id, ()))

@@ -20,7 +20,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Literal
 
 from provider_agent import __version__
-from provider_agent.config import MAX_PRICE, BackendConfig, Config, WireFormat
+from provider_agent.config.schema import MAX_PRICE, BackendConfig, Config, WireFormat
 from provider_agent.discovery.listing import ModelInfo, UpstreamPrice, exact_context
 from provider_agent.link.protocol import (
     Capabilities,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import aiohttp
 import anyio
 
-from provider_agent.backends import make_backend
+from provider_agent.backends import Registry
 from provider_agent.backends.base import Backend
-from provider_agent.config import BackendConfig, Config, WireFormat
+from provider_agent.config.schema import BackendConfig, Config, WireFormat
 from provider_agent.discovery.catalog import BackendSeen, Catalog, build
 from provider_agent.discovery.listing import Health, ModelInfo
 from provider_agent.errors import BackendError
@@ -99,12 +99,23 @@ async def run_pass(
     reuse: Mapping[str, BackendReport] | None = None,
     clock: Callable[[], float] = anyio.current_time,
 ) -> PassResult:
-    """Probe all configured backends concurrently and build the catalog from the healthy ones.
-    A backend whose label is in `reuse` is not probed: that report stands for it."""
+    """One pass over adapters built for it (the commands that run a single pass)."""
+    return await pass_over(config, Registry.build(config, http), reuse, clock)
+
+
+async def pass_over(
+    config: Config,
+    registry: Registry,
+    reuse: Mapping[str, BackendReport] | None = None,
+    clock: Callable[[], float] = anyio.current_time,
+) -> PassResult:
+    """Probe all configured backends concurrently through the registry's adapters (built once
+    per config, the ones jobs use) and build the catalog from the healthy ones. A backend whose
+    label is in `reuse` is not probed: that report stands for it."""
     started = time.perf_counter()
     listed_at = clock()
     budget = config.discovery.timeout_s
-    backends = [make_backend(cfg, http, budget) for cfg in config.backends]
+    backends = list(registry)
     reports: list[BackendReport | None] = [None] * len(backends)
     reuse = reuse or {}
 
@@ -171,13 +182,13 @@ class Discovery:
 
     def __init__(
         self,
-        http: aiohttp.ClientSession,
+        registry: Callable[[], Registry],
         config: Callable[[], Config],
         *,
         traffic: Callable[[str], Traffic] | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
-        self._http = http
+        self._registry = registry
         self._config = config
         self._traffic = traffic
         self._clock = clock
@@ -196,7 +207,8 @@ class Discovery:
         flight = self._flight = _Flight(anyio.Event())
         try:
             config = self._config()
-            result = await run_pass(config, self._http, self._reusable(config), self._clock)
+            registry = self._registry()
+            result = await pass_over(config, registry, self._reusable(config), self._clock)
             self._keep(config, result)
             flight.result = self.latest = result
             self.passes += 1

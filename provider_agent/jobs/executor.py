@@ -23,18 +23,14 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import anyio
 import anyio.abc
 
+from provider_agent.clock import DEFAULT_TIMINGS, Timings
 from provider_agent.discovery.catalog import Route
-from provider_agent.errors import OutboxError, StreamFailed
+from provider_agent.errors import OutboxError, RouteFailure, StreamFailed, UnencodableRequest
 from provider_agent.jobs.measured import MeasuredSpeed
 from provider_agent.jobs.ratelimit import TokenWindow
 from provider_agent.jobs.route_health import ROUTE_FAILURES
 from provider_agent.jobs.routing import AgentStatus, Refusal, RouteLoad, admit, order_routes
-from provider_agent.jobs.upstream import (
-    FirstBytes,
-    RouteFailure,
-    UnencodableRequest,
-    request_body,
-)
+from provider_agent.jobs.upstream import FirstBytes, request_body
 from provider_agent.jobs.usage import UsageMeter
 from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import (
@@ -72,8 +68,6 @@ class StreamOpener(Protocol):
 
 #: A job's bytes waiting for the writer beyond this make its relay wait (backpressure) …
 BACKPRESSURE_BYTES = 1024 * 1024
-#: … and a job whose frames cannot leave for this long ends `connection_lost` (protocol.md §4).
-SEND_STALL_S = 5.0
 #: How often a running job's relayed byte count is recorded (for `connection_lost` after a crash).
 PROGRESS_EVERY_S = 1.0
 #: Past the deadline, the stream's own timer should have ended the job; this is the backstop.
@@ -139,7 +133,7 @@ class JobStore(Protocol):
 
 @dataclass
 class ExecutorHooks:
-    """What the executor reads from the daemon, fresh for every job."""
+    """What the executor reads from the rest of the agent, fresh for every job."""
 
     routes: Callable[[], Mapping[str, Sequence[Route]]]
     registry: Callable[[], Registry]
@@ -167,8 +161,10 @@ class Executor:
         clock: Callable[[], float] = anyio.current_time,
         tick: Callable[[], float] = time.monotonic,
         measured: MeasuredSpeed | None = None,
+        timings: Timings = DEFAULT_TIMINGS,
     ) -> None:
         self.outbound = outbound
+        self.timings = timings
         self.stats = stats
         self.outbox = outbox
         self.hooks = hooks
@@ -478,10 +474,13 @@ class Executor:
             with reading:
                 async for data in chunks:
                     if take(data) > BACKPRESSURE_BYTES:
-                        with anyio.move_on_after(SEND_STALL_S) as stalled:
+                        with anyio.move_on_after(self.timings.send_stall_s) as stalled:
                             await self.outbound.sent_down_to(job_id, BACKPRESSURE_BYTES)
                         if stalled.cancelled_caught:
-                            return Outcome("connection_lost", "frames could not be sent for 5 s")
+                            return Outcome(
+                                "connection_lost",
+                                f"frames could not be sent for {self.timings.send_stall_s:g} s",
+                            )
         if meter.disbelieved:
             log.warning(
                 "usage figures outside 0..10^12 not believed, job billed on the estimate "

@@ -11,42 +11,20 @@ too), other statuses, and the deadline (slowness is never a reason to fall back)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from provider_agent.config import WireFormat
+from provider_agent.config.schema import WireFormat
+from provider_agent.errors import RouteFailure, UnencodableRequest
 from provider_agent.link.protocol import ErrorCode
-from provider_agent.safe_text import printable as safe_text
+from provider_agent.safe_text import MESSAGE_LIMIT, printable
 
 #: Longest `message` of a RouteFailure (and of any upstream text the agent passes on).
-MESSAGE_LIMIT = 300
-REDACTED = "[redacted]"
-_BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+")
-_WHITESPACE_RUN = re.compile(r"[\t\n\r\f\v]+")
 #: Where a reader may hand a body's first bytes the moment they are read (`backends.stream`);
 #: what it returns is not used.
 FirstBytes = Callable[[bytes], object]
-
-
-@dataclass(frozen=True)
-class RouteFailure:
-    """Why one route could not serve a job: the protocol code, a printable message (no secrets,
-    at most MESSAGE_LIMIT characters), and whether the next route should be tried."""
-
-    code: ErrorCode
-    message: str
-    fallback: bool
-    #: The backend answered 429: busy, not broken (route health leaves its streak alone).
-    throttled: bool = False
-
-
-class UnencodableRequest(ValueError):
-    """A job's request that was read but cannot be written again as JSON (the client's
-    mistake: `bad_request`)."""
 
 
 def request_body(fmt: WireFormat, request: Mapping[str, Any], native_id: str) -> bytes:
@@ -101,7 +79,7 @@ def error_for_status(
     message = f"{kind} answered HTTP {status}" + (f": {detail}" if detail else "")
     return RouteFailure(
         status_code(status, kind),
-        printable(message, secrets),
+        printable(message, MESSAGE_LIMIT, secrets=secrets, message=True),
         status_falls_back(status),
         throttled=status == 429,
     )
@@ -140,15 +118,3 @@ def error_message(data: Mapping[str, Any]) -> str | None:
     if isinstance(raw, str) and raw and raw not in message:
         return f"{message} ({raw})"
     return message
-
-
-def printable(text: str, secrets: Iterable[str] = (), limit: int = MESSAGE_LIMIT) -> str:
-    """`text` made safe to log and to send: `secrets` and any `Bearer <token>` replaced by
-    "[redacted]", runs of line breaks and tabs folded to one space, then `text.printable` (other
-    non-printable characters escaped, URL credentials cut out, at most `limit` characters)."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    text = _BEARER.sub(f"Bearer {REDACTED}", text)
-    text = _WHITESPACE_RUN.sub(" ", text).strip()
-    return safe_text(text, limit)

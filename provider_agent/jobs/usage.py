@@ -45,8 +45,9 @@ from typing import Any
 
 import orjson
 
-from provider_agent.config import WireFormat
-from provider_agent.jobs.upstream import error_message, printable
+from provider_agent.config.schema import WireFormat
+from provider_agent.jobs.upstream import error_message
+from provider_agent.safe_text import MESSAGE_LIMIT, printable
 
 #: Longest SSE line kept for parsing; longer ones are dropped (usage lines are tiny).
 MAX_LINE_BYTES = 4 * 1024 * 1024
@@ -301,7 +302,7 @@ class UsageMeter:
     def _fail(self, event: dict[str, Any]) -> None:
         if self._error is None:
             message = error_message(event) or "an error event without a message"
-            self._error = printable(message)
+            self._error = printable(message, MESSAGE_LIMIT, message=True)
 
     def _reported_input(self) -> int | None:
         if self._input is None or self._timings_input is None:

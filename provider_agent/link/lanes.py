@@ -158,9 +158,14 @@ class Outbound:
         self._wake()
 
     def finish(self) -> None:
-        """No more frames: writers send what is waiting, then their iteration ends."""
+        """No more frames on this connection: the writer sends what is waiting, then its
+        iteration ends (and it closes the socket)."""
         self._finished = True
         self._wake()
+
+    def reopen(self) -> None:
+        """A new connection's writer: `finish()` no longer holds."""
+        self._finished = False
 
     # --- the writer's side -----------------------------------------------------------------------
 

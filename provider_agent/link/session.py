@@ -18,34 +18,33 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_never
 from tenacity.wait import wait_base
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State as SocketState
 
 from provider_agent import __version__
-from provider_agent.backends.base import USER_AGENT
+from provider_agent.clock import DEFAULT_TIMINGS, Timings
+from provider_agent.errors import Fault, FaultKind, LocalFault, SessionFailure
+from provider_agent.link.faults import classify, classify_close
 from provider_agent.link.lanes import Outbound
-from provider_agent.link.protocol import Capabilities, Heartbeat, decode, encode
+from provider_agent.link.protocol import Capabilities, Heartbeat, Job, decode, encode
 from provider_agent.link.state import (
     Action,
     Authenticated,
     Close,
     Confirmed,
-    Deliver,
+    DeliverCancel,
+    DeliverJob,
     Dial,
     Ended,
     Fail,
-    Fault,
-    FaultKind,
-    Inbound,
-    LocalFault,
+    Ignore,
     Opened,
     Ping,
     Ponged,
@@ -53,28 +52,21 @@ from provider_agent.link.state import (
     Reconnect,
     ReconnectPolicy,
     Redial,
+    RejectJob,
     SessionCore,
-    SessionFailure,
     Signer,
     State,
     Stop,
     StoreProviderId,
     Written,
-    classify,
-    classify_close,
 )
 from provider_agent.link.state import Send as SendFrame
+from provider_agent.link.ws import close_code_received, dial, send_all, write_at_once
+from provider_agent.observe.logs import Throttle
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-PING_INTERVAL_S = 20.0
-PING_TIMEOUT_S = 20.0
-HANDSHAKE_TIMEOUT_S = 15.0
 CLOSE_GOING_AWAY = 1001
-#: The writer writes at most once a millisecond; whatever arrives in between leaves in the same
-#: write. A job's first bytes never wait for it (`Outbound.chunk(first=True)`).
-WRITE_SPACING_S = 0.001
 
 
 class SavesProviderId(Signer, Protocol):
@@ -85,36 +77,6 @@ class SavesProviderId(Signer, Protocol):
 
 async def _no_undelivered() -> list[tuple[str, str]]:
     return []
-
-
-async def send_all(ws: ClientConnection, frames: list[str]) -> None:
-    """Every frame of a batch in one write and one drain (websockets' own `send()` does one of
-    each per frame); raises ConnectionClosed like `send()`."""
-    async with ws.send_context():
-        for frame in frames:
-            ws.protocol.send_text(frame.encode())
-
-
-def write_at_once(ws: ClientConnection, frames: list[str]) -> bool:
-    """Write frames without awaiting, when nothing can make the write wait or fail here: the
-    socket is open, not paused by flow control, its transport not closing. Returns False,
-    having written nothing, otherwise (then `send_all` waits for the drain or the close)."""
-    if ws.protocol.state is not SocketState.OPEN or ws.paused or ws.transport.is_closing():
-        return False
-    for frame in frames:
-        ws.protocol.send_text(frame.encode())
-    # One writelines (one writev) for the lot: websockets' `send_data()` writes frame by frame.
-    # An open socket's pending data holds frames only, never the end-of-stream marker (b"").
-    ws.transport.writelines(ws.protocol.data_to_send())
-    return True
-
-
-async def _ignore_confirmed(job_ids: Sequence[str]) -> None:
-    return None
-
-
-def _no_op() -> None:
-    return None
 
 
 def _ignore_fault(fault: Fault | None) -> None:
@@ -148,9 +110,28 @@ class PolicyWait(wait_base):
         return self.policy.delay_after(_redial_of(retry_state))
 
 
+class InboundSink(Protocol):
+    """Where the session hands what the coordinator sends about jobs (the executor is one). Each
+    call returns at once: the reader waits on it, and pongs must keep being read."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def reject(
+        self, job_id: str, reason: str, code: Literal["bad_request", "unsupported_format"]
+    ) -> None: ...
+
+    async def confirmed(self, job_ids: Sequence[str]) -> None:
+        """Terminal frames the coordinator has read (pong after them) or stored (job_ack)."""
+
+    def connection_lost(self) -> None:
+        """The authenticated connection is gone: jobs in flight lose their coordinator."""
+
+
 @dataclass
 class SessionHooks:
-    """What the session asks of the rest of the agent (the daemon supplies these)."""
+    """What the session asks of the rest of the agent (the agent's wiring supplies these)."""
 
     url: Callable[[], str]
     enrollment_code: Callable[[], str | None]
@@ -159,14 +140,8 @@ class SessionHooks:
     heartbeat: Callable[[], Heartbeat]
     #: Called after every successful auth_ok (the daemon asks for a discovery pass).
     on_authenticated: Callable[[], None]
-    #: Each inbound frame after auth (jobs, cancels). Must not block: the reader waits on it.
-    on_inbound: Callable[[Inbound], None]
     #: The outbox's undelivered terminal frames (job_id, frame), oldest first.
     undelivered: Callable[[], Awaitable[list[tuple[str, str]]]] = _no_undelivered
-    #: Terminal frames confirmed delivered (pong after them, or job_ack).
-    on_confirmed: Callable[[Sequence[str]], Awaitable[None]] = _ignore_confirmed
-    #: The authenticated connection is gone (jobs in flight lose their coordinator).
-    on_disconnected: Callable[[], None] = _no_op
     #: A connection ended and will be dialled again; its fault (None: a requested reconnect).
     on_reconnect: Callable[[Fault | None], None] = _ignore_fault
 
@@ -178,14 +153,20 @@ class Session:
         self,
         hooks: SessionHooks,
         identity: SavesProviderId,
+        sink: InboundSink,
         outbound: Outbound | None = None,
         *,
         policy: ReconnectPolicy | None = None,
+        timings: Timings = DEFAULT_TIMINGS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hooks = hooks
+        self.sink = sink
         self.outbound = outbound or Outbound()
         self.policy = policy or ReconnectPolicy()
+        self.timings = timings
+        #: `job` frames without an answerable job_id: one line per 10 s (protocol.md §8).
+        self._unanswerable_jobs = Throttle(10.0)
         self.core = SessionCore(identity, __version__, hooks.enrollment_code)
         self._identity = identity
         self.clock = clock
@@ -196,6 +177,8 @@ class Session:
         self._wait_scope: anyio.CancelScope | None = None
         #: Set when a stop or reconnect asked to close a connection that is not yet serving.
         self._closing_code: int | None = None
+        #: What the writer closes a serving connection with once its lanes finish.
+        self._writer_close_code = CLOSE_GOING_AWAY
 
     # --- the public face -------------------------------------------------------------------------
 
@@ -262,6 +245,7 @@ class Session:
         previous = self.core.state
         actions = self.core.handle(Stop())
         if previous is State.AUTHENTICATED:
+            self._writer_close_code = CLOSE_GOING_AWAY
             self.outbound.finish()  # the writer flushes, then closes with 1001
         elif previous in (State.IDLE, State.CONNECTING) and self._run_scope is not None:
             self._run_scope.cancel()  # dialling or waiting to redial: nothing to flush
@@ -300,16 +284,7 @@ class Session:
     async def _one_connection(self) -> Fault | None:
         """Dial, handshake, serve until the socket ends; returns whose fault the end was."""
         try:
-            async with connect(
-                self.hooks.url(),
-                ping_interval=PING_INTERVAL_S,
-                ping_timeout=PING_TIMEOUT_S,
-                max_size=MAX_FRAME_BYTES,
-                compression=None,
-                open_timeout=HANDSHAKE_TIMEOUT_S,
-                close_timeout=5,
-                user_agent_header=USER_AGENT,
-            ) as ws:
+            async with dial(self.hooks.url(), self.timings) as ws:
                 self._ws = ws
                 try:
                     self.core.handle(Opened(self.clock()))
@@ -336,7 +311,7 @@ class Session:
             return fault
 
     async def _handshake(self, ws: ClientConnection) -> None:
-        with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+        with anyio.fail_after(self.timings.handshake_timeout_s):
             while self.core.state in (State.AWAIT_CHALLENGE, State.AWAIT_AUTH):
                 message = await ws.recv()
                 if isinstance(message, bytes):
@@ -345,6 +320,9 @@ class Session:
                     await self._perform(action, ws)
 
     async def _serve(self, ws: ClientConnection) -> None:
+        if not self.core.stopping:  # a stop that came after auth_ok has finished the lanes
+            self._writer_close_code = CLOSE_GOING_AWAY
+            self.outbound.reopen()
         undelivered = await self.hooks.undelivered()
         self.outbound.begin(undelivered)
         self.outbound.control("capabilities", encode(self.hooks.capabilities()))
@@ -355,19 +333,21 @@ class Session:
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
+                if self._closing_code is not None:  # a reconnect came while this one started
+                    self._writer_close_code = self._closing_code
+                    self.outbound.finish()
                 group.start_soon(self._writer, ws, group.cancel_scope)
                 group.start_soon(self._reader, ws, group.cancel_scope)
                 group.start_soon(self._heartbeats)
         finally:
             self._group = None
-            self.hooks.on_disconnected()
+            self.sink.connection_lost()
 
     def _end_of(self, ws: ClientConnection) -> Fault | None:
         """Whose fault the end of a connection that closed without an exception was."""
         if self.core.state is State.CLOSING:
             return None  # we closed it (stop or reconnect)
-        rcvd = ws.protocol.close_rcvd
-        return classify_close(rcvd.code if rcvd is not None else None)
+        return classify_close(close_code_received(ws))
 
     async def _writer(self, ws: ClientConnection, scope: anyio.CancelScope) -> None:
         """The one sender. Ends the session when the lanes finish (graceful stop) or the socket
@@ -379,7 +359,7 @@ class Session:
 
         self.outbound.attach(send_now)
         try:
-            async for batch in self.outbound.batches(WRITE_SPACING_S):
+            async for batch in self.outbound.batches(self.timings.write_spacing_s):
                 if not write_at_once(ws, batch.frames):
                     writing = True
                     await send_all(ws, batch.frames)
@@ -387,7 +367,8 @@ class Session:
                 if batch.terminal_ids:
                     for action in self.core.handle(Written(tuple(batch.terminal_ids))):
                         await self._perform(action, ws)
-            await ws.close(CLOSE_GOING_AWAY, "going away")
+            code = self._writer_close_code
+            await ws.close(code, "going away" if code == CLOSE_GOING_AWAY else "reconnecting")
         except ConnectionClosed:
             pass  # the reader or `_end_of` says why
         finally:
@@ -435,8 +416,14 @@ class Session:
                     log.info("provider_id stored provider_id=%s", provider_id)
             case Authenticated(provider_id=provider_id):
                 log.info("authenticated to coordinator provider_id=%s", provider_id)
-            case Deliver(inbound=inbound):
-                self.hooks.on_inbound(inbound)
+            case DeliverJob(job=job):
+                self.sink.submit(job)
+            case DeliverCancel(job_id=job_id):
+                self.sink.cancel(job_id)
+            case RejectJob(job_id=job_id, reason=reason, code=code):
+                self.sink.reject(job_id, reason, code)
+            case Ignore():
+                self._log_ignored(action)
             case Ping(token=token):
                 waiter = await ws.ping()
                 if self._group is not None:
@@ -445,16 +432,27 @@ class Session:
                 if self._group is not None:
                     self._group.start_soon(self._confirm, job_ids)
                 else:
-                    await self.hooks.on_confirmed(job_ids)
+                    await self.sink.confirmed(job_ids)
             case Close(code=code):
-                await ws.close(code, "going away" if code == CLOSE_GOING_AWAY else "reconnecting")
+                self._writer_close_code = code  # the writer flushes, then closes with it
+                self.outbound.finish()
             case Fail(fault=fault):
                 if "auth_failed" in fault.detail:
                     log.warning("coordinator refused the handshake: %s", fault.detail)
                 raise SessionFailure(fault)
 
     async def _confirm(self, job_ids: tuple[str, ...]) -> None:
-        await self.hooks.on_confirmed(job_ids)
+        await self.sink.confirmed(job_ids)
+
+    def _log_ignored(self, ignored: Ignore) -> None:
+        if ignored.throttled:
+            held = self._unanswerable_jobs.due(self.clock())
+            if held is not None:
+                log.warning("%s (and %d more since the last line)", ignored.reason, held)
+        elif ignored.loud:
+            log.warning("%s", ignored.reason)
+        else:
+            log.debug("inbound ignored: %s", ignored.reason)
 
     async def _await_pong(self, waiter: Awaitable[float], token: int, ws: ClientConnection) -> None:
         try:
@@ -468,9 +466,9 @@ class Session:
         """Close the connection from outside its tasks (a stop or reconnect request)."""
         if not isinstance(action, Close):
             return
-        ws = self._ws
-        if ws is not None and self._group is not None:
-            self._group.start_soon(ws.close, action.code)
+        if self._ws is not None and self._group is not None:
+            self._writer_close_code = action.code  # the writer flushes, then closes with it
+            self.outbound.finish()
         elif self._handshake_scope is not None:
             self._closing_code = action.code  # `_one_connection` closes once the handshake stops
             self._handshake_scope.cancel()

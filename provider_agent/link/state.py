@@ -1,11 +1,11 @@
 """Pure core of the coordinator link: a state machine fed with events and `now`, answering with
-actions; plus the handshake steps, inbound dispatch, the reconnect policy and `classify(exc)`.
+actions; plus the handshake steps, inbound dispatch and the reconnect policy.
 
 `session.py` does the I/O and asks this module what to do; nothing here touches a socket or a
 clock, so every rule is tested with plain events (an injected `now`, no sleeps).
 
-The states and what moves between them (h11's style: `TRANSITIONS` is the table, the handlers
-only add actions and may divert to a failure):
+The states and what moves between them (h11's style: `TRANSITIONS` is the table, every state
+change there is; the handlers only decide the actions and the outcome: ok, failed, stopped):
 
     IDLE ──Dial──▶ CONNECTING ──Opened──▶ AWAIT_CHALLENGE ──Received──▶ AWAIT_AUTH
       ▲                                                                    │ Received (auth_ok)
@@ -18,7 +18,8 @@ Rules (protocol.md §1, §4–§7; the issues' reconnect policy):
   carries the enrollment code only while no provider_id is stored.
 - After our answer, `auth_ok` (→ provider_id, stored when new) or `auth_failed` (→ back off and
   retry); anything else is a pre-auth failure, the coordinator's fault.
-- Inbound frames after auth never end the session: each maps to one `Inbound` action.
+- Inbound frames after auth never end the session: each maps to one typed inbound action
+  (DeliverJob, DeliverCancel, RejectJob, Ignore; a `job_ack` confirms delivery).
 - Delivery: terminal frames written are confirmed by the pong to a ping sent right after them, or
   by `job_ack` — and once a coordinator has sent one `job_ack` in a session, only `job_ack`.
 - Backoff (`ReconnectPolicy.delay_after(redial)`, asked by the session's tenacity wait): full
@@ -33,17 +34,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import random
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, Protocol
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-
-from provider_agent.errors import AgentError, AuthFailed, BackendError, CoordinatorError
+from provider_agent.errors import (
+    AuthFailed,
+    CoordinatorError,
+    Fault,
+    FaultKind,
+    InvalidTransition,
+)
 from provider_agent.link.protocol import (
     AuthChallenge,
     AuthOk,
@@ -110,43 +113,67 @@ def _describe(frame: Frame | UnknownFrame | BadFrame) -> str:
     return f"a {frame.type!r} frame"
 
 
-@dataclass(frozen=True)
-class Inbound:
-    """What the session does with one inbound frame after auth."""
+# Inbound actions: what one frame after auth asks of the agent (the session hands each to its
+# `InboundSink`); typed, so that a new kind of frame cannot be dispatched by a misspelt string.
 
-    action: Literal["job", "cancel", "ack", "reject_job", "ignore"]
-    job: Job | None = None
-    job_id: str | None = None
-    reason: str = ""
-    #: Log level for `ignore`: surprises are warnings, known no-ops are debug.
-    loud: bool = False
-    #: What a `reject_job` is answered with.
+
+@dataclass(frozen=True)
+class DeliverJob:
+    job: Job
+
+
+@dataclass(frozen=True)
+class DeliverCancel:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class RejectJob:
+    """A `job` whose job_id can be answered but whose fields cannot be served (protocol.md §8)."""
+
+    job_id: str
+    reason: str
     code: Literal["bad_request", "unsupported_format"] = "bad_request"
-    #: A `job` that cannot be answered (no readable job_id): logged at most once per 10 s
-    #: for all such frames (protocol.md §8), so a flood of them cannot flood the log.
+
+
+@dataclass(frozen=True)
+class Acked:
+    """`job_ack`: the coordinator holds this job's terminal frame."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """Nothing to do but say so: surprises (`loud`) are warnings, known no-ops debug lines; a
+    `job` that cannot be answered (no readable job_id) is `throttled`: at most one line per 10 s
+    for all such frames (protocol.md §8), so a flood of them cannot flood the log."""
+
+    reason: str
+    loud: bool = False
     throttled: bool = False
+
+
+Inbound = DeliverJob | DeliverCancel | RejectJob | Acked | Ignore
 
 
 def dispatch(frame: Frame | UnknownFrame | BadFrame) -> Inbound:
     """Map a decoded inbound frame to its action. Total: never raises, never ends the session."""
     if isinstance(frame, Job):
-        return Inbound("job", job=frame, job_id=frame.job_id)
+        return DeliverJob(frame)
     if isinstance(frame, JobCancel):
-        return Inbound("cancel", job_id=frame.job_id)
+        return DeliverCancel(frame.job_id)
     if isinstance(frame, JobAck):
-        return Inbound("ack", job_id=frame.job_id)
+        return Acked(frame.job_id)
     if isinstance(frame, BadFrame):
         if frame.type == "job" and frame.job_id is not None:
-            return Inbound("reject_job", job_id=frame.job_id, reason=frame.reason, code=frame.code)
-        return Inbound(
-            "ignore",
-            reason=f"malformed frame dropped: {frame.reason}",
-            loud=True,
-            throttled=frame.type == "job",
+            return RejectJob(frame.job_id, frame.reason, frame.code)
+        return Ignore(
+            f"malformed frame dropped: {frame.reason}", loud=True, throttled=frame.type == "job"
         )
     if isinstance(frame, UnknownFrame | ConfigUpdate):
-        return Inbound("ignore", reason=f"{frame.type} ignored")
-    return Inbound("ignore", reason=f"unexpected {frame.type} after auth", loud=True)
+        return Ignore(f"{frame.type} ignored")
+    return Ignore(f"unexpected {frame.type} after auth", loud=True)
 
 
 @dataclass
@@ -201,87 +228,6 @@ class ReconnectPolicy:
 
 
 # --- whose fault a failure is --------------------------------------------------------------------
-
-
-class FaultKind(Enum):
-    NETWORK = "network"  # retry with backoff
-    COORDINATOR = "coordinator"  # retry with backoff; logged as the coordinator's doing
-    PLANNED = "planned"  # the coordinator restarts (close 1001/1012): redial soon, no escalation
-    LOCAL = "local"  # ours: disk, identity file, a bug; logged loudly, never blamed on the network
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: FaultKind
-    detail: str
-
-
-class LocalFault(Exception):
-    """Wraps a failure of our own side met while serving a session (e.g. storing the
-    provider_id), so that `classify` never mistakes a full disk for a network problem."""
-
-    def __init__(self, what: str, cause: BaseException) -> None:
-        super().__init__(f"{what}: {cause}")
-        self.cause = cause
-
-
-class SessionFailure(Exception):
-    """The core decided this connection failed (wrong frame, auth_failed)."""
-
-    def __init__(self, fault: Fault) -> None:
-        super().__init__(fault.detail)
-        self.fault = fault
-
-
-#: errno values that mean the local machine, not the network, is in trouble.
-_LOCAL_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EMFILE}
-)
-PLANNED_CLOSE_CODES = frozenset({1001, 1012})
-
-
-def classify(exc: BaseException) -> Fault:
-    """Whose fault one failed connection is, from the exception that ended it."""
-    if isinstance(exc, SessionFailure):
-        return exc.fault
-    if isinstance(exc, LocalFault):
-        return Fault(FaultKind.LOCAL, str(exc))
-    if isinstance(exc, ConnectionClosed):
-        return classify_close(exc.rcvd.code if exc.rcvd is not None else None)
-    if isinstance(exc, CoordinatorError | InvalidHandshake):
-        return Fault(FaultKind.COORDINATOR, _text(exc))
-    if isinstance(exc, InvalidURI):
-        return Fault(FaultKind.LOCAL, f"coordinator url is not usable: {exc}")
-    if isinstance(exc, TimeoutError):
-        return Fault(FaultKind.NETWORK, "timed out")
-    if isinstance(exc, socket.gaierror):
-        return Fault(FaultKind.NETWORK, f"cannot resolve the coordinator's host ({exc.strerror})")
-    if isinstance(exc, ConnectionError | BackendError):
-        return Fault(FaultKind.NETWORK, f"cannot connect ({_text(exc)})")
-    if isinstance(exc, OSError):
-        if exc.errno in _LOCAL_ERRNOS or isinstance(
-            exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | FileExistsError
-        ):
-            return Fault(FaultKind.LOCAL, f"local I/O failed ({_text(exc)})")
-        return Fault(FaultKind.NETWORK, f"cannot connect ({_text(exc)})")
-    if isinstance(exc, AgentError):
-        return Fault(FaultKind.LOCAL, _text(exc))
-    return Fault(FaultKind.LOCAL, f"internal error ({type(exc).__name__}: {exc})")
-
-
-def classify_close(code: int | None) -> Fault:
-    """A connection that ended with this close code from the coordinator (None: no close frame)."""
-    if code in PLANNED_CLOSE_CODES:
-        return Fault(FaultKind.PLANNED, f"coordinator restarting (close code {code})")
-    if code is None:
-        return Fault(FaultKind.NETWORK, "connection lost (no close frame)")
-    return Fault(FaultKind.COORDINATOR, f"coordinator closed the connection (code {code})")
-
-
-def _text(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 # --- the state machine ---------------------------------------------------------------------------
@@ -368,11 +314,6 @@ class Authenticated:
 
 
 @dataclass(frozen=True)
-class Deliver:
-    inbound: Inbound
-
-
-@dataclass(frozen=True)
 class Ping:
     token: int
 
@@ -408,14 +349,29 @@ class Redial:
     requested: bool = False
 
 
-Action = Send | StoreProviderId | Authenticated | Deliver | Ping | Confirmed | Close | Fail | Redial
+Action = (
+    Send
+    | StoreProviderId
+    | Authenticated
+    | DeliverJob
+    | DeliverCancel
+    | RejectJob
+    | Ignore
+    | Ping
+    | Confirmed
+    | Close
+    | Fail
+    | Redial
+)
 
 _CONNECTED = (State.CONNECTING, State.AWAIT_CHALLENGE, State.AWAIT_AUTH, State.AUTHENTICATED)
 _OPEN = (State.AWAIT_CHALLENGE, State.AWAIT_AUTH, State.AUTHENTICATED)
 
-#: The transition table: (state, event type) → next state. A pair that is missing is a bug in the
-#: I/O layer (it fed an event the state cannot have), raised as `InvalidTransition`.
-TRANSITIONS: dict[tuple[State, type[Event]], State] = {
+#: How handling an event went: as planned, the connection failed (a wrong handshake frame), or it
+#: ended while the session is stopping.
+Outcome = Literal["ok", "failed", "stopped"]
+
+_NORMAL: dict[tuple[State, type[Event]], State] = {
     (State.IDLE, Dial): State.CONNECTING,
     (State.IDLE, Stop): State.STOPPED,
     (State.IDLE, Reconnect): State.IDLE,
@@ -440,9 +396,17 @@ TRANSITIONS: dict[tuple[State, type[Event]], State] = {
     **{(s, Reconnect): State.CLOSING for s in (*_OPEN, State.CONNECTING)},
 }
 
-
-class InvalidTransition(Exception):
-    """The I/O layer fed an event the current state cannot have (a bug, not bad input)."""
+#: The transition table, every state change there is: (state, event type, outcome) → next state.
+#: A (state, event type) pair that is missing is a bug in the I/O layer (it fed an event the
+#: state cannot have), raised as `InvalidTransition`.
+TRANSITIONS: dict[tuple[State, type[Event], Outcome], State] = {
+    **{(state, event, "ok"): target for (state, event), target in _NORMAL.items()},
+    # A handshake frame that is not the one expected fails the connection: close it.
+    (State.AWAIT_CHALLENGE, Received, "failed"): State.CLOSING,
+    (State.AWAIT_AUTH, Received, "failed"): State.CLOSING,
+    # A connection that ends while the session is stopping ends the session.
+    **{(s, Ended, "stopped"): State.STOPPED for s in (*_CONNECTED, State.CLOSING, State.STOPPED)},
+}
 
 
 class SessionCore:
@@ -473,48 +437,48 @@ class SessionCore:
         return self._stopping
 
     def handle(self, event: Event) -> list[Action]:
-        """Apply one event: move along the table, return what to do."""
-        target = TRANSITIONS.get((self.state, type(event)))
-        if target is None:
+        """Apply one event: decide what to do, then move along the table."""
+        if (self.state, type(event)) not in _NORMAL:
             raise InvalidTransition(f"{type(event).__name__} in state {self.state.value}")
-        previous, self.state = self.state, target
-        return self._actions(previous, event)
+        actions, outcome = self._actions(self.state, event)
+        self.state = TRANSITIONS[(self.state, type(event), outcome)]
+        return actions
 
-    def _actions(self, previous: State, event: Event) -> list[Action]:
+    def _actions(self, state: State, event: Event) -> tuple[list[Action], Outcome]:
         match event:
             case Dial():
                 self.attempts += 1
                 self._reconnecting = False
-                return []
+                return [], "ok"
             case Opened():
-                return []
+                return [], "ok"
             case Received():
-                return self._received(previous, event)
+                return self._received(state, event)
             case Written(job_ids=job_ids):
-                return self._written(job_ids)
+                return self._written(job_ids), "ok"
             case Ponged(token=token):
                 job_ids = self._awaiting_pong.pop(token, ())
-                return [Confirmed(job_ids)] if job_ids and not self._acks_seen else []
+                return ([Confirmed(job_ids)] if job_ids and not self._acks_seen else []), "ok"
             case Stop():
                 self._stopping = True
-                return [Close(1001)] if previous in _OPEN else []
+                return ([Close(1001)] if state in _OPEN else []), "ok"
             case Reconnect():
-                self._reconnecting = previous in (*_OPEN, State.CONNECTING, State.CLOSING)
-                return [Close(1000)] if previous in _OPEN else []
+                self._reconnecting = state in (*_OPEN, State.CONNECTING, State.CLOSING)
+                return ([Close(1000)] if state in _OPEN else []), "ok"
             case Ended():
                 return self._ended(event)
         raise InvalidTransition(f"unhandled {type(event).__name__}")
 
-    def _received(self, previous: State, event: Received) -> list[Action]:
-        if previous is State.AWAIT_CHALLENGE:
+    def _received(self, state: State, event: Received) -> tuple[list[Action], Outcome]:
+        if state is State.AWAIT_CHALLENGE:
             try:
                 answer = answer_challenge(
                     event.frame, self.signer, self.agent_version, self.enrollment_code()
                 )
             except CoordinatorError as exc:
                 return self._fail(FaultKind.COORDINATOR, str(exc))
-            return [Send(answer)]
-        if previous is State.AWAIT_AUTH:
+            return [Send(answer)], "ok"
+        if state is State.AWAIT_AUTH:
             try:
                 provider_id = auth_outcome(event.frame)
             except AuthFailed as exc:
@@ -528,14 +492,14 @@ class SessionCore:
             store: list[Action] = (
                 [StoreProviderId(provider_id)] if self.signer.provider_id != provider_id else []
             )
-            return [*store, Authenticated(provider_id)]
-        if previous is State.CLOSING:
-            return []
+            return [*store, Authenticated(provider_id)], "ok"
+        if state is State.CLOSING:
+            return [], "ok"
         inbound = dispatch(event.frame)
-        if inbound.action == "ack" and inbound.job_id is not None:
+        if isinstance(inbound, Acked):
             self._acks_seen = True
-            return [Confirmed((inbound.job_id,))]
-        return [Deliver(inbound)]
+            return [Confirmed((inbound.job_id,))], "ok"
+        return [inbound], "ok"
 
     def _written(self, job_ids: tuple[str, ...]) -> list[Action]:
         if not job_ids or self._acks_seen:
@@ -545,17 +509,15 @@ class SessionCore:
         self._awaiting_pong[token] = job_ids
         return [Ping(token)]
 
-    def _fail(self, kind: FaultKind, detail: str) -> list[Action]:
-        self.state = State.CLOSING
-        return [Fail(Fault(kind, detail))]
+    def _fail(self, kind: FaultKind, detail: str) -> tuple[list[Action], Outcome]:
+        return [Fail(Fault(kind, detail))], "failed"
 
-    def _ended(self, event: Ended) -> list[Action]:
+    def _ended(self, event: Ended) -> tuple[list[Action], Outcome]:
         self._awaiting_pong.clear()
         authenticated_at, self.authenticated_at = self.authenticated_at, None
         if self._stopping:
-            self.state = State.STOPPED
-            return []
+            return [], "stopped"
         if self._reconnecting:
             self._reconnecting = False
-            return [Redial(None, authenticated_at, event.now, requested=True)]
-        return [Redial(event.fault, authenticated_at, event.now)]
+            return [Redial(None, authenticated_at, event.now, requested=True)], "ok"
+        return [Redial(event.fault, authenticated_at, event.now)], "ok"

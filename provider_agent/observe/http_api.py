@@ -20,29 +20,15 @@ import asyncio
 import errno
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.abc
 
-from provider_agent import __version__
-from provider_agent.clock import utc_ms
-from provider_agent.errors import ConfigError, OutboxError
+from provider_agent.errors import ConfigError, StatusUnavailable
 from provider_agent.observe.status import (
     AgentStatus,
-    BackendStatus,
-    GpuStatus,
-    JobsStatus,
-    ModelStatus,
-    OutboxStatus,
-    PauseStatus,
-    RateWindowStatus,
-    RouteStatus,
-    RunningJob,
-    SessionStatus,
-    WithdrawnRoute,
-    readiness,
 )
 from provider_agent.safe_text import printable
 
@@ -52,14 +38,12 @@ if TYPE_CHECKING:
     from aiohttp import web
     from aiohttp.web_protocol import RequestHandler
 
-    from provider_agent.daemon import Daemon
+    from provider_agent.observe.prometheus import AgentMetrics
 
     Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
-#: `/status` lists at most this many running jobs (the oldest first); `in_flight` counts all.
-RUNNING_LISTED = 100
 #: How long the endpoint's connections get to finish when the agent stops.
 SHUTDOWN_S = 1.0
 #: The most connections the endpoint holds at once (config.md, settled 2026-12-06).
@@ -71,147 +55,19 @@ IDLE_S = 10.0
 FLOOD_LOG_EVERY_S = 60.0
 
 
-async def snapshot(daemon: Daemon) -> AgentStatus:
-    """The running agent as `/status` shows it (and as `/metrics`' gauges are set)."""
-    metrics = daemon.metrics
-    now = daemon.clock()
-    session = daemon.session
-    state = session.state.value if session is not None else "idle"
-    authenticated = session is not None and session.authenticated
-    connected_at = session.core.authenticated_at if session is not None else None
-    capabilities = daemon.capabilities()
-    latest = daemon.discovery.latest if daemon.discovery is not None else None
-    if latest is not None:
-        backends = [
-            BackendStatus(
-                name=report.name,
-                kind=report.kind,
-                healthy=report.ok,
-                latency_ms=report.health.latency_ms,
-                models_listed=len(report.models),
-                error=printable(report.error, 300) if report.error else None,
-                probe_skipped=report.probe_skipped,
-            )
-            for report in latest.reports
-        ]
-    else:
-        backends = [
-            BackendStatus(name=b.label, kind=b.kind, healthy=False, error="not probed yet")
-            for b in daemon.config.backends
-        ]
-    routes = daemon.catalog.routes if daemon.catalog is not None else {}
-    models = [
-        ModelStatus(
-            model_id=model_id,
-            context_window=found[0].context_window if found else None,
-            formats=sorted({fmt for route in found for fmt in route.formats}),
-            routes=[
-                RouteStatus(backend=r.backend, native_id=r.native_id, priority=r.priority)
-                for r in found
-            ],
-        )
-        for model_id, found in sorted(routes.items())
-    ]
-    executor = getattr(daemon, "jobs", None)
-    running = sorted(executor.running.values(), key=lambda r: r.received_at) if executor else []
-    beat = daemon.heartbeat()
-    jobs = JobsStatus(
-        in_flight=len(running),
-        max_concurrent=daemon.config.limits.max_concurrent,
-        running=[
-            RunningJob(
-                job_id=r.job.job_id,
-                model_id=r.job.model_id,
-                backend=r.route.backend if r.route is not None else None,
-                age_s=round(max(0.0, executor.clock() - r.received_at), 3) if executor else 0.0,
-                bytes_relayed=r.relayed,
-            )
-            for r in running[:RUNNING_LISTED]
-        ],
-        tokens_per_sec_p50=beat.tokens_per_sec_p50,
-        p50_ttfb_ms=beat.p50_latency_ms,
-        p95_ttfb_ms=beat.p95_latency_ms,
-        error_rate_60s=beat.error_rate_60s,
-    )
-    outbox = OutboxStatus(depth=None)
-    if daemon.outbox is not None:
-        try:
-            depth, oldest = await daemon.outbox.depth()
-            outbox = OutboxStatus(depth=depth, oldest_age_s=oldest)
-        except OutboxError as exc:
-            outbox = OutboxStatus(depth=None, error=str(exc))
-    window = daemon.window
-    pause = daemon.control.view() if daemon.control is not None else None
-    return AgentStatus(
-        agent_version=__version__,
-        provider_id=(session.core.provider_id if session is not None else None)
-        or daemon.identity.provider_id,
-        advertising=capabilities.metadata.status,
-        models_advertised=len(capabilities.models),
-        uptime_s=round(time.monotonic() - metrics.started_monotonic, 3),
-        started_at=utc_ms(metrics.started_at),
-        readiness=readiness(
-            authenticated=authenticated,
-            session_state=state,
-            passes=0 if latest is None else 1,
-            healthy=sum(1 for b in backends if b.healthy),
-            backends=len(backends),
-            store_problem=daemon.jobs.store_problem if hasattr(daemon, "jobs") else None,
-        ),
-        session=SessionStatus(
-            state=state,
-            authenticated=authenticated,
-            connected_for_s=round(session.clock() - connected_at, 3)
-            if session is not None and connected_at is not None and authenticated
-            else None,
-            attempts=session.attempts if session is not None else 0,
-            reconnects=metrics.reconnect_count,
-        ),
-        backends=backends,
-        last_pass_at=utc_ms(metrics.last_pass_at) if metrics.last_pass_at else None,
-        models=models,
-        jobs=jobs,
-        outbox=outbox,
-        rate_window=RateWindowStatus(
-            tokens_last_60s=window.total(now), limit=window.limit, fill=round(window.fill(now), 4)
-        ),
-        last_errors=list(daemon.metrics.last_errors),
-        paused=PauseStatus(**pause.model_dump()) if pause is not None else None,
-        gpus=gpus(daemon),
-        withdrawn_routes=withdrawn_routes(daemon, now),
-    )
+@dataclass(frozen=True)
+class Endpoint:
+    """What the endpoint serves: the agent's snapshot (one callable: the endpoint never sees the
+    agent's parts), its metrics, and where to listen."""
+
+    listen: tuple[str, int]
+    snapshot: Callable[[], Awaitable[AgentStatus]]
+    metrics: AgentMetrics
+    #: The config file, named when the address cannot be bound (exit 78).
+    config_file: str = "agent.toml"
 
 
-def gpus(daemon: Daemon) -> list[GpuStatus]:
-    """The last GPU sample (never waits for NVML), with why each unhealthy one is."""
-    telemetry = daemon.telemetry
-    return [
-        GpuStatus(
-            **gpu.model_dump(),
-            faults=[printable(fault, 300) for fault in telemetry.faults.get(gpu.index, ())],
-        )
-        for gpu in telemetry.latest or ()
-    ]
-
-
-def withdrawn_routes(daemon: Daemon, now: float) -> list[WithdrawnRoute]:
-    """Routes withdrawn for failing jobs, the longest withdrawn first (times on the daemon's
-    clock, shown as wall-clock time)."""
-    wall = datetime.now(UTC)
-    return [
-        WithdrawnRoute(
-            backend=entry.route.backend,
-            model=printable(entry.route.native_id, 300),
-            since=utc_ms(wall - timedelta(seconds=max(0.0, now - entry.since))),
-            last_code=entry.last_code,
-            probes=entry.probes,
-            next_probe_in_s=round(max(0.0, entry.next_probe_at - now), 1),
-        )
-        for entry in sorted(daemon.health.withdrawn.values(), key=lambda w: w.since)
-    ]
-
-
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(endpoint: Endpoint) -> web.Application:
     """The four routes; anything else is aiohttp's 404."""
     from aiohttp import web
 
@@ -219,18 +75,18 @@ def make_app(daemon: Daemon) -> web.Application:
         return web.Response(text="ok\n")  # answered by the event loop itself: it turns
 
     async def readyz(_: web.Request) -> web.Response:
-        ready = (await snapshot(daemon)).readiness
+        ready = (await endpoint.snapshot()).readiness
         return web.Response(text=ready.reason + "\n", status=200 if ready.ready else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        daemon.metrics.observe(await snapshot(daemon))
-        body, content_type = daemon.metrics.exposition()
+        endpoint.metrics.observe(await endpoint.snapshot())
+        body, content_type = endpoint.metrics.exposition()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
     async def status(_: web.Request) -> web.Response:
-        current = await snapshot(daemon)
+        current = await endpoint.snapshot()
         return web.Response(text=current.model_dump_json(), content_type="application/json")
 
     app = web.Application()
@@ -247,7 +103,7 @@ def address(host: str, port: int) -> str:
 
 
 async def serve(
-    daemon: Daemon,
+    endpoint: Endpoint,
     *,
     max_connections: int | None = None,
     idle_s: float | None = None,
@@ -258,11 +114,9 @@ async def serve(
     `max_connections` and `idle_s` default to MAX_CONNECTIONS and IDLE_S (read at the call)."""
     from aiohttp import web
 
-    listen = daemon.config.observability.listen
-    assert listen is not None, "serve() with the endpoint disabled"
-    host, port = listen
+    host, port = endpoint.listen
     idle = IDLE_S if idle_s is None else idle_s
-    app = make_app(daemon)
+    app = make_app(endpoint)
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=SHUTDOWN_S, keepalive_timeout=idle
     )
@@ -284,7 +138,7 @@ async def serve(
             )
         except OSError as exc:
             raise ConfigError(
-                str(daemon.config_path or "agent.toml"),
+                endpoint.config_file,
                 "observability.prometheus_addr",
                 f"cannot listen on {address(host, port)}: {_why(exc)}",
             ) from None
@@ -412,10 +266,6 @@ def _why(exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return "permission denied (ports below 1024 need privileges)"
     return (exc.strerror or type(exc).__name__).lower()
-
-
-class StatusUnavailable(Exception):
-    """`status` could not read a running agent; `str()` is the one line the operator sees."""
 
 
 #: `/status` of an agent with hundreds of BYOK models is well under this.

@@ -15,8 +15,12 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
+
+import anyio
+
+from provider_agent.link.state import State
 
 log = logging.getLogger("provider_agent.observe.systemd")
 
@@ -132,3 +136,25 @@ def _watchdog_usec(env: Mapping[str, str]) -> int | None:
     except ValueError:
         return None
     return usec if usec > 0 else None
+
+
+async def keep_alive(
+    notifier: Notifier,
+    interval_s: float,
+    session_state: Callable[[], State],
+    notify_status: Callable[[], None],
+) -> None:
+    """WATCHDOG=1 only while the loop turns and the session makes progress (authenticated or
+    waiting out a backoff); a stuck loop or a wedged handshake lets systemd restart us."""
+    stuck_since: float | None = None
+    while True:
+        await anyio.sleep(interval_s)
+        state = session_state()
+        now = anyio.current_time()
+        if state in (State.AUTHENTICATED, State.IDLE, State.STOPPED):
+            stuck_since = None
+        elif stuck_since is None:
+            stuck_since = now
+        if stuck_since is None or now - stuck_since < 2 * interval_s:
+            notifier.watchdog()
+        notify_status()

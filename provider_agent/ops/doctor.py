@@ -34,10 +34,10 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from provider_agent.backends import Registry
 from provider_agent.backends.base import USER_AGENT, new_http_session
-from provider_agent.config import BackendConfig, Config
+from provider_agent.config.schema import BackendConfig, Config
 from provider_agent.discovery.catalog import Route
 from provider_agent.discovery.run_pass import BackendReport, PassResult, run_pass
-from provider_agent.errors import IdentityError
+from provider_agent.errors import ControlError, IdentityError, NotRunning
 from provider_agent.jobs.one_completion import tiny_completion
 from provider_agent.link.identity import load as load_identity
 from provider_agent.link.protocol import AuthChallenge, GpuSample, decode
@@ -334,10 +334,10 @@ async def check_agent(state_dir: Path) -> list[Check]:
         reply = await control.call(
             state_dir, control.ControlRequest(op="status"), timeout_s=STEP_TIMEOUT_S
         )
-    except control.NotRunning as exc:
+    except NotRunning as exc:
         hint = "start it: `provider-agent run`, or `systemctl start provider-agent`"
         return [Check("agent", "warn", str(exc), hint)]
-    except control.ControlError as exc:
+    except ControlError as exc:
         return [Check("agent", "warn", str(exc), _RUN_AS_AGENT)]
     if reply.paused is not None:
         detail = f"running, paused {reply.paused.describe()}"

@@ -16,11 +16,15 @@ reference §0), tried in this order on each port:
 
 A port where nothing answers GET / at the HTTP level holds no server. Every request has a timeout
 and a capped read, and nothing here raises for a backend's sake: an odd answer is "not detected".
+
+The other steps of setting up are here too: `validate` (the file written, once edited) and
+`identity` (the key that names this provider).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +37,15 @@ import orjson
 import tomlkit
 from tomlkit.items import AoT, Table
 
-from provider_agent import config
 from provider_agent.backends.base import (
     LISTING_CAP_BYTES,
     USER_AGENT,
     new_http_session,
     read_capped,
 )
-from provider_agent.config import PLACEHOLDER_COORDINATOR_URL, BackendKind
-from provider_agent.errors import BackendError
+from provider_agent.config import load as config_load
+from provider_agent.config.schema import PLACEHOLDER_COORDINATOR_URL, BackendKind, Config
+from provider_agent.errors import BackendError, ExitCode, OutputError
 from provider_agent.store.atomic import write_atomic
 
 #: The default port of each local kind, probed in this order (also the order of the results).
@@ -417,10 +421,6 @@ def _comments(container: Any, text: str) -> None:
 # --- writing --------------------------------------------------------------------------------------
 
 
-class OutputError(Exception):
-    """`--output` names a place `init` will not write to; `str()` is the operator's line."""
-
-
 def _writable_target(path: Path, force: bool) -> Path:
     """Check `--output` before any probing: its directory exists (created parents would hide a
     typo), it is not a directory, and without `force` nothing is there yet (FileExistsError)."""
@@ -449,7 +449,7 @@ def write_config(path: Path, text: str, force: bool) -> None:
         raise FileExistsError(f"{path} exists (use --force to overwrite it)") from None
 
 
-# --- the command ----------------------------------------------------------------------------------
+# --- the commands ---------------------------------------------------------------------------------
 
 
 async def run_init(output: Path, force: bool) -> tuple[Path, list[Detected]]:
@@ -459,6 +459,59 @@ async def run_init(output: Path, force: bool) -> tuple[Path, list[Detected]]:
     async with new_http_session(8) as http:
         detected = await detect_local_backends(http)
     text = render_config(detected)
-    config.parse(text, file=str(output))  # what we write must be what `validate` accepts
+    config_load.parse(text, file=str(output))  # what we write must be what `validate` accepts
     await anyio.to_thread.run_sync(write_config, output, text, force)
     return output, detected
+
+
+def init_command(output_option: str, force: bool) -> int:
+    """`provider-agent init`: 0, the file written; 1 when it cannot be (one line saying why)."""
+    if not output_option.strip():
+        print("init: --output is empty: give the path of the file to write", file=sys.stderr)
+        return ExitCode.FAILURE
+    output = Path(output_option)
+    try:
+        path, detected = anyio.run(run_init, output, force)
+    except OutputError as exc:
+        print(f"init: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except FileExistsError:
+        print(f"init: {output} exists; pass --force to overwrite it", file=sys.stderr)
+        return ExitCode.FAILURE
+    except OSError as exc:
+        print(f"init: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    found = ", ".join(f"{d.kind} at {d.url}" for d in detected) or "no local backend"
+    print(f"wrote {path} ({found}); edit [coordinator] url and [pricing], then `validate`")
+    return ExitCode.OK
+
+
+def validate_command(config: Config) -> int:
+    """`provider-agent validate`, once the file loaded: `ok: <n> backend(s)`, warnings on stderr."""
+    if not config.backends:
+        print("warning: no [[backends]] configured: nothing will be offered", file=sys.stderr)
+    if config.coordinator.is_placeholder:
+        print(
+            "warning: coordinator.url is still a placeholder (a host reserved for examples, like "
+            "the `# CHANGE ME` one `init` writes): set the marketplace's wss:// address",
+            file=sys.stderr,
+        )
+    print(f"ok: {len(config.backends)} backend(s)")
+    return ExitCode.OK
+
+
+def identity_command(config: Config) -> int:
+    """`provider-agent identity`: load the identity key, or create it, and print it."""
+    from provider_agent.link.identity import load_or_create
+
+    identity = load_or_create(config.identity.key_path)
+    if identity.created:
+        print(
+            f"identity: created a new key at {identity.path} (mode 0600); back it up: "
+            "it is this provider's identity",
+            file=sys.stderr,
+        )
+    print(f"public_key: {identity.public_key_b64}")
+    print(f"provider_id: {identity.provider_id or 'none'}")
+    print(f"key_file: {identity.path}")
+    return ExitCode.OK

@@ -22,6 +22,7 @@ import re
 import socket
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from provider_agent.clock import utc_ms
+from provider_agent.errors import ControlError, ExitCode, NotRunning
 from provider_agent.safe_text import printable
 from provider_agent.store.atomic import write_atomic
 
@@ -54,14 +56,6 @@ CLIENT_TIMEOUT_S = 10.0
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"([+-]?[0-9]+(?:\.[0-9]+)?)([smhd])")
-
-
-class ControlError(Exception):
-    """The control socket could not be used; `str()` is the one line an operator sees."""
-
-
-class NotRunning(ControlError):
-    """No agent answers on the control socket."""
 
 
 # --- pure rules ----------------------------------------------------------------------------------
@@ -462,3 +456,37 @@ async def call(
     if not reply.ok:
         raise ControlError(f"the agent refused: {printable(reply.error or 'no reason given')}")
     return reply
+
+
+def pause_command(state_dir: Path, for_text: str | None, reason: str | None) -> int:
+    """`provider-agent pause [--for DURATION] [--reason TEXT]`: 0 paused; 2 for a bad DURATION or
+    reason (an invalid argument, cli.md); 1 when the agent cannot be asked."""
+    try:
+        for_s = parse_duration(for_text) if for_text is not None else None
+        if reason is not None:
+            check_reason(reason)
+    except ValueError as exc:
+        print(f"pause: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    return _ask(state_dir, ControlRequest(op="pause", for_s=for_s, reason=reason))
+
+
+def resume_command(state_dir: Path) -> int:
+    """`provider-agent resume`: 0 resumed, or not paused; 1 when the agent cannot be asked."""
+    return _ask(state_dir, ControlRequest(op="resume", for_s=None, reason=None))
+
+
+def _ask(state_dir: Path, request: ControlRequest) -> int:
+    """One request to the running agent, and what it did as one line."""
+    try:
+        reply = anyio.run(call, state_dir, request)
+    except ControlError as exc:
+        print(f"{request.op}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    if reply.paused is not None:
+        print(f"paused: no models advertised {reply.paused.describe()}")
+    elif reply.changed:
+        print("resumed: models are advertised again")
+    else:
+        print("not paused: nothing to resume")
+    return ExitCode.OK

@@ -33,7 +33,7 @@ import orjson
 
 from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
-from provider_agent.config import BYOK_KINDS, Config
+from provider_agent.config.schema import BYOK_KINDS, Config
 from provider_agent.discovery.catalog import Route
 from provider_agent.discovery.run_pass import BackendReport, run_pass
 from provider_agent.jobs.executor import Executor, ExecutorHooks
@@ -41,6 +41,7 @@ from provider_agent.jobs.ratelimit import TokenWindow
 from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import Job, JobDone, JobError, WireFormat, decode
 from provider_agent.observe.prometheus import FinishedJob, JobStats
+from provider_agent.ops.render import columns
 from provider_agent.safe_text import printable
 from provider_agent.store.outbox import LedgerEntry
 
@@ -263,8 +264,6 @@ async def complete(check: Check, config: Config, registry: Registry) -> CheckRes
 
 def render(report: Report) -> str:
     """The table for a person; foreign text escaped."""
-    from provider_agent.cli import _columns
-
     rows = [
         [
             printable(r.model, 300) if r.model is not None else "-",
@@ -276,7 +275,7 @@ def render(report: Report) -> str:
         ]
         for r in report.results
     ]
-    lines = _columns(["MODEL", "BACKEND", "OK", "TTFT MS", "TOKENS/S", "ERROR"], rows, right=(3, 4))
+    lines = columns(["MODEL", "BACKEND", "OK", "TTFT MS", "TOKENS/S", "ERROR"], rows, right=(3, 4))
     failed = sum(1 for r in report.results if not r.ok)
     if report.tried == 0:
         lines.append("(no model advertised: nothing to try; see `provider-agent discover`)")

@@ -31,10 +31,11 @@ from typing import Final, Literal
 import tomlkit
 from tomlkit.items import Table
 
-from provider_agent import config as config_module
-from provider_agent.config import PLACEHOLDER_COORDINATOR_URL
-from provider_agent.errors import ConfigError
+from provider_agent.config import load as config_module
+from provider_agent.config.schema import PLACEHOLDER_COORDINATOR_URL
+from provider_agent.errors import ConfigError, ExitCode, ServiceError
 from provider_agent.ops.init_config import Detected, render_config, write_config
+from provider_agent.safe_text import printable
 
 SERVICE: Final = "provider-agent"
 UNIT_NAME: Final = "provider-agent.service"
@@ -48,7 +49,7 @@ CONFIG_DIR_MODE: Final = 0o750
 CONFIG_FILE_MODE: Final = 0o640
 UNIT_FILE_MODE: Final = 0o644
 #: The shipped unit: the checkout's systemd/ directory (scripts/install installs editable).
-TEMPLATE: Final = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
+TEMPLATE: Final = Path(__file__).resolve().parents[2] / "systemd" / UNIT_NAME
 #: ProtectHome=yes hides these from the service: an executable there cannot start.
 _HIDDEN_BY_UNIT: Final = (
     PurePosixPath("/home"),
@@ -59,10 +60,6 @@ _HIDDEN_BY_UNIT: Final = (
 _UNSAFE_IN_UNIT: Final = re.compile(r"[\s\"'\\%$\x00-\x1f\x7f]")
 _EXEC_START: Final = re.compile(r"^ExecStart=.*$", re.MULTILINE)
 _CONFIG_ENV: Final = re.compile(r"^Environment=PROVIDER_AGENT_CONFIG=(.*)$", re.MULTILINE)
-
-
-class ServiceError(Exception):
-    """Install or uninstall cannot go on; `str()` is the one line a person sees (exit 1)."""
 
 
 # --- what the command touches outside the files --------------------------------------------------
@@ -588,6 +585,36 @@ def _kept(target: Target, config: PurePosixPath) -> list[str]:
         f"  identity: {key_path} (this machine's marketplace identity: back it up)",
         f"  state:    {state_dir} (the outbox may hold undelivered billing records)",
     ]
+
+
+def service_command(
+    action: Literal["install", "uninstall"],
+    config: str | None,
+    root: str | None,
+    *,
+    start: bool = True,
+    dry_run: bool = False,
+) -> int:
+    """`provider-agent service install|uninstall`: 0 done, what was done printed; 2 for a bad
+    --root (cli.md); 1 when it cannot go on; ConfigError (78) for a config it cannot use."""
+    if root is not None:
+        problem = root_problem(root)
+        if problem is not None:
+            print(
+                f"service {action}: --root {printable(repr(root), 300)}: {problem}", file=sys.stderr
+            )
+            return ExitCode.USAGE
+    target = target_for(config, root)
+    try:
+        if action == "install":
+            report = install(target, Host(), start=start, dry_run=dry_run)
+        else:
+            report = uninstall(target, Host())
+    except ServiceError as exc:
+        print(f"service {action}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    print("\n".join(report.lines))
+    return ExitCode.OK
 
 
 # --- small helpers --------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 from provider_agent.clock import utc_ms
-from provider_agent.errors import OutboxError
+from provider_agent.errors import ExitCode, NoLedger, OutboxError
+from provider_agent.safe_text import printable
 from provider_agent.store.outbox import FILE_NAME, describe_sqlite_error
 
 Grouping = Literal["day", "model", "backend"]
@@ -44,10 +45,6 @@ _KEYS: dict[Grouping, str] = {
     "backend": "backend",
 }
 _NO_END = 2**62
-
-
-class NoLedger(OutboxError):
-    """There is no ledger file where the config says the agent keeps its state."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +148,10 @@ class LedgerReader:
                 period.bounds,
             )
             for time_ms, *rest in cursor:
-                yield (iso_time(time_ms), *(_escaped(v) if isinstance(v, str) else v for v in rest))
+                yield (
+                    iso_time(time_ms),
+                    *(printable(v, limit=None) if isinstance(v, str) else v for v in rest),
+                )
         except sqlite3.Error as exc:
             raise OutboxError(f"ledger {self.path}: {describe_sqlite_error(exc)}") from None
 
@@ -203,13 +203,7 @@ def _numbers(total: Total) -> tuple[int, int, int, int, int]:
 
 
 def _printable(text: str) -> str:
-    return _escaped(text) or "-"
-
-
-def _escaped(text: str) -> str:
-    """Control and other unprintable characters as escapes: nothing from outside reaches the
-    terminal raw (model ids are printable by contract; this guards the rest)."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return printable(text, limit=None) or "-"
 
 
 def write_csv(rows: Iterator[tuple[str | int, ...]], out: TextIO) -> None:
@@ -223,13 +217,11 @@ def earnings_command(
 ) -> int:
     """`provider-agent earnings`: 0; 2 for a bad DATE or period (an invalid argument, cli.md
     settled); 78 for no ledger where the config says."""
-    from provider_agent.cli import EX_CONFIG, EX_FAILURE, EX_OK, EX_USAGE
-
     try:
         period = parse_period(since, until)
     except ValueError as exc:
         print(f"earnings: {exc}", file=sys.stderr)
-        return EX_USAGE
+        return ExitCode.USAGE
     path = state_dir / FILE_NAME
     try:
         with LedgerReader(path) as reader:
@@ -244,16 +236,16 @@ def earnings_command(
             " or $STATE_DIRECTORY under systemd); point [state] dir at it",
             file=sys.stderr,
         )
-        return EX_CONFIG
+        return ExitCode.CONFIG
     except OutboxError as exc:
         print(f"earnings: {exc}", file=sys.stderr)
-        return EX_FAILURE
+        return ExitCode.FAILURE
     except BrokenPipeError:
         # `earnings --csv | head`: the reader left; end quietly (and keep Python's exit flush
         # from complaining about the closed pipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EX_OK
+        return ExitCode.OK
     except OSError as exc:
         print(f"earnings: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
-        return EX_FAILURE
-    return EX_OK
+        return ExitCode.FAILURE
+    return ExitCode.OK

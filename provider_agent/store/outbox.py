@@ -351,6 +351,12 @@ class Outbox:
 
         return await self._run(op)
 
+    async def keep_pruned(self, every_s: float) -> None:
+        """Prune now and then every `every_s`, until cancelled."""
+        while True:
+            await self.prune()
+            await anyio.sleep(every_s)
+
     async def prune(self) -> PruneReport:
         """Drop delivered frames older than 24 h, undelivered frames and orphans older than
         30 days (with a warning: billing records the coordinator never confirmed), and ledger

@@ -20,7 +20,7 @@ from provider_agent.backends.openrouter import parse_price as openrouter_price
 from provider_agent.backends.venice import VeniceBackend
 from provider_agent.backends.venice import parse_models as parse_venice
 from provider_agent.backends.venice import parse_price as venice_price
-from provider_agent.config import BackendConfig
+from provider_agent.config.schema import BackendConfig
 from provider_agent.errors import BackendAuthError
 from tests.conftest import FakeServer, fixture_bytes
 
@@ -261,7 +261,7 @@ def test_openrouter_per_request_fees_leave_the_model_out() -> None:
 async def test_openrouter_models_with_a_per_request_fee_are_dropped_with_one_warning(
     fake_server: FakeServer, http_session: ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from provider_agent.config import parse
+    from provider_agent.config.load import parse
     from provider_agent.discovery.catalog import BackendSeen, build
 
     fake_server.reply("GET", "/api/v1/models", per_request_listing(PER_REQUEST_FEES))
@@ -392,7 +392,7 @@ def test_openrouter_price_parser_never_raises(value: str) -> None:
 async def test_openrouter_absurd_prices_drop_only_their_models(
     fake_server: FakeServer, http_session: ClientSession
 ) -> None:
-    from provider_agent.config import parse
+    from provider_agent.config.load import parse
     from provider_agent.discovery.catalog import BackendSeen, build
     from provider_agent.link.protocol import encode
 
@@ -442,7 +442,7 @@ VENICE_ABSURD_BODY = b"""{"object": "list", "data": [
 async def test_venice_absurd_json_numbers_drop_only_their_models(
     fake_server: FakeServer, http_session: ClientSession
 ) -> None:
-    from provider_agent.config import parse
+    from provider_agent.config.load import parse
     from provider_agent.discovery.catalog import BackendSeen, build
     from provider_agent.link.protocol import encode
 

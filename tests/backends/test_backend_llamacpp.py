@@ -21,7 +21,7 @@ from provider_agent.backends.llamacpp import (
     props_slots,
     unavailable_reason,
 )
-from provider_agent.config import BackendConfig
+from provider_agent.config.schema import BackendConfig
 from tests.conftest import FakeServer, fixture_bytes
 
 #: What llama-cpp-python's `python -m llama_cpp.server` lists: no meta, no /health, no /props.

@@ -14,7 +14,7 @@ from provider_agent.backends.lmstudio import (
     parse_api_v1_models,
     parse_openai_models,
 )
-from provider_agent.config import BackendConfig
+from provider_agent.config.schema import BackendConfig
 from tests.conftest import FakeServer, fixture_bytes
 
 UNEXPECTED = {"error": "Unexpected endpoint or method. (GET /)"}

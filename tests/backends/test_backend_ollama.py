@@ -19,7 +19,7 @@ from provider_agent.backends.ollama import (
     parse_version,
     trained_context,
 )
-from provider_agent.config import BackendConfig
+from provider_agent.config.schema import BackendConfig
 from tests.conftest import FakeServer, fixture_bytes
 
 LLAMA_SHOW = orjson.loads(fixture_bytes("ollama/show.json"))  # num_ctx 8192, trained 131072

@@ -8,7 +8,7 @@ from aiohttp import ClientSession
 
 from provider_agent.backends.base import ModelInfo
 from provider_agent.backends.vllm import VllmBackend, openapi_has_messages, parse_models
-from provider_agent.config import BackendConfig
+from provider_agent.config.schema import BackendConfig
 from provider_agent.errors import BackendError
 from tests.conftest import FakeServer, fixture_bytes
 

@@ -16,7 +16,7 @@ from provider_agent.backends.ollama import OllamaBackend
 from provider_agent.backends.openrouter import OpenRouterBackend
 from provider_agent.backends.venice import VeniceBackend
 from provider_agent.backends.vllm import VllmBackend
-from provider_agent.config import BackendConfig, BackendKind
+from provider_agent.config.schema import BackendConfig, BackendKind
 from provider_agent.errors import BackendError
 from tests.conftest import FakeServer
 

@@ -91,7 +91,7 @@ async def test_the_adapter_serves_without_slots_or_anthropic(llamacpp_url: str) 
     probe's 404 keeps the formats to `openai`."""
     from provider_agent.backends.base import ModelInfo, new_http_session
     from provider_agent.backends.llamacpp import LlamaCppBackend
-    from provider_agent.config import BackendConfig
+    from provider_agent.config.schema import BackendConfig
 
     async with new_http_session(4) as http:
         backend = LlamaCppBackend(BackendConfig(kind="llamacpp", url=llamacpp_url), http, 10)

@@ -18,10 +18,12 @@ from aiohttp import web
 
 from provider_agent.backends import Backend, Registry, make_backend
 from provider_agent.backends.base import new_http_session
-from provider_agent.config import BackendConfig, WireFormat, parse
-from provider_agent.errors import StreamFailed
-from provider_agent.jobs.upstream import MESSAGE_LIMIT, RouteFailure, request_body
+from provider_agent.config.load import parse
+from provider_agent.config.schema import BackendConfig, WireFormat
+from provider_agent.errors import RouteFailure, StreamFailed
+from provider_agent.jobs.upstream import request_body
 from provider_agent.jobs.usage import Usage, UsageMeter
+from provider_agent.safe_text import MESSAGE_LIMIT
 from tests.conftest import FakeServer, fixture_bytes
 from tests.realbackend import MODEL_ALIAS, llamacpp_server
 

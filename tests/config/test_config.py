@@ -18,7 +18,8 @@ import pytest
 import tomlkit
 from pydantic import BaseModel
 
-from provider_agent import config
+from provider_agent.config import load as config_load
+from provider_agent.config import schema as config
 from provider_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def coordinator(**values: Any) -> str:
 
 def parse_error(text: str, **kwargs: Any) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
-        config.parse(text, **kwargs)
+        config_load.parse(text, **kwargs)
     return caught.value
 
 
@@ -487,7 +488,9 @@ def test_odd_unknown_key_stays_one_line(written: str, key: str) -> None:
 
 
 def test_ws_allowed_with_allow_insecure() -> None:
-    cfg = config.parse(coordinator(url="ws://127.0.0.1:8765/provider/connect"), allow_insecure=True)
+    cfg = config_load.parse(
+        coordinator(url="ws://127.0.0.1:8765/provider/connect"), allow_insecure=True
+    )
     assert cfg.coordinator.url == "ws://127.0.0.1:8765/provider/connect"
 
 
@@ -523,7 +526,7 @@ def test_http_refused_even_with_allow_insecure() -> None:
     ],
 )
 def test_range_boundaries_accepted(sections: dict[str, Any], read: str, expected: Any) -> None:
-    value: Any = config.parse(doc(**sections))
+    value: Any = config_load.parse(doc(**sections))
     for part in read.split("."):
         value = value[int(part)] if part.isdigit() else getattr(value, part)
     assert value == expected
@@ -531,12 +534,14 @@ def test_range_boundaries_accepted(sections: dict[str, Any], read: str, expected
 
 @pytest.mark.parametrize("level", ["error", "warn", "info", "debug", "trace"])
 def test_every_log_level_accepted(level: str) -> None:
-    assert config.parse(doc(observability={"log_level": level})).observability.log_level == level
+    assert (
+        config_load.parse(doc(observability={"log_level": level})).observability.log_level == level
+    )
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_every_log_format_accepted(fmt: str) -> None:
-    assert config.parse(doc(observability={"log_format": fmt})).observability.log_format == fmt
+    assert config_load.parse(doc(observability={"log_format": fmt})).observability.log_format == fmt
 
 
 @pytest.mark.parametrize(
@@ -550,14 +555,14 @@ def test_every_log_format_accepted(fmt: str) -> None:
     ],
 )
 def test_prometheus_addr(addr: str, listen: tuple[str, int] | None) -> None:
-    cfg = config.parse(doc(observability={"prometheus_addr": addr}))
+    cfg = config_load.parse(doc(observability={"prometheus_addr": addr}))
     assert cfg.observability.prometheus_addr == addr
     assert cfg.observability.listen == listen
 
 
 def test_not_duplicates() -> None:
     """Same url under another kind, same key under another BYOK kind, two keys for one kind."""
-    cfg = config.parse(
+    cfg = config_load.parse(
         backends(
             {"kind": "vllm", "url": "http://127.0.0.1:8000"},
             {"kind": "llamacpp", "url": "http://127.0.0.1:8000"},
@@ -576,7 +581,7 @@ def test_not_duplicates() -> None:
 
 
 def test_two_keys_of_one_byok_kind_are_two_default_names() -> None:
-    cfg = config.parse(backends(OPENROUTER, {**OPENROUTER, "api_key_env": "OTHER_KEY"}))
+    cfg = config_load.parse(backends(OPENROUTER, {**OPENROUTER, "api_key_env": "OTHER_KEY"}))
     assert [b.label for b in cfg.backends] == [
         "openrouter:OPENROUTER_API_KEY",
         "openrouter:OTHER_KEY",
@@ -584,13 +589,13 @@ def test_two_keys_of_one_byok_kind_are_two_default_names() -> None:
 
 
 def test_local_kind_may_have_bearer_key_env() -> None:
-    cfg = config.parse(backends({**OLLAMA, "api_key_env": "OLLAMA_TOKEN"}))
+    cfg = config_load.parse(backends({**OLLAMA, "api_key_env": "OLLAMA_TOKEN"}))
     assert cfg.backends[0].api_key_env == "OLLAMA_TOKEN"
     assert not cfg.backends[0].is_byok
 
 
 def test_byok_url_kept_without_trailing_slash() -> None:
-    cfg = config.parse(backends({**VENICE, "url": "https://api.venice.ai/api/v1/"}))
+    cfg = config_load.parse(backends({**VENICE, "url": "https://api.venice.ai/api/v1/"}))
     assert cfg.backends[0].url == "https://api.venice.ai/api/v1"
     assert cfg.backends[0].label == "venice:https://api.venice.ai/api/v1"
 
@@ -602,7 +607,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.delenv(config.ENROLLMENT_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = config.parse(doc())
+    cfg = config_load.parse(doc())
     assert cfg.coordinator.heartbeat_interval_s == 15
     assert cfg.coordinator.enrollment_code is None
     assert cfg.enrollment_code is None
@@ -626,7 +631,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_backend_defaults() -> None:
-    backend = config.parse(backends(OLLAMA)).backends[0]
+    backend = config_load.parse(backends(OLLAMA)).backends[0]
     assert backend.markup == Decimal(0)
     assert backend.models is None
     assert backend.name is None
@@ -649,15 +654,15 @@ def test_backend_defaults() -> None:
     ],
 )
 def test_priority_default_by_kind(entry: dict[str, Any], priority: int) -> None:
-    backend = config.parse(backends(entry)).backends[0]
+    backend = config_load.parse(backends(entry)).backends[0]
     assert backend.priority is None
     assert backend.effective_priority == priority
-    explicit = config.parse(backends({**entry, "priority": -7})).backends[0]
+    explicit = config_load.parse(backends({**entry, "priority": -7})).backends[0]
     assert explicit.effective_priority == -7
 
 
 def test_label_defaults() -> None:
-    cfg = config.parse(
+    cfg = config_load.parse(
         backends(
             {"kind": "ollama", "url": "http://127.0.0.1:11434/"},
             OPENROUTER,
@@ -686,7 +691,7 @@ def test_label_defaults() -> None:
 )
 def test_markup_is_exact_decimal(written: str, exact: str) -> None:
     text = doc() + f'\n[[backends]]\nkind = "openrouter"\napi_key_env = "K"\nmarkup = {written}\n'
-    markup = config.parse(text).backends[0].markup
+    markup = config_load.parse(text).backends[0].markup
     assert isinstance(markup, Decimal)
     assert markup == Decimal(exact)
     # Not the binary float's expansion (0.1000000000000000055511151231257827...).
@@ -695,12 +700,12 @@ def test_markup_is_exact_decimal(written: str, exact: str) -> None:
 
 def test_markup_times_price_is_exact() -> None:
     text = doc() + '\n[[backends]]\nkind = "openrouter"\napi_key_env = "K"\nmarkup = 0.1\n'
-    markup = config.parse(text).backends[0].markup
+    markup = config_load.parse(text).backends[0].markup
     assert Decimal("0.0000004") * (1 + markup) * 1_000_000 == Decimal("0.44")
 
 
 def test_fields_keep_their_values() -> None:
-    cfg = config.parse(
+    cfg = config_load.parse(
         doc(
             operator={"display_name": "rig", "wallet": WALLET, "contact_email": "ops@example.com"},
             coordinator={"enrollment_code": "POD-ENROLL-1", "heartbeat_interval_s": 7.5},
@@ -741,36 +746,38 @@ def test_fields_keep_their_values() -> None:
 def test_tilde_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = config.parse(doc(identity={"key_path": "~/keys/id.key"}, state={"dir": "~/state"}))
+    cfg = config_load.parse(doc(identity={"key_path": "~/keys/id.key"}, state={"dir": "~/state"}))
     assert cfg.identity.key_path == tmp_path / "keys" / "id.key"
     assert cfg.state.dir == tmp_path / "state"
 
 
 def test_state_directory_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/sd:{tmp_path}/other")
-    cfg = config.parse(doc())
+    cfg = config_load.parse(doc())
     assert cfg.identity.key_path == tmp_path / "sd" / "identity.key"
     assert cfg.state.dir == tmp_path / "sd"
     # It wins over the configured state.dir too; an explicit key_path is the operator's choice.
-    cfg = config.parse(doc(identity={"key_path": str(tmp_path / "k")}, state={"dir": "/elsewhere"}))
+    cfg = config_load.parse(
+        doc(identity={"key_path": str(tmp_path / "k")}, state={"dir": "/elsewhere"})
+    )
     assert cfg.state.dir == tmp_path / "sd"
     assert cfg.identity.key_path == tmp_path / "k"
 
 
 def test_enrollment_code_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(config.ENROLLMENT_ENV, raising=False)
-    from_file = config.parse(coordinator(enrollment_code="POD-ENROLL-FILE"))
+    from_file = config_load.parse(coordinator(enrollment_code="POD-ENROLL-FILE"))
     assert from_file.enrollment_code == "POD-ENROLL-FILE"
     monkeypatch.setenv(config.ENROLLMENT_ENV, "POD-ENROLL-ENV")
     assert from_file.enrollment_code == "POD-ENROLL-ENV"
-    assert config.parse(doc()).enrollment_code == "POD-ENROLL-ENV"
+    assert config_load.parse(doc()).enrollment_code == "POD-ENROLL-ENV"
     assert config.ENROLLMENT_ENV == "PROVIDER_AGENT_ENROLLMENT_CODE"
 
 
 class TestResolvePath:
     @pytest.fixture(autouse=True)
     def _env(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-        monkeypatch.delenv(config.CONFIG_ENV, raising=False)
+        monkeypatch.delenv(config_load.CONFIG_ENV, raising=False)
         monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
         monkeypatch.chdir(tmp_path)
@@ -783,50 +790,50 @@ class TestResolvePath:
 
     def test_explicit_wins(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self._xdg_file(tmp_path / "xdg")
-        monkeypatch.setenv(config.CONFIG_ENV, str(tmp_path / "env.toml"))
-        assert config.resolve_path(tmp_path / "cli.toml") == tmp_path / "cli.toml"
-        assert config.resolve_path("~/cli.toml") == tmp_path / "home" / "cli.toml"
+        monkeypatch.setenv(config_load.CONFIG_ENV, str(tmp_path / "env.toml"))
+        assert config_load.resolve_path(tmp_path / "cli.toml") == tmp_path / "cli.toml"
+        assert config_load.resolve_path("~/cli.toml") == tmp_path / "home" / "cli.toml"
 
     def test_env_next(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         self._xdg_file(tmp_path / "xdg")
-        monkeypatch.setenv(config.CONFIG_ENV, str(tmp_path / "env.toml"))
-        assert config.CONFIG_ENV == "PROVIDER_AGENT_CONFIG"
-        assert config.resolve_path(None) == tmp_path / "env.toml"
+        monkeypatch.setenv(config_load.CONFIG_ENV, str(tmp_path / "env.toml"))
+        assert config_load.CONFIG_ENV == "PROVIDER_AGENT_CONFIG"
+        assert config_load.resolve_path(None) == tmp_path / "env.toml"
 
     def test_xdg_when_it_exists(self, tmp_path: Path) -> None:
         (tmp_path / "agent.toml").write_text(doc())
-        assert config.resolve_path(None) == Path("agent.toml")
+        assert config_load.resolve_path(None) == Path("agent.toml")
         xdg = self._xdg_file(tmp_path / "xdg")
-        assert config.resolve_path(None) == xdg
+        assert config_load.resolve_path(None) == xdg
 
     def test_dot_config_when_xdg_unset(
         self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ) -> None:
         monkeypatch.delenv("XDG_CONFIG_HOME")
         (tmp_path / "agent.toml").write_text(doc())
-        assert config.resolve_path(None) == Path("agent.toml")
+        assert config_load.resolve_path(None) == Path("agent.toml")
         path = self._xdg_file(tmp_path / "home" / ".config")
-        assert config.resolve_path(None) == path
+        assert config_load.resolve_path(None) == path
 
     def test_cwd_last(self, tmp_path: Path) -> None:
         (tmp_path / "agent.toml").write_text(doc())
-        assert config.resolve_path(None) == Path("agent.toml")
+        assert config_load.resolve_path(None) == Path("agent.toml")
 
     def test_nothing_found_names_every_place_searched(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
-            config.resolve_path(None)
+            config_load.resolve_path(None)
         line = str(caught.value)
         assert "no such file" in line and "\n" not in line
         assert str(tmp_path / "xdg" / "provider-agent" / "agent.toml") in line
         assert str(tmp_path / "agent.toml") in line
-        assert "--config" in line and config.CONFIG_ENV in line and "init" in line
+        assert "--config" in line and config_load.CONFIG_ENV in line and "init" in line
 
     def test_unset_xdg_is_named_as_dot_config(
         self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ) -> None:
         monkeypatch.delenv("XDG_CONFIG_HOME")
         with pytest.raises(ConfigError) as caught:
-            config.resolve_path(None)
+            config_load.resolve_path(None)
         assert "~/.config/provider-agent/agent.toml" in str(caught.value)
         assert str(tmp_path / "home" / ".config" / "provider-agent" / "agent.toml") in str(
             caught.value
@@ -835,7 +842,7 @@ class TestResolvePath:
     @pytest.mark.parametrize("empty", ["", " ", "\t"])
     def test_empty_config_option_is_refused(self, empty: str) -> None:
         with pytest.raises(ConfigError) as caught:
-            config.resolve_path(empty)
+            config_load.resolve_path(empty)
         assert str(caught.value) == "--config: is empty: give the path of agent.toml"
 
 
@@ -845,15 +852,15 @@ class TestResolvePath:
 def test_load_reads_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(backends(OLLAMA), encoding="utf-8")
-    assert config.load(path).backends[0].kind == "ollama"
-    assert config.load(str(path)).backends[0].label == "ollama:http://127.0.0.1:11434"
+    assert config_load.load(path).backends[0].kind == "ollama"
+    assert config_load.load(str(path)).backends[0].label == "ollama:http://127.0.0.1:11434"
 
 
 def test_load_error_names_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(backends(OLLAMA, OLLAMA), encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        config_load.load(path)
     assert str(caught.value).startswith(f"{path}: backends[1].url: duplicate")
 
 
@@ -861,8 +868,8 @@ def test_load_passes_allow_insecure(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(coordinator(url="ws://127.0.0.1:8765/provider/connect"), encoding="utf-8")
     with pytest.raises(ConfigError, match="--allow-insecure"):
-        config.load(path)
-    assert config.load(path, allow_insecure=True).coordinator.url.startswith("ws://")
+        config_load.load(path)
+    assert config_load.load(path, allow_insecure=True).coordinator.url.startswith("ws://")
 
 
 @pytest.mark.parametrize(
@@ -878,7 +885,7 @@ def test_load_unreadable_is_one_line(tmp_path: Path, make: Any, fragment: str) -
     path = tmp_path / "agent.toml"
     make(path)
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        config_load.load(path)
     line = str(caught.value)
     assert line.startswith(f"{path}: ")
     assert fragment in line
@@ -891,7 +898,7 @@ def test_load_unreadable_is_one_line(tmp_path: Path, make: Any, fragment: str) -
 
 def test_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    cfg = config.load(EXAMPLE)
+    cfg = config_load.load(EXAMPLE)
     assert cfg.coordinator.url.startswith("wss://")
     kinds = [b.kind for b in cfg.backends]
     assert {"ollama", "llamacpp", "openrouter"} <= set(kinds)
@@ -1013,7 +1020,7 @@ def test_every_number_accepts_both_ends_of_its_range(
     section: str, key: str, low: Any, high: Any
 ) -> None:
     for value in (low, high):
-        assert _read(config.parse(with_number(section, key, value)), section, key) == value
+        assert _read(config_load.parse(with_number(section, key, value)), section, key) == value
 
 
 @pytest.mark.parametrize(("section", "key", "low", "high"), NUMBERS)
@@ -1139,7 +1146,7 @@ def test_wrong_encoding_says_what_is_wrong(
     path = tmp_path / "agent.toml"
     path.write_bytes(data)
     with pytest.raises(ConfigError) as caught:
-        config.load(path)
+        config_load.load(path)
     line = str(caught.value)
     assert line.startswith(f"{path}: ") and "save it as UTF-8" in line
     for fragment in fragments:
@@ -1151,7 +1158,7 @@ def test_wrong_encoding_says_what_is_wrong(
 def test_utf8_with_non_ascii_reads(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_bytes((GOOD + '[operator]\ndisplay_name = "Café 模型"\n').encode())
-    assert config.load(path).operator.display_name == "Café 模型"
+    assert config_load.load(path).operator.display_name == "Café 模型"
 
 
 @pytest.mark.parametrize(
@@ -1161,9 +1168,9 @@ def test_huge_input_is_refused_without_reading_it_all(tmp_path: Path, source: st
     path = Path(source)
     if source == "huge":
         path = tmp_path / "agent.toml"
-        path.write_text(GOOD + "#" * (config.MAX_FILE_BYTES + 10))
+        path.write_text(GOOD + "#" * (config_load.MAX_FILE_BYTES + 10))
     with pytest.raises(ConfigError, match="larger than 1024 KiB"):
-        config.load(path)
+        config_load.load(path)
 
 
 # --- URLs ----------------------------------------------------------------------------------------
@@ -1252,7 +1259,7 @@ def test_no_v1_rule_sees_through_paths_and_queries(url: str) -> None:
     ],
 )
 def test_good_local_urls_pass(url: str) -> None:
-    assert config.parse(backends({**OLLAMA, "url": url})).backends[0].url == url.rstrip("/")
+    assert config_load.parse(backends({**OLLAMA, "url": url})).backends[0].url == url.rstrip("/")
 
 
 @pytest.mark.parametrize("kind", ["openrouter", "venice"])
@@ -1263,7 +1270,7 @@ def test_byok_over_http_needs_allow_insecure(kind: str, url: str) -> None:
     assert error.key == "backends[0].url"
     for fragment in ("https://", "--allow-insecure", "clear text"):
         assert fragment in error.message
-    assert config.parse(backends(entry), allow_insecure=True).backends[0].url == url
+    assert config_load.parse(backends(entry), allow_insecure=True).backends[0].url == url
 
 
 @pytest.mark.parametrize("scheme", ["ftp", "file", "ws", "wss"])
@@ -1282,7 +1289,7 @@ def test_backend_url_scheme_is_http_or_https(scheme: str) -> None:
     ],
 )
 def test_good_coordinator_urls_pass(url: str) -> None:
-    assert config.parse(coordinator(url=url)).coordinator.url == url
+    assert config_load.parse(coordinator(url=url)).coordinator.url == url
 
 
 @pytest.mark.parametrize(
@@ -1298,7 +1305,7 @@ def test_good_coordinator_urls_pass(url: str) -> None:
     ],
 )
 def test_placeholder_coordinator_is_recognised(url: str, placeholder: bool) -> None:
-    assert config.parse(coordinator(url=url)).coordinator.is_placeholder is placeholder
+    assert config_load.parse(coordinator(url=url)).coordinator.is_placeholder is placeholder
 
 
 # --- strings that name things, and paths ---------------------------------------------------------
@@ -1347,7 +1354,7 @@ def test_naming_strings_are_refused(where: str, name: str, fragment: str) -> Non
 )
 def test_naming_strings_at_the_limit_pass(where: str, name: str) -> None:
     text, _ = _name_doc(where, name)
-    config.parse(text)
+    config_load.parse(text)
 
 
 @pytest.mark.parametrize(
@@ -1380,7 +1387,7 @@ def test_state_dir_fits_a_socket_path(
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     path = "/" + "d" * (length - 1)
     if ok:
-        assert str(config.parse(doc(state={"dir": path})).state.dir) == path
+        assert str(config_load.parse(doc(state={"dir": path})).state.dir) == path
         return
     error = parse_error(doc(state={"dir": path}))
     assert error.key == "state.dir" and "at most 90" in error.message
@@ -1408,7 +1415,7 @@ def test_the_state_dir_limit_holds_for_state_directory(
         assert "$STATE_DIRECTORY" in error.message and long in error.message
         assert "91 bytes" in error.message and "at most 90" in error.message
     monkeypatch.setenv("STATE_DIRECTORY", "/" + "s" * 89)
-    assert config.parse(doc()).state.dir == Path("/" + "s" * 89)
+    assert config_load.parse(doc()).state.dir == Path("/" + "s" * 89)
 
 
 @pytest.mark.parametrize("source", ["XDG_STATE_HOME", "HOME"])
@@ -1426,7 +1433,7 @@ def test_the_state_dir_limit_holds_for_the_default(
     assert error.key == "state.dir"
     assert f"the default {expected} " in error.message and "set [state] dir" in error.message
     # An explicit [state] dir is the one used: the long default no longer matters.
-    assert config.parse(doc(state={"dir": "/short"})).state.dir == Path("/short")
+    assert config_load.parse(doc(state={"dir": "/short"})).state.dir == Path("/short")
 
 
 def test_the_default_state_dir_follows_xdg_state_home(
@@ -1434,10 +1441,10 @@ def test_the_default_state_dir_follows_xdg_state_home(
 ) -> None:
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    assert config.parse(doc()).state.dir == tmp_path / "xdg" / "provider-agent"
+    assert config_load.parse(doc()).state.dir == tmp_path / "xdg" / "provider-agent"
     monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")  # the XDG spec: ignore it
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert config.parse(doc()).state.dir == tmp_path / ".local/state/provider-agent"
+    assert config_load.parse(doc()).state.dir == tmp_path / ".local/state/provider-agent"
 
 
 def test_state_dir_limit_counts_bytes_after_expansion(
@@ -1448,7 +1455,9 @@ def test_state_dir_limit_counts_bytes_after_expansion(
     error = parse_error(doc(state={"dir": "~/state-dir"}))
     assert "bytes" in error.message
     monkeypatch.setenv("HOME", "/h")
-    assert config.parse(doc(state={"dir": "~/" + "é" * 40})).state.dir == Path("/h/" + "é" * 40)
+    assert config_load.parse(doc(state={"dir": "~/" + "é" * 40})).state.dir == Path(
+        "/h/" + "é" * 40
+    )
     error = parse_error(doc(state={"dir": "/" + "é" * 46}))  # 46 characters, 93 bytes
     assert "93 bytes" in error.message
 
@@ -1458,7 +1467,7 @@ def test_state_dir_limit_counts_bytes_after_expansion(
 
 @pytest.mark.parametrize("gpu", ["auto", "off"])
 def test_telemetry_gpu(gpu: str) -> None:
-    assert config.parse(doc(telemetry={"gpu": gpu})).telemetry.gpu == gpu
+    assert config_load.parse(doc(telemetry={"gpu": gpu})).telemetry.gpu == gpu
 
 
 @pytest.mark.parametrize("gpu", ["on", "AUTO", "", True])

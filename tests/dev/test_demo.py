@@ -14,7 +14,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from provider_agent.config import load
+from provider_agent.config.load import load
 from provider_agent.dev.demo import BACKENDS, SHARED, agent_config, content_of
 
 #: cli.md: the demo runs in under 30 s (here a generous bound; it takes a few seconds).

@@ -25,16 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from provider_agent import cli
 from provider_agent.backends.base import new_http_session
-from provider_agent.config import parse
-from provider_agent.dev.sim.backend import (
-    KINDS,
-    WORDS,
-    Fault,
-    SimBackend,
-    SimModel,
-    job_key,
-    parse_listen,
-)
+from provider_agent.config.load import parse
+from provider_agent.dev.sim.command import parse_listen
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.dev.sim.faults import Fault
+from provider_agent.dev.sim.records import KINDS, SimModel, job_key
+from provider_agent.dev.sim.sse import WORDS
 from provider_agent.discovery.run_pass import BackendReport, run_pass
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"

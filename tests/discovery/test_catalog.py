@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from provider_agent.backends.base import ModelInfo, UpstreamPrice
-from provider_agent.config import Config, parse
+from provider_agent.config.load import parse
+from provider_agent.config.schema import Config
 from provider_agent.discovery.catalog import BackendSeen, build, model_concurrency, usd_to_micro
 from provider_agent.link.protocol import Capabilities, decode, encode
 

@@ -12,9 +12,11 @@ import anyio
 import pytest
 from aiohttp import web
 
+from provider_agent.backends import Registry
 from provider_agent.backends.base import new_http_session
 from provider_agent.backends.ollama import SHOW_CONCURRENCY
-from provider_agent.config import Config, parse
+from provider_agent.config.load import parse
+from provider_agent.config.schema import Config
 from provider_agent.discovery.run_pass import Discovery, run_pass
 from provider_agent.jobs.route_health import Traffic
 from tests.conftest import FakeServer
@@ -118,7 +120,7 @@ async def test_concurrent_requests_share_one_pass(farm: VllmFarm) -> None:
     farm.release = anyio.Event()
     results = []
     async with new_http_session(8) as http:
-        discovery = Discovery(http, lambda: cfg)
+        discovery = Discovery(lambda: Registry.build(cfg, http), lambda: cfg)
 
         async def ask() -> None:
             results.append(await discovery.run())
@@ -137,7 +139,7 @@ async def test_a_cancelled_pass_does_not_strand_waiters(farm: VllmFarm) -> None:
     cfg = config_for(farm.urls[:1], timeout_s=5)
     farm.release = anyio.Event()
     async with new_http_session(8) as http:
-        discovery = Discovery(http, lambda: cfg)
+        discovery = Discovery(lambda: Registry.build(cfg, http), lambda: cfg)
         async with anyio.create_task_group() as group:
             first = anyio.CancelScope()
 
@@ -266,7 +268,7 @@ def assert_safe(text: str) -> None:
 async def test_backend_text_is_escaped_in_logs_and_the_table(
     fake_server: FakeServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from provider_agent.cli import render_discovery
+    from provider_agent.ops.render import render_discovery
 
     cfg = hostile_backends(fake_server)
     with caplog.at_level(logging.DEBUG):
@@ -293,10 +295,10 @@ async def test_backend_text_is_escaped_in_logs_and_the_table(
 
 
 def test_table_columns_fit_names_and_counts_agree_with_the_offer() -> None:
-    from provider_agent.cli import render_discovery
     from provider_agent.discovery.catalog import BackendSeen, build
     from provider_agent.discovery.listing import Health, ModelInfo
     from provider_agent.discovery.run_pass import BackendReport, PassResult
+    from provider_agent.ops.render import render_discovery
 
     long_url = "http://very-long-hostname.internal.example.com:18000"
     cfg = parse(
@@ -343,7 +345,7 @@ async def test_a_backend_healthy_by_its_jobs_keeps_its_listing_until_interval_s(
     evidence: dict[str, Traffic] = {}
     async with new_http_session(8) as http:
         discovery = Discovery(
-            http,
+            lambda: Registry.build(cfg, http),
             lambda: cfg,
             traffic=lambda label: evidence.get(label, Traffic()),
             clock=lambda: now[0],
@@ -378,7 +380,7 @@ async def test_a_backend_healthy_by_its_jobs_keeps_its_listing_until_interval_s(
 async def test_without_traffic_every_backend_is_probed_every_pass(farm: VllmFarm) -> None:
     cfg = config_for(farm.urls[:2])
     async with new_http_session(8) as http:
-        discovery = Discovery(http, lambda: cfg)
+        discovery = Discovery(lambda: Registry.build(cfg, http), lambda: cfg)
         for _ in range(3):
             result = await discovery.run()
             assert not any(r.probe_skipped for r in result.reports)

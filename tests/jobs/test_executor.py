@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from provider_agent.backends import Registry
+from provider_agent.clock import Timings
 from provider_agent.dev.coordinator import DevCoordinator, JobRecord
 from provider_agent.discovery.catalog import Price, Route
 from provider_agent.errors import OutboxError
@@ -345,10 +346,12 @@ async def test_a_repeat_that_arrives_while_its_refusal_is_stored_is_not_run(
         cfg = write_config(tmp_path, coord.ws_url, backend_urls=(backend.url,))
         async with running_agent(cfg) as daemon:
             await serving(coord)
-            daemon.jobs.reject("twin-1", "invalid job: request: Input should be a valid dictionary")
-            daemon.jobs.submit(Job(job_id="twin-1", model_id="m", request=REQUEST))
-            daemon.jobs.submit(Job(job_id="twin-2", model_id="unknown", request=REQUEST))
-            daemon.jobs.submit(Job(job_id="twin-2", model_id="m", request=REQUEST))
+            daemon.agent.jobs.reject(
+                "twin-1", "invalid job: request: Input should be a valid dictionary"
+            )
+            daemon.agent.jobs.submit(Job(job_id="twin-1", model_id="m", request=REQUEST))
+            daemon.agent.jobs.submit(Job(job_id="twin-2", model_id="unknown", request=REQUEST))
+            daemon.agent.jobs.submit(Job(job_id="twin-2", model_id="m", request=REQUEST))
             await coord.wait_for(
                 lambda c: all(c.jobs.get(j) and c.jobs[j].terminal for j in ("twin-1", "twin-2"))
             )
@@ -420,7 +423,7 @@ async def test_coordinator_killed_right_after_a_job_resends_its_frame_after_reco
 async def test_each_format_is_relayed_verbatim_from_the_simulator(
     coord: DevCoordinator, tmp_path: Path, fmt: str
 ) -> None:
-    from provider_agent.dev.sim.backend import SimBackend
+    from provider_agent.dev.sim.core import SimBackend
 
     async with SimBackend("vllm", ["m"], tokens=12, tokens_per_s=0, anthropic=True) as sim:
         cfg = write_config(tmp_path, coord.ws_url, backend_urls=(sim.base_url,))
@@ -439,11 +442,12 @@ async def test_each_format_is_relayed_verbatim_from_the_simulator(
     coord.assert_no_violations()
 
 
-async def test_a_job_whose_frames_cannot_leave_for_5_s_ends_connection_lost(
+async def test_a_job_whose_frames_stall_past_the_send_deadline_ends_connection_lost(
     tmp_path: Path,
 ) -> None:
     """A coordinator that stops reading: the socket's buffers fill, the job's lane passes the
-    backpressure mark, and after 5 s the job ends `connection_lost` (kept in the outbox)."""
+    backpressure mark, and after `send_stall_s` (5 s in production, 0.3 s here) the job ends
+    `connection_lost` (kept in the outbox)."""
     from aiohttp import web
     from websockets.asyncio.server import ServerConnection, serve
 
@@ -486,18 +490,26 @@ async def test_a_job_whose_frames_cannot_leave_for_5_s_ends_connection_lost(
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     backend_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with serve(stalling_coordinator, "127.0.0.1", 0, compression=None) as server:
+        # The scripted coordinator never reads the agent's close frame (it sits behind the
+        # unread chunks): its own closing handshake would wait websockets' default 10 s.
+        async with serve(
+            stalling_coordinator, "127.0.0.1", 0, compression=None, close_timeout=0.1
+        ) as server:
             port = next(iter(server.sockets)).getsockname()[1]
             cfg = write_config(
                 tmp_path, f"ws://127.0.0.1:{port}", backend_urls=(backend_url,), drain_timeout_s=0
             )
-            async with running_agent(cfg) as daemon:
-                daemon.budgets.close_session_s = 1.0  # the socket is stuck: do not wait long
-                await stop_reading.wait()
-                with anyio.fail_after(30):
-                    while not daemon.jobs.outbox.in_store("stalled") or daemon.jobs.running:  # noqa: ASYNC110 (no event for a job's end)
-                        await anyio.sleep(0.1)
-                frame = await daemon.jobs.outbox.stored_frame("stalled")
+            # The socket is stuck: the stall deadline is the point; the graceful close cannot
+            # finish anyway, so do not wait long for it either.
+            async with running_agent(
+                cfg, timings=Timings(send_stall_s=0.3, close_session_s=0.3)
+            ) as daemon:
+                with anyio.fail_after(10):
+                    await stop_reading.wait()
+                    jobs = daemon.agent.jobs
+                    while not jobs.outbox.in_store("stalled") or jobs.running:  # noqa: ASYNC110 (no event for a job's end)
+                        await anyio.sleep(0.02)
+                frame = await daemon.agent.jobs.outbox.stored_frame("stalled")
             release.set()
     finally:
         release.set()
@@ -505,6 +517,7 @@ async def test_a_job_whose_frames_cannot_leave_for_5_s_ends_connection_lost(
     assert frame is not None
     stored = orjson.loads(frame)
     assert stored["error_code"] == "connection_lost" and stored["tokens_emitted"] > 1024 * 1024
+    assert "could not be sent" in stored["message"]  # the stall ended it, not a lost socket
 
 
 async def test_ledger_totals_equal_the_job_dones_the_coordinator_received(
@@ -970,7 +983,7 @@ async def test_refusals_waiting_for_a_failing_store_are_bounded(
 ) -> None:
     """A flood of jobs while the disk is full cannot grow memory without end: past
     MAX_UNSTORED waiting frames a refusal (which bills nothing) is dropped, not kept."""
-    from provider_agent.jobs.executor import executor as jobs
+    from provider_agent.jobs import executor as jobs
 
     monkeypatch.setattr(jobs, "MAX_UNSTORED", 3)
     store, outbound = FullFor(), Outbound()

@@ -9,7 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from provider_agent.config import Config, parse
+from provider_agent.config.load import parse
+from provider_agent.config.schema import Config
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.coordinator.contract import contract_problems
 from provider_agent.discovery.catalog import Price, Route, capabilities_message
@@ -163,7 +164,7 @@ async def test_a_served_job_shows_in_the_next_capabilities_and_a_failed_one_does
                 job = await coord.send_job(pid, model, REQUEST)
                 ids.append(job.job_id)
             await coord.wait_for(lambda c: all(c.jobs[i].terminal is not None for i in ids), 10)
-            daemon.request_pass()  # the next capabilities message
+            daemon.agent.passes.request()  # the next capabilities message
             agent = await agent_where(
                 coord,
                 lambda a: (

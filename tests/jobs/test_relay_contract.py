@@ -174,7 +174,7 @@ async def test_a_route_probe_ends_at_done_while_the_backend_keeps_the_connection
     marker too: such a backend was `backend_timeout` on every probe, so never restored."""
     from provider_agent.backends import Registry
     from provider_agent.backends.base import new_http_session
-    from provider_agent.config import load
+    from provider_agent.config.load import load
     from provider_agent.discovery.catalog import Price, Route
     from provider_agent.jobs.one_completion import tiny_completion
 

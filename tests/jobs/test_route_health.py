@@ -10,8 +10,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from provider_agent.clock import Timings
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.dev.sim.backend import Fault, SimBackend, SimRequest
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.dev.sim.faults import Fault
+from provider_agent.dev.sim.records import SimRequest
 from provider_agent.discovery.catalog import Price, Route
 from provider_agent.jobs.route_health import (
     FAILURES_TO_WITHDRAW,
@@ -181,8 +184,8 @@ async def test_three_failed_jobs_withdraw_the_route_and_a_probe_brings_it_back(
 ) -> None:
     async with SimBackend("vllm", ["m"], tokens=3, tokens_per_s=0) as sim:
         cfg = write_config(tmp_path, coord.ws_url, backend_urls=(sim.base_url,))
-        async with running_agent(cfg) as daemon:
-            daemon.route_probe_s = 0.2  # probes come fast here (min(interval_s, 30 s) in use)
+        # Probes come fast here (min(interval_s, 30 s) in use).
+        async with running_agent(cfg, timings=Timings(route_probe_s=0.2)) as daemon:
             pid = await serving(coord)
             sim.fault = Fault(kind="http", status=500)  # /health still answers: a sick GPU
             for _ in range(FAILURES_TO_WITHDRAW):
@@ -192,21 +195,22 @@ async def test_three_failed_jobs_withdraw_the_route_and_a_probe_brings_it_back(
                 assert record.terminal.error_code == "backend_error"
             # Withdrawn at once: an out-of-cycle capabilities message (a budget of 1 s).
             await agent_where(coord, lambda a: "m" not in a.offers(), timeout=1.0)
-            assert daemon.health.withdrawals == 1
+            assert daemon.agent.routes.health.withdrawals == 1
 
             # A discovery pass (the backend's /health is fine) does not bring it back.
-            passes = daemon.discovery.passes if daemon.discovery else 0
-            daemon.request_pass()
-            await coord.wait_for(
-                lambda _: daemon.discovery is not None and daemon.discovery.passes > passes
-            )
+            passes = daemon.agent.discovery.passes if daemon.agent.discovery else 0
+            daemon.agent.passes.request()
+            await coord.wait_for(lambda _: daemon.agent.discovery.passes > passes)
             assert "m" not in next(iter(coord.agents.values())).offers()
             # Probes were tried (and failed) while the fault lasted.
             await sim.wait_for(lambda s: len(posts(s)) >= FAILURES_TO_WITHDRAW + 1)
 
             sim.fault = None
             await agent_where(coord, lambda a: "m" in a.offers(), timeout=10)
-            assert daemon.health.restorations == 1 and not daemon.health.withdrawn
+            assert (
+                daemon.agent.routes.health.restorations == 1
+                and not daemon.agent.routes.health.withdrawn
+            )
             probe = posts(sim)[-1].json()
             assert probe["max_tokens"] == 1 and probe["model"] == "m"
 
@@ -223,8 +227,8 @@ async def test_a_job_for_a_withdrawn_model_is_refused_without_touching_the_backe
 ) -> None:
     async with SimBackend("vllm", ["m"], tokens=3, tokens_per_s=0) as sim:
         cfg = write_config(tmp_path, coord.ws_url, backend_urls=(sim.base_url,))
-        async with running_agent(cfg) as daemon:
-            daemon.route_probe_s = 3600.0  # no probe during this test
+        # No probe during this test.
+        async with running_agent(cfg, timings=Timings(route_probe_s=3600.0)):
             pid = await serving(coord)
             sim.fault = Fault(kind="http", status=503)
             for _ in range(FAILURES_TO_WITHDRAW):
@@ -264,15 +268,14 @@ async def test_a_busy_backend_is_not_probed_by_a_pass_while_an_idle_one_is(
             prometheus_addr=f"127.0.0.1:{port}",
         )
         async with running_agent(cfg) as daemon, aiohttp.ClientSession() as http:
-            assert daemon.discovery is not None
-            discovery = daemon.discovery
+            discovery = daemon.agent.discovery
             pid = await serving(coord, "slow")
             await coord.wait_for(lambda _: discovery.passes >= 2)  # the start's and auth_ok's
             job = await coord.send_job(pid, "slow", long_request)
             await coord.wait_for(lambda c: c.jobs[job.job_id].bytes_relayed > 0)
             busy_mark, idle_mark = len(busy.requests), len(idle.requests)
             passes = discovery.passes
-            daemon.request_pass()
+            daemon.agent.passes.request()
             await coord.wait_for(lambda _: discovery.passes > passes)
             during = probes(busy, busy_mark)
             [stream] = busy.completions
@@ -287,7 +290,7 @@ async def test_a_busy_backend_is_not_probed_by_a_pass_while_an_idle_one_is(
             assert isinstance((await finished(coord, quick.job_id)).terminal, JobDone)
             busy_mark, idle_mark = len(busy.requests), len(idle.requests)
             passes = discovery.passes
-            daemon.request_pass()
+            daemon.agent.passes.request()
             await coord.wait_for(lambda _: discovery.passes > passes)
             assert probes(busy, busy_mark) == ["/health", "/v1/models"]  # cancelled: no evidence
             assert probes(idle, idle_mark) == []  # its job succeeded since its last probe

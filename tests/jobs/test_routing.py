@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
 from provider_agent.discovery.catalog import Price, Route, model_concurrency
-from provider_agent.jobs.routing import SKIP_AFTER_FAILURE_S, RouteLoad, admit, order_routes
+from provider_agent.jobs.routing import (
+    SKIP_AFTER_FAILURE_S,
+    Refusal,
+    RouteLoad,
+    admit,
+    order_routes,
+)
+from provider_agent.link.protocol import WireFormat
 
 
 def route(
@@ -121,3 +131,397 @@ def test_advertised_concurrency_counts_slots(
 ) -> None:
     routes = [route(str(i), cap=cap, slots=slots) for i, (cap, slots) in enumerate(caps)]
     assert model_concurrency(16, routes) == expected
+
+
+def admit_with(**changes: Any) -> Refusal | None:
+    args: dict[str, Any] = {
+        "model_id": "m",
+        "fmt": "openai",
+        "routes": ROUTES,
+        "in_flight": 0,
+        "max_concurrent": 4,
+        "window_open": True,
+        "status": "ready",
+        "store_problem": None,
+        **changes,
+    }
+    return admit(**args)
+
+
+EVERY_LATER_PROBLEM: dict[str, Any] = {
+    "store_problem": "cannot store in /state",
+    "in_flight": 4,
+    "window_open": False,
+    "model_id": "other",
+    "fmt": "anthropic",
+}
+
+
+def serving(*formats: WireFormat) -> Route:
+    return replace(route(), formats=frozenset(formats))
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "message"),
+    [
+        pytest.param(
+            {**EVERY_LATER_PROBLEM, "status": "draining"},
+            "shutting_down",
+            "this agent is stopping and takes no new jobs",
+            id="draining beats every other reason",
+        ),
+        pytest.param(
+            {**EVERY_LATER_PROBLEM, "status": "paused"},
+            "out_of_capacity",
+            "paused for maintenance",
+            id="paused beats the store and everything after it",
+        ),
+        pytest.param(
+            EVERY_LATER_PROBLEM,
+            "out_of_capacity",
+            "cannot store in /state",
+            id="the store beats full slots",
+        ),
+        pytest.param(
+            {**EVERY_LATER_PROBLEM, "store_problem": None},
+            "out_of_capacity",
+            "all 4 job slots are busy",
+            id="full slots beat the token window",
+        ),
+        pytest.param(
+            {"in_flight": 9},
+            "out_of_capacity",
+            "all 4 job slots are busy",
+            id="more in flight than slots (a lowered limit)",
+        ),
+        pytest.param(
+            {"max_concurrent": 0},
+            "out_of_capacity",
+            "all 0 job slots are busy",
+            id="no slots at all",
+        ),
+        pytest.param({"in_flight": 3}, None, None, id="the last slot admits"),
+        pytest.param(
+            {"window_open": False, "model_id": "other", "fmt": "anthropic"},
+            "rate_limited",
+            "the token budget of the last 60 s is spent",
+            id="the token window beats an unknown model",
+        ),
+        pytest.param(
+            {"model_id": "other", "fmt": "anthropic"},
+            "model_not_loaded",
+            "no backend of this agent serves this model",
+            id="an unknown model beats the format",
+        ),
+        pytest.param(
+            {"model_id": "M"},
+            "model_not_loaded",
+            "no backend of this agent serves this model",
+            id="model ids match exactly (case)",
+        ),
+        pytest.param(
+            {"routes": {}},
+            "model_not_loaded",
+            "no backend",
+            id="no routes for any model",
+        ),
+        pytest.param(
+            {"routes": {"m": ()}},
+            "model_not_loaded",
+            "no backend",
+            id="the model listed with no routes",
+        ),
+        pytest.param(
+            {
+                "fmt": "anthropic",
+                "routes": {"m": (serving("openai"),), "x": (serving("anthropic"),)},
+            },
+            "unsupported_format",
+            "no backend serving this model speaks anthropic",
+            id="another model's routes speaking the format do not count",
+        ),
+        pytest.param(
+            {"fmt": "anthropic", "routes": {"m": (serving("openai"), serving("anthropic"))}},
+            None,
+            None,
+            id="one of several routes speaking the format admits",
+        ),
+        pytest.param(
+            {"fmt": "anthropic", "routes": {"m": (serving("openai", "anthropic"),)}},
+            None,
+            None,
+            id="a route speaking both formats admits",
+        ),
+        pytest.param(
+            {"fmt": "openai", "routes": {"m": (serving(),)}},
+            "unsupported_format",
+            "speaks openai",
+            id="a route speaking no format",
+        ),
+    ],
+)
+def test_admission_precedence(
+    changes: dict[str, Any], code: str | None, message: str | None
+) -> None:
+    """Each row also carries every problem checked after the one it expects, so the order shows."""
+    refusal = admit_with(**changes)
+    if code is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refusal.code == code
+        assert message is not None and message in refusal.message
+
+
+NOW = 100.0
+
+
+def spec(
+    label: str,
+    *,
+    priority: int = 0,
+    index: int = 0,
+    cap: int | None = None,
+    slots: int | None = None,
+    formats: tuple[WireFormat, ...] = ("openai",),
+    price: int = 1,
+) -> Route:
+    """A route named "backend/native"."""
+    backend, native = label.split("/")
+    made = route(backend, native, cap=cap, slots=slots, priority=priority, index=index)
+    return replace(made, formats=frozenset(formats), price=Price(price, price))
+
+
+def label(r: Route) -> str:
+    return f"{r.backend}/{r.native_id}"
+
+
+@pytest.mark.parametrize(
+    ("routes", "busy", "failed", "fmt", "expected"),
+    [
+        pytest.param([], {}, {}, "openai", [], id="no routes"),
+        pytest.param([spec("a/m")], {}, {}, "openai", ["a/m"], id="one route"),
+        pytest.param(
+            [spec("a/m", priority=5), spec("b/m", priority=1, index=1)],
+            {},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="lower priority number first, before config order",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", priority=-3, index=1)],
+            {},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="a negative priority comes first",
+        ),
+        pytest.param(
+            [spec("b/m", index=1), spec("a/m")],
+            {},
+            {},
+            "openai",
+            ["a/m", "b/m"],
+            id="ties go by config index, not input order",
+        ),
+        pytest.param(
+            [spec("a/m2"), spec("a/m1")],
+            {},
+            {},
+            "openai",
+            ["a/m2", "a/m1"],
+            id="a complete tie keeps the input order",
+        ),
+        pytest.param(
+            [spec("a/m", price=900), spec("b/m", index=1, price=1)],
+            {},
+            {},
+            "openai",
+            ["a/m", "b/m"],
+            id="price plays no part",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {"a/m": 2, "b/m": 1},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="fewer jobs in flight beats config order",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {"a/m": 1, "b/m": 1},
+            {},
+            "openai",
+            ["a/m", "b/m"],
+            id="equal load falls back to config order",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {"b/m": 1, "a/x": 2},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="load is counted per backend, over all its models",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", priority=1, index=1)],
+            {"a/m": 3},
+            {},
+            "openai",
+            ["a/m", "b/m"],
+            id="priority beats load",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1, formats=("anthropic",))],
+            {},
+            {},
+            "anthropic",
+            ["b/m"],
+            id="routes not speaking the format are left out",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1, formats=("openai", "anthropic"))],
+            {},
+            {},
+            "anthropic",
+            ["b/m"],
+            id="a route speaking both formats is kept",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {},
+            {},
+            "anthropic",
+            [],
+            id="no route speaks the format",
+        ),
+        pytest.param(
+            [spec("a/m", priority=-5), spec("b/m", priority=5, index=1)],
+            {},
+            {"a/m": NOW - 5},
+            "openai",
+            ["b/m", "a/m"],
+            id="a recent failure goes behind even a worse priority",
+        ),
+        pytest.param(
+            [spec("a/m", priority=2), spec("b/m", priority=1, index=1), spec("c/m", priority=9)],
+            {"c/m": 4},
+            {"a/m": NOW - 1, "b/m": NOW - 1},
+            "openai",
+            ["c/m", "b/m", "a/m"],
+            id="failed routes keep their priority order among themselves",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {},
+            {"a/m": NOW - SKIP_AFTER_FAILURE_S},
+            "openai",
+            ["a/m", "b/m"],
+            id="a failure exactly the skip time ago no longer counts",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {},
+            {"a/m": NOW - SKIP_AFTER_FAILURE_S + 0.001},
+            "openai",
+            ["b/m", "a/m"],
+            id="a failure just inside the skip time counts",
+        ),
+        pytest.param(
+            [spec("a/m"), spec("b/m", index=1)],
+            {},
+            {"a/m": NOW + 50},
+            "openai",
+            ["b/m", "a/m"],
+            id="a failure stamped later than now (clock stepped back) counts",
+        ),
+        pytest.param(
+            [spec("a/m", cap=2), spec("b/m", index=1)],
+            {"a/x": 2},
+            {},
+            "openai",
+            ["b/m"],
+            id="a backend at its cap is left out, whichever model fills it",
+        ),
+        pytest.param(
+            [spec("a/m", cap=3), spec("b/m", index=1)],
+            {"a/x": 2},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="a backend below its cap is kept",
+        ),
+        pytest.param(
+            [spec("a/m", cap=0), spec("b/m", index=1)],
+            {},
+            {},
+            "openai",
+            ["b/m"],
+            id="a cap of 0 always leaves it out",
+        ),
+        pytest.param(
+            [spec("a/m", slots=1), spec("b/m", index=1)],
+            {"a/m": 1},
+            {},
+            "openai",
+            ["b/m"],
+            id="a route at its slot count is left out",
+        ),
+        pytest.param(
+            [spec("a/m", slots=1), spec("b/m", index=1)],
+            {"a/x": 1},
+            {},
+            "openai",
+            ["b/m", "a/m"],
+            id="slots count per route, not per backend",
+        ),
+        pytest.param(
+            [spec("a/m", slots=0)],
+            {},
+            {},
+            "openai",
+            [],
+            id="no slots at all",
+        ),
+        pytest.param(
+            [spec("a/m", priority=-1, slots=1), spec("b/m", index=1)],
+            {"a/m": 1},
+            {},
+            "openai",
+            ["b/m"],
+            id="a full route is left out even with the best priority",
+        ),
+        pytest.param(
+            [spec("a/m", slots=1), spec("b/m", cap=1, index=1)],
+            {"a/m": 1, "b/x": 1},
+            {},
+            "openai",
+            [],
+            id="every route full",
+        ),
+        pytest.param(
+            [spec("a/m", slots=1)],
+            {"a/m": 1},
+            {"a/m": NOW - 1},
+            "openai",
+            [],
+            id="a full route is left out even when it is the only one",
+        ),
+    ],
+)
+def test_route_order(
+    routes: list[Route],
+    busy: dict[str, int],
+    failed: dict[str, float],
+    fmt: WireFormat,
+    expected: list[str],
+) -> None:
+    """`busy` is jobs in flight per "backend/native", `failed` when each last failed."""
+    load = RouteLoad()
+    for name, count in busy.items():
+        for _ in range(count):
+            load.started(spec(name))
+    for name, at in failed.items():
+        load.failed(spec(name), now=at)
+    assert [label(r) for r in order_routes(routes, fmt, load, NOW)] == expected

@@ -7,14 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from provider_agent.errors import BackendError, StreamFailed
-from provider_agent.jobs.upstream import (
-    MESSAGE_LIMIT,
-    RouteFailure,
-    error_for_status,
-    printable,
-    request_body,
-)
+from provider_agent import safe_text
+from provider_agent.errors import BackendError, RouteFailure, StreamFailed
+from provider_agent.jobs.upstream import error_for_status, request_body
+from provider_agent.safe_text import MESSAGE_LIMIT
 from tests.conftest import fixture_bytes
 
 SECRET = "sk-live-0123456789abcdef0123456789abcdef"
@@ -185,12 +181,15 @@ def test_error_messages_are_printable_trimmed_and_never_hold_the_key() -> None:
 
 
 def test_printable_escapes_controls_and_folds_line_breaks() -> None:
+    def printable(text: str, secrets: tuple[str, ...] = ()) -> str:
+        return safe_text.printable(text, MESSAGE_LIMIT, secrets=secrets, message=True)
+
     assert printable("a\r\n\tb") == "a b"
     assert printable("red\x1b[31m") == "red\\x1b[31m"
     assert printable("bidi\u202eend") == "bidi\\u202eend"
     cut = printable("x" * 400)
     assert len(cut) <= MESSAGE_LIMIT and cut.endswith(f"…(+{400 - cut.count('x')} chars)")
-    assert printable("key=abc", secrets=["", "abc"]) == "key=[redacted]"
+    assert printable("key=abc", secrets=("", "abc")) == "key=[redacted]"
 
 
 def test_stream_failed_carries_its_route_failure() -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provider_agent.config import WireFormat
+from provider_agent.config.schema import WireFormat
 from provider_agent.jobs.usage import (
     MAX_LINE_BYTES,
     Usage,

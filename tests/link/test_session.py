@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from statistics import mean
@@ -21,7 +22,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from provider_agent import __version__
+from provider_agent.clock import Timings
 from provider_agent.dev.coordinator import DevCoordinator
+from provider_agent.errors import Fault, FaultKind
 from provider_agent.link.identity import load, load_or_create
 from provider_agent.link.protocol import (
     KNOWN_TYPES,
@@ -29,9 +32,10 @@ from provider_agent.link.protocol import (
     CapabilityLimits,
     CapabilityMetadata,
     Heartbeat,
+    Job,
 )
 from provider_agent.link.session import PolicyWait, Session, SessionHooks
-from provider_agent.link.state import Fault, FaultKind, ReconnectPolicy, Redial
+from provider_agent.link.state import ReconnectPolicy, Redial
 from tests.agent_harness import (
     agent_where,
     fake_vllm,
@@ -111,9 +115,9 @@ async def test_capabilities_after_every_periodic_pass(
     cfg = write_config(tmp_path, coord.ws_url, interval_s=5)
     async with running_agent(cfg) as daemon:
         await agent_where(coord, lambda a: a.capabilities_count >= 2)
-        passes_before = daemon.discovery.passes if daemon.discovery else 0
+        passes_before = daemon.agent.discovery.passes if daemon.agent.discovery else 0
         await agent_where(coord, lambda a: a.capabilities_count >= 3, timeout=8)
-        assert daemon.discovery is not None and daemon.discovery.passes > passes_before
+        assert daemon.agent.discovery.passes > passes_before
     coord.assert_no_violations()
 
 
@@ -140,7 +144,7 @@ async def test_agent_comes_back_after_ten_coordinator_kills(tmp_path: Path) -> N
         for _ in range(10):
             async with DevCoordinator(host="127.0.0.1", port=port) as coordinator:
                 await coordinator.wait_for(lambda c: c.connected(), timeout=10)
-        assert daemon.session is not None and daemon.session.attempts >= 10
+        assert daemon.agent.session.attempts >= 10
 
 
 async def test_flapping_coordinator_makes_delays_grow(
@@ -224,7 +228,7 @@ async def test_graceful_stop_sends_draining_then_closes_1001_without_leaking_tas
         tasks_before = asyncio.all_tasks()
         async with running_agent(cfg) as daemon:
             agent = await agent_where(coord, lambda a: a.capabilities_count >= 1)
-        assert daemon.draining
+        assert daemon.agent.draining
         await coord.wait_for(lambda c: not c.connected())
     assert agent.capabilities is not None
     assert agent.capabilities.models == []
@@ -385,14 +389,13 @@ async def test_a_failing_identity_save_is_a_local_fault_and_does_not_redial_in_a
 
     cfg = write_config(tmp_path, coord.ws_url)
     async with running_agent(cfg) as daemon:
-        assert daemon.session is not None
 
         def disk_full(provider_id: str) -> bool:
             raise OSError(28, "No space left on device")
 
-        daemon.session.identity.save_provider_id = disk_full  # type: ignore[method-assign]
+        daemon.agent.session.identity.save_provider_id = disk_full  # type: ignore[method-assign]
         await coord.wait_for(lambda c: len(c.attempts) >= 1 and c.attempts[0].ended_at)
-        await wait_until(lambda: daemon.session is not None and daemon.session.state is State.IDLE)
+        await wait_until(lambda: daemon.agent.session.state is State.IDLE)
         assert len(coord.attempts) == 1  # no redial storm: a local fault waits >= 30 s
     [line] = [r.getMessage() for r in caplog.records if "fault=local" in r.getMessage()]
     assert "No space left on device" in line and "cannot connect" not in line
@@ -414,13 +417,12 @@ async def test_each_shutdown_step_has_a_deadline(
 
         return body
 
-    async with running_agent(cfg) as daemon:
+    quick = Timings(cancel_jobs_s=0.2, flush_outbox_s=0.2)
+    async with running_agent(cfg, timings=quick) as daemon:
         await coord.wait_for(lambda c: c.connected())
-        daemon.budgets.cancel_jobs_s = 0.2
-        daemon.budgets.flush_outbox_s = 0.2
-        daemon.jobs.wait_idle = hanging("wait")  # type: ignore[method-assign]
-        daemon.jobs.cancel_all = hanging("cancel")  # type: ignore[method-assign]
-        daemon.jobs.flush = hanging("flush")  # type: ignore[method-assign]
+        daemon.agent.jobs.wait_idle = hanging("wait")  # type: ignore[method-assign]
+        daemon.agent.jobs.cancel_all = hanging("cancel")  # type: ignore[method-assign]
+        daemon.agent.jobs.flush = hanging("flush")  # type: ignore[method-assign]
         started = anyio.current_time()
     elapsed = anyio.current_time() - started
     assert hung == ["wait", "cancel", "flush"]
@@ -443,7 +445,7 @@ async def test_a_second_stop_cuts_the_drain_wait_short(
 
     async with running_agent(cfg) as daemon:
         await coord.wait_for(lambda c: c.connected())
-        daemon.jobs.wait_idle = never_idle  # type: ignore[method-assign]
+        daemon.agent.jobs.wait_idle = never_idle  # type: ignore[method-assign]
         daemon.request_stop()
         await waiting.wait()
         with anyio.fail_after(5):  # far below the 600 s budget
@@ -549,13 +551,12 @@ async def test_out_of_cycle_passes_are_spaced_however_often_they_are_asked_for(
     cfg = write_config(tmp_path, coord.ws_url)
     async with running_agent(cfg, out_of_cycle_pass_s=0.5) as daemon:
         await coord.wait_for(lambda c: c.connected())
-        assert daemon.discovery is not None
-        before = daemon.discovery.passes
+        before = daemon.agent.discovery.passes
         started = anyio.current_time()
         for _ in range(20):
-            daemon.request_pass()
+            daemon.agent.passes.request()
             await anyio.sleep(0.05)  # asked for every 50 ms for a second
-        passes = daemon.discovery.passes - before
+        passes = daemon.agent.discovery.passes - before
         elapsed = anyio.current_time() - started
     assert 1 <= passes <= elapsed / 0.5 + 1
     coord.assert_no_violations()
@@ -574,6 +575,25 @@ class Ceiling(random.Random):
 def an_hour() -> ReconnectPolicy:
     """Every failed attempt waits an hour: a test sees the loop's sleep, never its end."""
     return ReconnectPolicy(base_s=3600, cap_s=3600, rng=Ceiling())
+
+
+class NoJobs:
+    """An `InboundSink` for sessions that are sent no jobs."""
+
+    def submit(self, job: Job) -> None:
+        raise AssertionError(f"unexpected job {job.job_id}")
+
+    def cancel(self, job_id: str) -> None:
+        raise AssertionError(f"unexpected cancel {job_id}")
+
+    def reject(self, job_id: str, reason: str, code: str) -> None:
+        raise AssertionError(f"unexpected reject {job_id}")
+
+    async def confirmed(self, job_ids: Sequence[str]) -> None:
+        return None
+
+    def connection_lost(self) -> None:
+        return None
 
 
 class Bare:
@@ -605,10 +625,10 @@ class Bare:
                     last_error_code=None,
                 ),
                 on_authenticated=self.authenticated.set,
-                on_inbound=lambda inbound: None,
                 on_reconnect=self._reconnecting,
             ),
             load_or_create(tmp_path / "identity.key"),
+            NoJobs(),
             policy=policy,
         )
 

@@ -11,21 +11,29 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provider_agent.errors import AuthFailed, CoordinatorError
-from provider_agent.link.protocol import AuthChallenge, AuthResponse, decode
-from provider_agent.link.state import (
-    TRANSITIONS,
-    Authenticated,
-    Close,
-    Confirmed,
-    Deliver,
-    Dial,
-    Ended,
-    Fail,
+from provider_agent.errors import (
+    AuthFailed,
+    CoordinatorError,
     Fault,
     FaultKind,
     InvalidTransition,
     LocalFault,
+    SessionFailure,
+)
+from provider_agent.link.faults import classify
+from provider_agent.link.protocol import AuthChallenge, AuthResponse, decode
+from provider_agent.link.state import (
+    TRANSITIONS,
+    Acked,
+    Authenticated,
+    Close,
+    Confirmed,
+    DeliverCancel,
+    DeliverJob,
+    Dial,
+    Ended,
+    Fail,
+    Ignore,
     Opened,
     Ping,
     Ponged,
@@ -33,16 +41,15 @@ from provider_agent.link.state import (
     Reconnect,
     ReconnectPolicy,
     Redial,
+    RejectJob,
     Send,
     SessionCore,
-    SessionFailure,
     State,
     Stop,
     StoreProviderId,
     Written,
     answer_challenge,
     auth_outcome,
-    classify,
     dispatch,
 )
 
@@ -99,25 +106,40 @@ def test_auth_outcome() -> None:
 @pytest.mark.parametrize(
     ("text", "action", "job_id"),
     [
-        ('{"type":"job","job_id":"j1","model_id":"m","request":{}}', "job", "j1"),
-        ('{"type":"job_cancel","job_id":"j2"}', "cancel", "j2"),
-        ('{"type":"job_ack","job_id":"j3"}', "ack", "j3"),
-        ('{"type":"job","job_id":"j4","model_id":"m","request":"no"}', "reject_job", "j4"),
-        ('{"type":"job","model_id":"m"}', "ignore", None),
-        ('{"type":"config_update","x":1}', "ignore", None),
-        ('{"type":"brand_new_thing"}', "ignore", None),
-        ('{"type":"auth_ok","provider_id":"p"}', "ignore", None),
-        ("[1,2]", "ignore", None),
+        ('{"type":"job","job_id":"j1","model_id":"m","request":{}}', DeliverJob, "j1"),
+        ('{"type":"job_cancel","job_id":"j2"}', DeliverCancel, "j2"),
+        ('{"type":"job_ack","job_id":"j3"}', Acked, "j3"),
+        ('{"type":"job","job_id":"j4","model_id":"m","request":"no"}', RejectJob, "j4"),
+        ('{"type":"job","model_id":"m"}', Ignore, None),
+        ('{"type":"config_update","x":1}', Ignore, None),
+        ('{"type":"brand_new_thing"}', Ignore, None),
+        ('{"type":"auth_ok","provider_id":"p"}', Ignore, None),
+        ("[1,2]", Ignore, None),
     ],
 )
-def test_dispatch(text: str, action: str, job_id: str | None) -> None:
+def test_dispatch(text: str, action: type, job_id: str | None) -> None:
     inbound = dispatch(decode(text))
-    assert (inbound.action, inbound.job_id) == (action, job_id)
+    assert type(inbound) is action
+    found = (
+        inbound.job.job_id if isinstance(inbound, DeliverJob) else getattr(inbound, "job_id", None)
+    )
+    assert found == job_id
+
+
+def test_an_unanswerable_job_is_ignored_throttled_and_other_surprises_loudly() -> None:
+    unanswerable = dispatch(decode('{"type":"job","model_id":"m"}'))
+    assert unanswerable == Ignore(unanswerable.reason, loud=True, throttled=True)  # type: ignore[union-attr]
+    assert dispatch(decode('{"type":"auth_ok","provider_id":"p"}')) == Ignore(
+        "unexpected auth_ok after auth", loud=True
+    )
+    assert dispatch(decode('{"type":"config_update"}')) == Ignore("config_update ignored")
 
 
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300)))
 def test_dispatch_is_total_on_garbage(data: str | bytes) -> None:
-    assert dispatch(decode(data)).action in {"job", "cancel", "ack", "reject_job", "ignore"}
+    assert isinstance(
+        dispatch(decode(data)), DeliverJob | DeliverCancel | RejectJob | Acked | Ignore
+    )
 
 
 def test_backoff_escalates_caps_and_jitters_within_the_ceiling() -> None:
@@ -283,7 +305,7 @@ def test_inbound_after_auth_is_delivered_and_never_ends_the_session() -> None:
     authenticate(c)
     for text in ["garbage", '{"type":"job","job_id":"j","model_id":"m","request":{}}', "[]"]:
         [action] = c.handle(Received(decode(text), 1.0))
-        assert isinstance(action, Deliver)
+        assert isinstance(action, DeliverJob | Ignore)
     assert c.state is State.AUTHENTICATED
 
 
@@ -393,7 +415,18 @@ def test_events_a_state_cannot_have_are_bugs_not_input() -> None:
         c.handle(Opened(0))
     with pytest.raises(InvalidTransition):
         c.handle(Received(challenge(), 0))
-    assert all(isinstance(state, State) for state, _ in TRANSITIONS)
+    assert all(isinstance(state, State) for state, _, _ in TRANSITIONS)
+
+
+def test_every_state_change_is_in_the_table() -> None:
+    """A failed handshake and an end while stopping move along the table too."""
+    assert TRANSITIONS[(State.AWAIT_CHALLENGE, Received, "failed")] is State.CLOSING
+    assert TRANSITIONS[(State.CLOSING, Ended, "stopped")] is State.STOPPED
+    c = core()
+    c.handle(Dial(0))
+    c.handle(Opened(0))
+    [fail] = c.handle(Received(decode('{"type":"auth_ok","provider_id":"p"}'), 0))
+    assert isinstance(fail, Fail) and c.state is State.CLOSING
 
 
 # --- classify: whose fault ------------------------------------------------------------------------

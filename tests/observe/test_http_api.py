@@ -19,18 +19,21 @@ import anyio.abc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from provider_agent.cli import render_status
-from provider_agent.config import load
+from provider_agent.clock import Timings
+from provider_agent.config.load import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.dev.sim.backend import Fault, SimBackend
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.dev.sim.faults import Fault
 from provider_agent.errors import ConfigError
 from provider_agent.jobs.route_health import FAILURES_TO_WITHDRAW
 from provider_agent.link.identity import load_or_create
 from provider_agent.link.protocol import JobDone, JobError
 from provider_agent.observe import http_api
+from provider_agent.observe.prometheus import AgentMetrics
 from provider_agent.observe.status import AgentStatus
 from provider_agent.ops import pause as control
+from provider_agent.ops.render import render_status
 from tests.agent_harness import (
     agent_where,
     fake_vllm,
@@ -434,8 +437,7 @@ async def test_a_withdrawn_route_shows_until_a_probe_restores_it_and_every_step_
             prometheus_addr=f"127.0.0.1:{port}",
         )
         label = f"vllm:{sim.base_url}"
-        async with running_agent(cfg) as daemon:
-            daemon.route_probe_s = 0.3
+        async with running_agent(cfg, timings=Timings(route_probe_s=0.3)):
             pid = await serving(coord)
             healthy = await scrape(http, port)
             sim.fault = Fault(kind="http", status=500)  # /health still answers: a sick GPU
@@ -671,14 +673,14 @@ async def test_a_connection_without_a_complete_request_is_closed_after_the_idle_
     """Silent, trickling a header a byte at a time (slowloris), or silent after an answer: each
     is closed once `idle_s` passes without a complete request, and not before."""
     port = free_port()
-    cfg = write_config(
-        tmp_path, "ws://127.0.0.1:1/provider/connect", prometheus_addr=f"127.0.0.1:{port}"
-    )
-    config = load(cfg, allow_insecure=True)
-    daemon = Daemon(config, load_or_create(config.identity.key_path), handle_signals=False)
+
+    async def no_snapshot() -> AgentStatus:
+        raise AssertionError("only /healthz is asked for here")
+
+    endpoint = http_api.Endpoint(("127.0.0.1", port), no_snapshot, AgentMetrics())
     idle_s = 0.5
     async with anyio.create_task_group() as group:
-        await group.start(partial(http_api.serve, daemon, idle_s=idle_s))
+        await group.start(partial(http_api.serve, endpoint, idle_s=idle_s))
         started = anyio.current_time()
         flood = Flood()
         await flood.open(port, 3, group)

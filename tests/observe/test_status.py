@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from provider_agent.cli import _span, render_status
 from provider_agent.observe.prometheus import LAST_ERRORS, AgentMetrics, FinishedJob, JobStats
 from provider_agent.observe.status import (
     AgentStatus,
@@ -27,6 +26,7 @@ from provider_agent.observe.status import (
     WithdrawnRoute,
     readiness,
 )
+from provider_agent.ops.render import render_status, span
 
 AT = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -307,4 +307,4 @@ def test_status_for_a_person_shows_the_pause_withdrawn_routes_and_gpus_escaped()
     ],
 )
 def test_span(seconds: float, text: str) -> None:
-    assert _span(seconds) == text
+    assert span(seconds) == text

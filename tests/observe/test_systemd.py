@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from provider_agent.config import StateConfig
+from provider_agent.config.schema import StateConfig
 from provider_agent.dev.coordinator import AgentRecord, DevCoordinator
 from provider_agent.observe.systemd import Notifier
 from provider_agent.ops.service import this_executable

@@ -20,7 +20,7 @@ import orjson
 import pynvml
 import pytest
 
-from provider_agent.config import load
+from provider_agent.config.load import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.coordinator.contract import contract_problems
@@ -373,10 +373,9 @@ async def agent_with(
         config_path=config_path,
         allow_insecure=True,
         policy=fast_policy(),
+        telemetry=telemetry,
         handle_signals=False,
     )
-    if telemetry is not None:
-        daemon.telemetry = telemetry
     async with anyio.create_task_group() as group:
         group.start_soon(daemon.run)
         await daemon.started.wait()

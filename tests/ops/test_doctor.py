@@ -19,9 +19,10 @@ import pynvml
 import pytest
 from aiohttp import web
 
-from provider_agent.config import BackendConfig, Config, load
+from provider_agent.config.load import load
+from provider_agent.config.schema import BackendConfig, Config
 from provider_agent.dev.coordinator import DevCoordinator
-from provider_agent.dev.sim.backend import SimBackend
+from provider_agent.dev.sim.core import SimBackend
 from provider_agent.discovery.catalog import Price, Route
 from provider_agent.link.identity import load_or_create
 from provider_agent.observe.telemetry import PACKAGE_MISSING

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from provider_agent import config
 from provider_agent.backends.base import USER_AGENT
-from provider_agent.config import PLACEHOLDER_COORDINATOR_URL
+from provider_agent.config import load as config_load
+from provider_agent.config.schema import PLACEHOLDER_COORDINATOR_URL
+from provider_agent.errors import OutputError
 from provider_agent.ops import init_config
 from provider_agent.ops.init_config import (
     DEFAULT_PORTS,
@@ -290,7 +291,7 @@ async def test_port_listed_twice_is_one_server(serve: Serve, http: aiohttp.Clien
     port = await serve(ollama_app())
     found = await detect_local_backends(http, ports={"ollama": port, "vllm": port})
     assert [(d.kind, d.url) for d in found] == [("ollama", url(port))]
-    assert config.parse(render_config(found)).backends[0].url == url(port)
+    assert config_load.parse(render_config(found)).backends[0].url == url(port)
 
 
 async def test_lmstudio_without_models(serve: Serve, http: aiohttp.ClientSession) -> None:
@@ -461,7 +462,7 @@ def _comment_lines(text: str) -> list[str]:
 def test_render_parses(count: int) -> None:
     detected = FOUR[:count]
     text = render_config(detected)
-    cfg = config.parse(text)
+    cfg = config_load.parse(text)
     assert [(b.kind, b.url) for b in cfg.backends] == [(d.kind, d.url) for d in detected]
     assert all(b.models is None for b in cfg.backends)  # all models sold unless narrowed
     assert cfg.coordinator.url == PLACEHOLDER_COORDINATOR_URL
@@ -494,7 +495,7 @@ def test_render_many_models_shortened() -> None:
     assert "(and 5 more)" in text
     assert '"m19"' in text
     assert '"m20"' not in text
-    assert config.parse(text).backends[0].kind == "ollama"
+    assert config_load.parse(text).backends[0].kind == "ollama"
 
 
 def test_render_hostile_model_ids_stay_in_comments() -> None:
@@ -505,7 +506,7 @@ def test_render_hostile_model_ids_stay_in_comments() -> None:
         "'''\"\"\"",
     ]
     text = render_config([Detected("llamacpp", "http://127.0.0.1:8080", ids)])
-    cfg = config.parse(text)
+    cfg = config_load.parse(text)
     assert [b.kind for b in cfg.backends] == ["llamacpp"]
     assert "\x00" not in text
     assert "\r" not in text
@@ -513,7 +514,7 @@ def test_render_hostile_model_ids_stay_in_comments() -> None:
 
 def test_render_custom_coordinator() -> None:
     text = render_config([], coordinator_url="wss://market.example.org/provider/connect")
-    assert config.parse(text).coordinator.url == "wss://market.example.org/provider/connect"
+    assert config_load.parse(text).coordinator.url == "wss://market.example.org/provider/connect"
     assert "CHANGE ME" not in text
     assert "CHANGE ME" in render_config([])
 
@@ -559,7 +560,7 @@ def test_write_refuses_a_place_it_would_have_to_invent(
 ) -> None:
     path = make(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises(init_config.OutputError) as caught:
+    with pytest.raises(OutputError) as caught:
         write_config(path, "# hello\n", force=force)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no directory created
@@ -621,7 +622,7 @@ async def test_run_init_writes_loadable_file(
     written, found = await run_init(output, force=False)
     assert written == output
     assert [d.kind for d in found] == ["llamacpp", "ollama"]
-    cfg = config.load(output)
+    cfg = config_load.load(output)
     assert [(b.kind, b.url) for b in cfg.backends] == [(d.kind, d.url) for d in found]
 
     with pytest.raises(FileExistsError):
@@ -629,7 +630,7 @@ async def test_run_init_writes_loadable_file(
     monkeypatch.setattr(init_config, "DEFAULT_PORTS", dict.fromkeys(DEFAULT_PORTS, refused_port))
     _, found = await run_init(output, force=True)
     assert found == []
-    assert config.load(output).backends == []
+    assert config_load.load(output).backends == []
 
 
 async def test_run_init_refuses_before_probing(

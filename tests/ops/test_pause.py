@@ -19,16 +19,15 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from provider_agent.dev.coordinator import AgentRecord, DevCoordinator
-from provider_agent.dev.sim.backend import SimBackend
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.errors import ControlError, NotRunning
 from provider_agent.link.protocol import JobDone, JobError
 from provider_agent.ops.pause import (
     MAX_LINE_BYTES,
     PAUSE_FILE,
     SOCKET_NAME,
     Control,
-    ControlError,
     ControlRequest,
-    NotRunning,
     call,
     check_reason,
     human_duration,

@@ -14,8 +14,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from provider_agent.config import load
-from provider_agent.dev.sim.backend import Fault, SimBackend
+from provider_agent.config.load import load
+from provider_agent.dev.sim.core import SimBackend
+from provider_agent.dev.sim.faults import Fault
 from provider_agent.discovery.catalog import Price, Route
 from provider_agent.link.protocol import JobDone, JobError, TokenCounts, encode
 from provider_agent.observe.prometheus import FinishedJob

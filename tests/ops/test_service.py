@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from provider_agent import config as config_module
-from provider_agent.errors import ConfigError
+from provider_agent.config import load as config_module
+from provider_agent.errors import ConfigError, ServiceError
 from provider_agent.link.identity import load_or_create
 from provider_agent.ops.init_config import Detected
 from provider_agent.ops.service import (
@@ -28,7 +28,6 @@ from provider_agent.ops.service import (
     TEMPLATE,
     CommandResult,
     Host,
-    ServiceError,
     Target,
     install,
     system_config,

@@ -15,11 +15,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from provider_agent.errors import OutboxError
+from provider_agent.errors import NoLedger, OutboxError
 from provider_agent.store.ledger import (
     CSV_HEADER,
     LedgerReader,
-    NoLedger,
     Period,
     parse_day,
     parse_period,

@@ -86,14 +86,14 @@ async def test_a_full_disk_keeps_the_frame_refuses_new_jobs_and_sends_once_space
                 prometheus_addr=f"127.0.0.1:{port}",
             )
             async with running_agent(cfg) as daemon:
-                daemon.jobs.store_retry_s = 0.05
+                daemon.agent.jobs.store_retry_s = 0.05
                 pid = await serving(coord)
                 assert (await readyz(port))[0] == 200
                 served = await coord.send_job(pid, "m", REQUEST)
                 await backend.started.wait()
                 filler = fill(tmp_path / "state")
                 backend.gate.set()  # the job ends on a full disk
-                await daemon.jobs.wait_idle()
+                await daemon.agent.jobs.wait_idle()
                 status, reason = await readyz(port)
                 refused = await coord.send_job(pid, "m", REQUEST)
                 await anyio.wait_all_tasks_blocked()

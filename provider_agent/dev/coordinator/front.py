@@ -10,18 +10,16 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 import orjson
 from aiohttp import web
 
-from provider_agent.dev.coordinator.records import JobRecord
+from provider_agent.dev.coordinator.records import AgentRecord, JobRecord
 from provider_agent.link.protocol import Job, JobDone, JobError, ModelOffer, WireFormat
-
-if TYPE_CHECKING:
-    from provider_agent.dev.coordinator.server import DevCoordinator
 
 log = logging.getLogger("provider_agent.dev.coordinator")
 
@@ -176,10 +174,29 @@ class PendingJob:
         self._send.close()
 
 
+class Coordinator(Protocol):
+    """What the front reads and dispatches through: the `DevCoordinator` of `server`, named here
+    by what it offers (`server` builds the front, so the front does not import it)."""
+
+    @property
+    def agents(self) -> Mapping[str, AgentRecord]: ...
+
+    @property
+    def jobs(self) -> Mapping[str, JobRecord]: ...
+
+    def connected(self) -> list[str]: ...
+
+    def in_flight(self) -> Mapping[str, int]: ...
+
+    def relaying(
+        self, provider_id: str, job: Job
+    ) -> AbstractAsyncContextManager[PendingJob | None]: ...
+
+
 class HttpFront:
     """The HTTP routes, reading the coordinator's state and dispatching through it."""
 
-    def __init__(self, coord: DevCoordinator) -> None:
+    def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
 
     def add_routes(self, app: web.Application) -> None:

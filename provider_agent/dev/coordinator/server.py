@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import signal
+import sys
 import time
 import uuid
 from collections import deque
@@ -44,6 +45,7 @@ from provider_agent.dev.coordinator.records import (
     excerpt,
     utcnow,
 )
+from provider_agent.errors import ExitCode
 from provider_agent.link.protocol import (
     AuthChallenge,
     AuthFailed,
@@ -62,6 +64,7 @@ from provider_agent.link.protocol import (
     decode,
     encode,
 )
+from provider_agent.runtime import event_loop_options, settle_heap
 
 log = logging.getLogger("provider_agent.dev.coordinator")
 
@@ -786,3 +789,22 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
             async for signum in signals:
                 log.info("%s received, stopping", signal.Signals(signum).name)
                 return
+
+
+def dev_coordinator_command(listen: str) -> int:
+    """`provider-agent dev-coordinator --listen HOST:PORT`: serve until SIGTERM or SIGINT, then
+    0; 2 for a bad --listen (an invalid argument, as argparse's own); 1 when it cannot listen."""
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        print(f"dev-coordinator: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    settle_heap()
+    try:
+        anyio.run(serve, host, port, backend_options=event_loop_options())
+    except KeyboardInterrupt:
+        pass  # SIGINT before the signal handlers were installed: a requested stop all the same
+    except OSError as exc:
+        print(f"dev-coordinator: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    return ExitCode.OK

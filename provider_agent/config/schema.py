@@ -1,4 +1,4 @@
-"""agent.toml: the pydantic models (the schema, written once) and `load()`.
+"""agent.toml: the pydantic models (the schema, written once).
 
 The contract is `shared/spec/config.md`. Every rule there is enforced here, so every command that
 reads the file applies all of them, and every error is one line naming the file and the key path,
@@ -8,13 +8,9 @@ value that validates cannot crash the encoder, a timer or a semaphore later.
 
 from __future__ import annotations
 
-import ast
-import codecs
 import ipaddress
-import json
 import os
 import re
-import tomllib
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -26,17 +22,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 
-from provider_agent.errors import ConfigError
+from provider_agent.config.messages import number_text
+from provider_agent.errors import ConfigRuleError
 
 # Defined once, in protocol.py; re-exported (the `as`) for the modules that import it from here.
 from provider_agent.link.protocol import WireFormat as WireFormat  # noqa: PLC0414
+from provider_agent.safe_text import printable
 
 BackendKind = Literal["vllm", "llamacpp", "lmstudio", "ollama", "openrouter", "venice"]
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
@@ -52,7 +48,6 @@ DEFAULT_PRIORITY: dict[str, int] = {
     "openrouter": 5,
 }
 ENROLLMENT_ENV = "PROVIDER_AGENT_ENROLLMENT_CODE"
-CONFIG_ENV = "PROVIDER_AGENT_CONFIG"
 #: Every price, configured or resolved, is at most this (micro-USDC per 1M tokens = USD 10^9):
 #: far above any real price and well inside the wire's 64-bit integers.
 MAX_PRICE: Final = 10**15
@@ -63,8 +58,6 @@ MAX_PRIORITY: Final = 1_000_000
 MAX_NAME_CHARS: Final = 256
 #: A unix socket path (108 bytes on Linux) lives in `state.dir`.
 MAX_STATE_DIR_BYTES: Final = 90
-#: Larger than any real agent.toml by far; a bigger file is a mistake (or /dev/zero).
-MAX_FILE_BYTES: Final = 1024 * 1024
 #: Written by `init` when the coordinator's address is not known: `.invalid` never resolves, so an
 #: agent started on an unedited file fails loudly instead of talking to a stranger.
 PLACEHOLDER_COORDINATOR_URL: Final = "wss://coordinator.example.invalid/provider/connect"
@@ -109,7 +102,7 @@ def _between(low: int, high: int) -> Any:
 
     def check(value: Any) -> Any:
         if not low <= value <= high:
-            raise ValueError(f"must be between {_number_text(low)} and {_number_text(high)}")
+            raise ValueError(f"must be between {number_text(low)} and {number_text(high)}")
         return value
 
     return AfterValidator(check)
@@ -436,7 +429,7 @@ class StateConfig(_Section):
             f"is {size} bytes long: at most {MAX_STATE_DIR_BYTES} "
             "(the control socket's path must fit a unix socket address)"
         )
-        shown = _printable(str(self.dir))
+        shown = printable(str(self.dir), limit=None)
         if _state_directory() is not None:
             return f"$STATE_DIRECTORY {shown} {limit}"
         if "dir" in self.model_fields_set:
@@ -466,7 +459,7 @@ class Config(_Section):
     def _state_dir_fits(self) -> Config:
         problem = self.state.too_long()
         if problem is not None:
-            raise _KeyedError("state.dir", problem)
+            raise ConfigRuleError("state.dir", problem)
         return self
 
     @model_validator(mode="after")
@@ -479,7 +472,7 @@ class Config(_Section):
             what = "api_key_env" if backend.is_byok else "url"
             key = (backend.kind, str(getattr(backend, what)))
             if key in endpoints:
-                raise _KeyedError(
+                raise ConfigRuleError(
                     f"backends[{index}].{what}",
                     f"duplicate backend: same kind and {what} as backends[{endpoints[key]}]",
                 )
@@ -487,7 +480,7 @@ class Config(_Section):
             label = backend.label
             if label in names:
                 hint = "" if backend.name else " (the default name; set a distinct `name`)"
-                raise _KeyedError(
+                raise ConfigRuleError(
                     f"backends[{index}].name",
                     f"duplicate name {label!r}{hint}: also backends[{names[label]}]",
                 )
@@ -500,220 +493,4 @@ class Config(_Section):
         return os.environ.get(ENROLLMENT_ENV) or self.coordinator.enrollment_code
 
 
-class _KeyedError(ValueError):
-    """A cross-field rule's failure that knows its own key path."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
 # --- finding and reading the file ----------------------------------------------------------------
-
-
-def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """`--config`, else $PROVIDER_AGENT_CONFIG, else the XDG file if present, else ./agent.toml.
-
-    An empty `--config ""` is a ConfigError (not "not given"). When the search finds nothing, the
-    ConfigError names every place it looked."""
-    if explicit is not None:
-        if not str(explicit).strip():
-            raise ConfigError("--config", "", "is empty: give the path of agent.toml")
-        return Path(explicit).expanduser()
-    if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV]).expanduser()
-    xdg_home = os.environ.get("XDG_CONFIG_HOME")
-    xdg = Path(xdg_home or Path.home() / ".config") / "provider-agent" / "agent.toml"
-    if xdg.exists():
-        return xdg
-    cwd = Path("agent.toml")
-    if not cwd.exists():
-        xdg_name = "$XDG_CONFIG_HOME" if xdg_home else "~/.config"
-        where = _printable(str(xdg)), _printable(str(cwd.absolute()))
-        raise ConfigError(
-            "agent.toml",
-            "",
-            f"no such file; looked for {xdg_name}/provider-agent/agent.toml ({where[0]}) "
-            f"and ./agent.toml ({where[1]}), as neither --config nor ${CONFIG_ENV} was given "
-            "(create one with `provider-agent init`)",
-        )
-    return cwd
-
-
-def load(path: str | os.PathLike[str], *, allow_insecure: bool = False) -> Config:
-    """Read and validate agent.toml; raise ConfigError (one line, key path named) on any problem."""
-    file = _printable(str(path))
-    try:
-        with Path(path).open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(
-            file, "", "no such file (create one with `provider-agent init`)"
-        ) from None
-    except IsADirectoryError:
-        raise ConfigError(file, "", "cannot read: it is a directory, not a file") from None
-    except OSError as exc:
-        raise ConfigError(file, "", f"cannot read: {exc.strerror or type(exc).__name__}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(file, "", f"is larger than {MAX_FILE_BYTES // 1024} KiB: not a config")
-    return parse(decode(data, file), file=file, allow_insecure=allow_insecure)
-
-
-def decode(data: bytes, file: str = "agent.toml") -> str:
-    """UTF-8 without a byte-order mark, as TOML requires; anything else is a one-line ConfigError
-    that says what the encoding problem is and what to do."""
-    if data.startswith(codecs.BOM_UTF8):
-        problem = "starts with a UTF-8 byte-order mark (BOM)"
-    elif data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        problem = "is UTF-32 encoded (it starts with a UTF-32 byte-order mark)"
-    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        problem = "is UTF-16 encoded (it starts with a UTF-16 byte-order mark)"
-    elif b"\x00" in data:
-        problem = "contains NUL bytes (is it UTF-16 encoded?)"
-    else:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data.count(b"\n", 0, exc.start) + 1
-            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-            problem = (
-                f"is not UTF-8: byte 0x{data[exc.start]:02x} at line {line}, column {column} "
-                "(Latin-1 or Windows-1252?)"
-            )
-    raise ConfigError(file, "", f"{problem}: save it as UTF-8 without a byte-order mark")
-
-
-def parse(text: str, *, file: str = "agent.toml", allow_insecure: bool = False) -> Config:
-    """Validate TOML text as agent.toml (what `load` does after reading the file)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "", _toml_message(str(exc))) from None
-    except RecursionError:
-        raise ConfigError(
-            file, "", "arrays or inline tables are nested too deeply for the TOML parser"
-        ) from None
-    try:
-        return Config.model_validate(data, context={"allow_insecure": allow_insecure})
-    except ValidationError as exc:
-        raise _first_error(file, exc) from None
-    except RecursionError:
-        raise ConfigError(file, "", "values are nested too deeply") from None
-
-
-#: How tomllib writes a key in its messages: a tuple of strings, `('backends', 'x')`.
-_KEY_TUPLE = re.compile(r"\((?:(?:'[^'\\]*'|\"[^\"\\]*\"),? ?)+\)")
-
-
-def _toml_message(message: str) -> str:
-    """tomllib's wording, made an operator's: `duplicate` said plainly, keys written as keys."""
-    where = re.search(r"\((at line \d+, column \d+|at end of document)\)$", message)
-    position = f" ({where[1]})" if where else ""
-    if message.startswith("Cannot overwrite"):
-        return f"TOML syntax error: duplicate key{position}"
-    keys = _KEY_TUPLE.search(message)
-    if keys is None:
-        return f"TOML syntax error: {message}"
-    parts = ast.literal_eval(keys[0])
-    dotted = _printable(".".join(parts if isinstance(parts, tuple) else [parts]))
-    if message.startswith("Cannot declare"):
-        return f"TOML syntax error: duplicate table [{dotted}]{position}"
-    return f"TOML syntax error: {message.replace(keys[0], dotted)}"
-
-
-#: pydantic's error types, said the way an operator reads them.
-_MESSAGES: Final = {
-    "missing": "required key is missing",
-    "extra_forbidden": "unknown key (check the spelling against agent.toml.example)",
-    "model_type": "must be a table (a [section] or { key = value })",
-    "model_attributes_type": "must be a table (a [section] or { key = value })",
-    "dict_type": 'must be a table, like { "key" = "value" }',
-    "list_type": 'must be a list, like ["a", "b"]',
-    "string_type": "must be a string in quotes",
-    "bool_type": "must be true or false",
-    "int_type": "must be an integer written without quotes",
-    "int_parsing": "must be an integer written without quotes",
-    "int_from_float": "must be an integer (a whole number, without a decimal point)",
-    "float_type": "must be a number written without quotes",
-    "float_parsing": "must be a number written without quotes",
-    "finite_number": "must be a finite number",
-    "decimal_type": "must be a number written without quotes",
-    "too_short": "must not be empty",
-    "string_too_short": "must not be empty",
-}
-
-
-def _first_error(file: str, exc: ValidationError) -> ConfigError:
-    errors = exc.errors()
-    # A misspelt key also makes the real one "missing": name the typo, it is the cause.
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    ctx_error = error.get("ctx", {}).get("error")
-    if isinstance(ctx_error, _KeyedError):
-        return ConfigError(file, ctx_error.key, _one_line(ctx_error.message))
-    key = _key_path(error["loc"])
-    message = _human_message(error)
-    if message.startswith(("url: ", "markup: ", "api_key_env: ")):
-        field, _, message = message.partition(": ")
-        key = f"{key}.{field}"
-    return ConfigError(file, key, _one_line(message))
-
-
-def _human_message(error: ErrorDetails) -> str:
-    kind = error["type"]
-    ctx = error.get("ctx", {})
-    if kind == "value_error":
-        return str(error["msg"]).removeprefix("Value error, ")
-    if kind in _MESSAGES:
-        return _MESSAGES[kind]
-    bounds = {
-        "greater_than_equal": ("at least", "ge"),
-        "less_than_equal": ("at most", "le"),
-        "greater_than": ("greater than", "gt"),
-        "less_than": ("less than", "lt"),
-    }
-    if kind in bounds and bounds[kind][1] in ctx:
-        word, name = bounds[kind]
-        return f"must be {word} {_number_text(ctx[name])}"
-    if kind == "literal_error" and "expected" in ctx:
-        return f"must be {ctx['expected']}"
-    message = str(error["msg"])
-    message = re.sub(r"^Input should be", "must be", message)
-    return re.sub(r" or instance of \w+", "", message)
-
-
-def _number_text(value: Any) -> str:
-    """Large bounds the way TOML writes them (1_000_000_000_000_000), readable at a glance."""
-    if isinstance(value, int) and abs(value) >= 100_000:
-        return f"{value:_}"
-    if isinstance(value, float | Decimal) and value == int(value):
-        return str(int(value))
-    return str(value)
-
-
-def _one_line(message: str) -> str:
-    """Errors are one line, whatever text (a key, a value) ended up inside them."""
-    return " ".join(message.split())
-
-
-def _printable(text: str) -> str:
-    """Text from outside (a file name, a key) with control characters escaped."""
-    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
-
-
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    """('backends', 1, 'url') → 'backends[1].url'; models-table keys are quoted when needed."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue  # pydantic's marker for "the key itself" (of the table entry just named)
-        elif re.fullmatch(r"[A-Za-z0-9_-]+", part):
-            out += f".{part}" if out else part
-        else:
-            # A JSON string is a valid TOML basic string: quotes, newlines etc. come out escaped.
-            # Line and paragraph separators, which json leaves raw, are escaped as well.
-            quoted = _printable(json.dumps(part, ensure_ascii=False))
-            out += f".{quoted}" if out else quoted
-    return out
