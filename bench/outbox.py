@@ -24,7 +24,8 @@ from typing import Literal
 
 import anyio
 
-from provider_agent.store.outbox import FILE_NAME, LedgerEntry, Outbox
+from provider_agent.store.engine import FILE_NAME
+from provider_agent.store.outbox import LedgerEntry, Outbox
 
 ENTRY = LedgerEntry("llama3.1:8b", "ollama", "job_done", 420, 80, "reported", 300_000, 600_000)
 

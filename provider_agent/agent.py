@@ -43,7 +43,8 @@ from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import Capabilities, Heartbeat
 from provider_agent.link.session import Session, SessionHooks
 from provider_agent.link.state import ReconnectPolicy
-from provider_agent.observe.prometheus import AgentMetrics, JobStats
+from provider_agent.observe.heartbeat import JobStats
+from provider_agent.observe.prometheus import AgentMetrics
 from provider_agent.observe.status import (
     AgentStatus,
     BackendStatus,
@@ -61,7 +62,7 @@ from provider_agent.observe.status import (
 )
 from provider_agent.observe.systemd import Notifier
 from provider_agent.observe.telemetry import GpuTelemetry
-from provider_agent.ops.pause import Control
+from provider_agent.ops.pause import Pause
 from provider_agent.safe_text import printable
 from provider_agent.store.outbox import Outbox, keep_days_of
 
@@ -112,7 +113,7 @@ class Agent:
         #: What the last discovery pass found (empty until the first pass).
         self.catalog: Catalog = build_catalog(config, ())
         #: The maintenance pause and its socket (`provider-agent pause`).
-        self.pause = Control(outbox.path.parent, self.push_capabilities)
+        self.pause = Pause(outbox.path.parent, self.push_capabilities)
         self.passes = PassSchedule(
             self.refresh,
             lambda: self.config.discovery.interval_s,

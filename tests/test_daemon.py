@@ -237,9 +237,9 @@ def state_view(state: Path) -> tuple[list[str], dict[str, int], list[tuple[str, 
     pid."""
     import sqlite3
 
+    from provider_agent.store.engine import FILE_NAME as OUTBOX
     from provider_agent.store.journal import FILE_NAME as JOURNAL
     from provider_agent.store.journal import replay
-    from provider_agent.store.outbox import FILE_NAME as OUTBOX
 
     open_jobs, _ = replay((state / JOURNAL).read_bytes())
     db = sqlite3.connect(f"{(state / OUTBOX).as_uri()}?mode=ro", uri=True)

@@ -43,8 +43,8 @@ from provider_agent.link.protocol import Capabilities, JobDone, JobError
 from provider_agent.observe import logs
 from provider_agent.runtime import first_of
 from provider_agent.safe_text import printable
+from provider_agent.store.engine import FILE_NAME
 from provider_agent.store.ledger import LedgerReader, Period, render_totals, usdc
-from provider_agent.store.outbox import FILE_NAME
 
 SHARED: Final = "llama-3.1-8b"
 #: Backend name → (kind, the models it serves); the first model is on both.

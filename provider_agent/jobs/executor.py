@@ -42,8 +42,8 @@ from provider_agent.link.protocol import (
     WireFormat,
     encode,
 )
+from provider_agent.observe.heartbeat import FinishedJob, JobStats
 from provider_agent.observe.logs import Throttle
-from provider_agent.observe.prometheus import FinishedJob, JobStats
 from provider_agent.safe_text import printable
 from provider_agent.store.outbox import LedgerEntry
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from provider_agent.link.protocol import Measured
-from provider_agent.observe.prometheus import percentile
+from provider_agent.observe.heartbeat import percentile
 
 WINDOW_S = 900
 #: Newest served jobs kept per model: bounds memory on a very busy host; the medians of the

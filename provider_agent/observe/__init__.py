@@ -1,0 +1,2 @@
+"""What the operator and the coordinator see: heartbeat figures, /metrics, /status, logs,
+systemd."""

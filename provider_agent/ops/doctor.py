@@ -44,8 +44,9 @@ from provider_agent.link.protocol import AuthChallenge, GpuSample, decode
 from provider_agent.observe.telemetry import PACKAGE_MISSING, GpuTelemetry, Nvml, load_nvml
 from provider_agent.ops import pause as control
 from provider_agent.safe_text import printable
-from provider_agent.store.outbox import FILE_NAME as OUTBOX_FILE
-from provider_agent.store.outbox import UNDELIVERED_KEEP_S, describe_sqlite_error
+from provider_agent.store.engine import FILE_NAME as OUTBOX_FILE
+from provider_agent.store.engine import describe_sqlite_error
+from provider_agent.store.outbox import UNDELIVERED_KEEP_S
 
 Grade = Literal["ok", "warn", "fail"]
 

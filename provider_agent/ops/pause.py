@@ -175,7 +175,7 @@ class ControlReply(BaseModel):
 # --- the agent's side ----------------------------------------------------------------------------
 
 
-class Control:
+class Pause:
     """The pause and the socket that changes it. `load()` before the first capabilities, then
     run `serve()` in the daemon's task group. `on_change` is called (in the event loop) after
     every pause, resume and expiry: the daemon pushes fresh capabilities."""

@@ -40,7 +40,7 @@ from provider_agent.jobs.executor import Executor, ExecutorHooks
 from provider_agent.jobs.ratelimit import TokenWindow
 from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import Job, JobDone, JobError, WireFormat, decode
-from provider_agent.observe.prometheus import FinishedJob, JobStats
+from provider_agent.observe.heartbeat import FinishedJob, JobStats
 from provider_agent.ops.render import columns
 from provider_agent.safe_text import printable
 from provider_agent.store.outbox import LedgerEntry

@@ -21,7 +21,7 @@ from typing import Literal, TextIO
 from provider_agent.clock import utc_ms
 from provider_agent.errors import ExitCode, NoLedger, OutboxError
 from provider_agent.safe_text import printable
-from provider_agent.store.outbox import FILE_NAME, describe_sqlite_error
+from provider_agent.store.engine import FILE_NAME, describe_sqlite_error
 
 Grouping = Literal["day", "model", "backend"]
 GROUPINGS: tuple[Grouping, ...] = ("day", "model", "backend")

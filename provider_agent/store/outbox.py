@@ -5,7 +5,7 @@ sent, kept until the coordinator confirms it, and kept 24 h more so that a repea
 SAME frame back. Each stored terminal frame is also one ledger row, written in the same
 transaction, so a ledger row exists exactly when a billing record does. The jobs accepted and not
 yet ended (found again at start when the agent was killed) are kept beside it, in the in-flight
-journal (`inflight.py`): their record must be written before a job's first byte leaves, and a
+journal (`journal.py`): their record must be written before a job's first byte leaves, and a
 sqlite commit is too slow for that.
 
 Durability: WAL with `synchronous=FULL`. A commit returns once its WAL frames are written and
@@ -20,16 +20,14 @@ connection; the event loop never blocks on the disk. Calls are shielded from can
 record that was handed to the outbox is written even if its caller is being cancelled.
 
 The decisions (amounts, cut-offs, what a frame says) are pure functions at the bottom of the
-file; `Outbox` is the I/O around them.
+file; `Outbox` is the I/O around them. Opening, checking and migrating the file is `engine.py`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,15 +40,17 @@ import orjson
 
 from provider_agent.errors import OutboxError
 from provider_agent.observe.logs import Throttle
-from provider_agent.store.journal import FILE_NAME as JOURNAL_NAME
-from provider_agent.store.journal import InFlight, Journal
+from provider_agent.store.engine import (
+    BUSY_TIMEOUT_S,
+    FILE_NAME,
+    open_store,
+    outbox_error,
+    rollback,
+)
+from provider_agent.store.journal import Journal
 
 log = logging.getLogger(__name__)
 
-FILE_NAME = "outbox.sqlite3"
-SCHEMA_VERSION = 2
-#: `PRAGMA application_id`: marks the file as ours ("PAG1"), so a foreign sqlite file is refused.
-APPLICATION_ID = 0x50414731
 #: Delivered frames are kept this long to answer a repeated `job` (protocol.md §5).
 DELIVERED_KEEP_S = 24 * 3600
 #: Undelivered frames (and accepted, never-ended jobs) older than this are dropped with a warning
@@ -60,54 +60,10 @@ UNDELIVERED_KEEP_S = 30 * 24 * 3600
 #: (and not backwards): a clock correction never drops minutes-old records (protocol.md §8).
 PRUNE_CLOCK_JUMP_S = 24 * 3600
 DEFAULT_KEEP_DAYS = 400
-#: How long a write waits for a lock another process holds on the file before it fails.
-BUSY_TIMEOUT_S = 10.0
 _INT64_MAX = 2**63 - 1
 
 T = TypeVar("T")
 UsageSource = Literal["reported", "estimated"]
-
-_SCHEMA: tuple[str, ...] = (
-    # v1. Times are integer milliseconds since the epoch (UTC): exact, and ordered.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    CREATE TABLE jobs (
-        job_id TEXT PRIMARY KEY,
-        model TEXT NOT NULL,
-        accepted_ms INTEGER NOT NULL,
-        bytes_relayed INTEGER NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
-    CREATE TABLE frames (
-        seq INTEGER PRIMARY KEY,
-        job_id TEXT NOT NULL UNIQUE,
-        frame TEXT NOT NULL,
-        finished_ms INTEGER NOT NULL,
-        delivered_ms INTEGER
-    );
-    CREATE INDEX frames_undelivered ON frames (seq) WHERE delivered_ms IS NULL;
-    CREATE INDEX frames_delivered ON frames (delivered_ms) WHERE delivered_ms IS NOT NULL;
-    CREATE TABLE ledger (
-        id INTEGER PRIMARY KEY,
-        time_ms INTEGER NOT NULL,
-        job_id TEXT NOT NULL,
-        model TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        tokens_in INTEGER NOT NULL,
-        tokens_out INTEGER NOT NULL,
-        usage_source TEXT NOT NULL,
-        input_per_1m INTEGER NOT NULL,
-        output_per_1m INTEGER NOT NULL,
-        amount_micro_usdc INTEGER NOT NULL
-    );
-    CREATE INDEX ledger_time ON ledger (time_ms);
-    """,
-    # v2. Jobs in flight moved to the journal (`inflight.py`); `_prepare` carries v1's rows over.
-    """
-    DROP TABLE jobs;
-    """,
-)
-assert len(_SCHEMA) == SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -211,7 +167,7 @@ class Outbox:
         naming the file when it is corrupt, foreign, newer than this agent, or unwritable."""
         path = state_dir / FILE_NAME
         connection, known, journal = await anyio.to_thread.run_sync(
-            _open_store, state_dir, path, synchronous, _ms(clock()), busy_timeout_s
+            open_store, state_dir, path, synchronous, _ms(clock()), busy_timeout_s
         )
         return cls(path, connection, known, journal, clock=clock, keep_days=keep_days)
 
@@ -530,12 +486,10 @@ class Outbox:
             results = [call.op(connection) for call in calls]
             connection.execute("COMMIT")
         except Exception as exc:
-            _rollback(connection)
+            rollback(connection)
             if len(calls) > 1:
                 return False
-            calls[0].error = (
-                _outbox_error(self.path, exc) if isinstance(exc, sqlite3.Error) else exc
-            )
+            calls[0].error = outbox_error(self.path, exc) if isinstance(exc, sqlite3.Error) else exc
             calls[0].done = True
             return True
         for call, result in zip(calls, results, strict=True):
@@ -668,174 +622,3 @@ def _some(job_ids: tuple[str, ...], limit: int = 5) -> str:
 
 
 # -- I/O: opening the file, errors ----------------------------------------------------------
-
-_PLAIN_WORDS = {
-    "SQLITE_NOTADB": "not a database (corrupt, or some other file)",
-    "SQLITE_CORRUPT": "the database is corrupt",
-    "SQLITE_FULL": "the disk is full",
-    "SQLITE_CANTOPEN": "cannot open it (check the directory exists and is writable)",
-    "SQLITE_BUSY": "locked by another process",
-    "SQLITE_LOCKED": "locked by another process",
-    "SQLITE_PERM": "permission denied",
-    "SQLITE_AUTH": "permission denied",
-}
-
-
-def describe_sqlite_error(exc: sqlite3.Error) -> str:
-    """sqlite's error in an operator's words."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    for prefix, words in _PLAIN_WORDS.items():
-        if name.startswith(prefix):
-            return words
-    if name.startswith("SQLITE_READONLY"):
-        return "read-only: the agent cannot write it (check its owner and mode)"
-    if name.startswith("SQLITE_IOERR"):
-        return f"disk I/O error ({name})"
-    return str(exc) or name or type(exc).__name__
-
-
-def _outbox_error(path: Path, exc: sqlite3.Error) -> OutboxError:
-    words = describe_sqlite_error(exc)
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
-        words += (
-            "; move it aside to start a new one (it holds undelivered billing records"
-            " and the earnings ledger)"
-        )
-    return OutboxError(f"outbox {path}: {words}")
-
-
-def _rollback(connection: sqlite3.Connection) -> None:
-    """Undo a failed batch. The failure itself is what gets reported; a ROLLBACK that fails
-    too (sqlite may already have rolled back) adds nothing to it."""
-    if connection.in_transaction:
-        try:
-            connection.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            log.debug("outbox: rollback after a failed batch also failed: %s", exc)
-
-
-def make_state_dir(directory: Path) -> None:
-    """Create the state directory (0700) when absent; OutboxError (one line) when it cannot be."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutboxError(
-            f"outbox: cannot create the state directory {directory}: {exc.strerror or exc}"
-        ) from None
-
-
-def _open_store(
-    state_dir: Path, path: Path, synchronous: str, now_ms: int, busy_timeout_s: float
-) -> tuple[sqlite3.Connection, set[str], Journal]:
-    """(worker thread) Create or open the file, check it is ours and sound, migrate it, prove
-    it writable, open the in-flight journal beside it, and load the ids both hold."""
-    make_state_dir(state_dir)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise OutboxError(f"outbox {path}: {exc.strerror or exc}") from None
-    if mode is not None and stat.S_ISDIR(mode):
-        raise OutboxError(f"outbox {path}: is a directory; the outbox must be a file")
-    if mode is not None and not stat.S_ISREG(mode):
-        raise OutboxError(f"outbox {path}: is not a regular file")
-    try:
-        # Created here with 0600; sqlite gives its -wal and -shm files the same mode.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    except OSError as exc:
-        raise OutboxError(f"outbox {path}: cannot open it for writing: {exc.strerror}") from None
-    try:
-        connection = sqlite3.connect(
-            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error as exc:
-        raise _outbox_error(path, exc) from None
-    try:
-        known, journal = _prepare(connection, path, synchronous, now_ms)
-    except BaseException as exc:
-        connection.close()
-        if isinstance(exc, sqlite3.Error):
-            raise _outbox_error(path, exc) from None
-        raise
-    return connection, known, journal
-
-
-def _prepare(
-    connection: sqlite3.Connection, path: Path, synchronous: str, now_ms: int
-) -> tuple[set[str], Journal]:
-    # Look before changing anything: a foreign or newer file is left exactly as it was.
-    _check_identity(connection, path)
-    problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
-    if problems != ["ok"]:
-        raise OutboxError(
-            f"outbox {path}: the database is corrupt ({problems[0]}); move it aside to start a"
-            " new one (it holds undelivered billing records and the earnings ledger)"
-        )
-    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise OutboxError(f"outbox {path}: cannot use write-ahead logging here (got {mode})")
-    connection.execute(f"PRAGMA synchronous = {synchronous}")
-    connection.execute("BEGIN IMMEDIATE")
-    journal: Journal | None = None
-    try:
-        # A v1 file kept jobs in flight in a table: they move to the journal (fsynced) before
-        # the migration drops it; a kill in between carries them again, which changes nothing.
-        carried = (
-            [
-                (str(job_id), InFlight(str(model), int(accepted_ms), int(relayed)))
-                for job_id, model, accepted_ms, relayed in connection.execute(
-                    "SELECT job_id, model, accepted_ms, bytes_relayed FROM jobs"
-                )
-            ]
-            if _has_table(connection, "jobs")
-            else []
-        )
-        journal = Journal.open(path.with_name(JOURNAL_NAME), carried)
-        _migrate(connection, path)
-        connection.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_ms', ?)", (str(now_ms),)
-        )
-        known = set(journal.jobs)
-        known.update(row[0] for row in connection.execute("SELECT job_id FROM frames"))
-        connection.execute("COMMIT")
-    except BaseException:
-        _rollback(connection)
-        if journal is not None:
-            journal.close()
-        raise
-    return known, journal
-
-
-def _has_table(connection: sqlite3.Connection, name: str) -> bool:
-    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return connection.execute(query, (name,)).fetchone() is not None
-
-
-def _check_identity(connection: sqlite3.Connection, path: Path) -> int:
-    """The file's schema version; OutboxError for another program's file or a newer schema."""
-    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
-    version = int(connection.execute("PRAGMA user_version").fetchone()[0])
-    tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    if application_id != APPLICATION_ID and (tables or version):
-        raise OutboxError(
-            f"outbox {path}: not a provider-agent outbox (another program's sqlite file)"
-        )
-    if version > SCHEMA_VERSION:
-        raise OutboxError(
-            f"outbox {path}: written by a newer provider-agent (schema {version}; this one"
-            f" knows {SCHEMA_VERSION}): upgrade the agent"
-        )
-    return version
-
-
-def _migrate(connection: sqlite3.Connection, path: Path) -> None:
-    """(inside the opening transaction) Bring the schema to SCHEMA_VERSION."""
-    version = _check_identity(connection, path)
-    for script in _SCHEMA[version:]:
-        for statement in script.split(";"):
-            if statement.strip():
-                connection.execute(statement)
-    connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -29,9 +29,9 @@ from types import TracebackType
 
 from provider_agent.errors import OutboxError, StateDirError
 from provider_agent.ops.pause import PAUSE_FILE
+from provider_agent.store.engine import FILE_NAME as OUTBOX_FILE
+from provider_agent.store.engine import make_state_dir
 from provider_agent.store.journal import FILE_NAME as JOURNAL_FILE
-from provider_agent.store.outbox import FILE_NAME as OUTBOX_FILE
-from provider_agent.store.outbox import make_state_dir
 
 log = logging.getLogger(__name__)
 

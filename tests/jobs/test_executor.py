@@ -25,7 +25,7 @@ from provider_agent.jobs.executor import Executor, ExecutorHooks
 from provider_agent.jobs.ratelimit import TokenWindow
 from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import Job, JobDone, JobError, decode
-from provider_agent.observe.prometheus import JobStats
+from provider_agent.observe.heartbeat import JobStats
 from provider_agent.ops.selftest import MemoryStore
 from tests.agent_harness import (
     agent_where,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from provider_agent.link.protocol import Heartbeat, encode
-from provider_agent.observe.prometheus import FinishedJob, JobStats, percentile
+from provider_agent.observe.heartbeat import FinishedJob, JobStats, percentile
 
 
 def done(at: float, ttfb: float, tokens: int = 100, seconds: float = 2.0) -> FinishedJob:

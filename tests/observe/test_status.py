@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from provider_agent.observe.prometheus import LAST_ERRORS, AgentMetrics, FinishedJob, JobStats
+from provider_agent.observe.heartbeat import FinishedJob, JobStats
+from provider_agent.observe.prometheus import LAST_ERRORS, AgentMetrics
 from provider_agent.observe.status import (
     AgentStatus,
     BackendStatus,

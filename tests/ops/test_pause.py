@@ -26,8 +26,8 @@ from provider_agent.ops.pause import (
     MAX_LINE_BYTES,
     PAUSE_FILE,
     SOCKET_NAME,
-    Control,
     ControlRequest,
+    Pause,
     call,
     check_reason,
     human_duration,
@@ -117,12 +117,12 @@ class Changes:
 
 async def test_a_pause_is_persisted_0600_and_taken_up_by_the_next_run(tmp_path: Path) -> None:
     changes = Changes()
-    first = Control(tmp_path, changes)
+    first = Pause(tmp_path, changes)
     await first.pause(3600, "disk swap")
     assert changes.count == 1
     path = tmp_path / PAUSE_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = Control(tmp_path, lambda: None)
+    again = Pause(tmp_path, lambda: None)
     again.load()
     assert again.paused is not None and again.paused.reason == "disk swap"
     view = again.view()
@@ -130,17 +130,17 @@ async def test_a_pause_is_persisted_0600_and_taken_up_by_the_next_run(tmp_path: 
     assert await again.resume()
     assert not path.exists() and again.paused is None
     assert not await again.resume()  # nothing to resume
-    third = Control(tmp_path, lambda: None)
+    third = Pause(tmp_path, lambda: None)
     third.load()
     assert third.paused is None
 
 
 async def test_a_pause_whose_time_ended_while_stopped_is_forgotten(tmp_path: Path) -> None:
     clock = [1000.0]
-    control = Control(tmp_path, lambda: None, clock=lambda: clock[0])
+    control = Pause(tmp_path, lambda: None, clock=lambda: clock[0])
     await control.pause(60, None)
     clock[0] += 61
-    later = Control(tmp_path, lambda: None, clock=lambda: clock[0])
+    later = Pause(tmp_path, lambda: None, clock=lambda: clock[0])
     later.load()
     assert later.paused is None and not (tmp_path / PAUSE_FILE).exists()
 
@@ -152,14 +152,14 @@ def test_an_unreadable_pause_file_keeps_the_agent_paused_until_resume(
     tmp_path: Path, content: bytes
 ) -> None:
     (tmp_path / PAUSE_FILE).write_bytes(content)
-    control = Control(tmp_path, lambda: None)
+    control = Pause(tmp_path, lambda: None)
     control.load()
     assert control.paused is not None and control.paused.until is None
 
 
 async def test_a_pause_for_a_duration_ends_by_itself(tmp_path: Path) -> None:
     changes = Changes()
-    control = Control(tmp_path, changes)
+    control = Pause(tmp_path, changes)
     async with anyio.create_task_group() as group:
         await group.start(control.serve)
         await control.pause(0.2, "short")
@@ -173,9 +173,9 @@ async def test_a_pause_for_a_duration_ends_by_itself(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def serving_control(tmp_path: Path) -> AsyncIterator[Control]:
-    """A Control serving its socket in `tmp_path` for the body of the `async with`."""
-    control = Control(tmp_path, lambda: None)
+async def serving_control(tmp_path: Path) -> AsyncIterator[Pause]:
+    """A Pause serving its socket in `tmp_path` for the body of the `async with`."""
+    control = Pause(tmp_path, lambda: None)
     async with anyio.create_task_group() as group:
         await group.start(control.serve)
         yield control
@@ -200,7 +200,7 @@ async def test_the_socket_is_0600_and_pauses_resumes_and_reports(tmp_path: Path)
         await socket_checks(served, tmp_path)
 
 
-async def socket_checks(served: Control, tmp_path: Path) -> None:
+async def socket_checks(served: Pause, tmp_path: Path) -> None:
     sock = tmp_path / SOCKET_NAME
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     status = await call(tmp_path, ControlRequest(op="status"))
@@ -265,8 +265,8 @@ async def test_a_leftover_socket_is_replaced_and_a_live_one_is_left_alone(
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(tmp_path / SOCKET_NAME))
     leftover.close()
-    first = Control(tmp_path, lambda: None)
-    second = Control(tmp_path, lambda: None)
+    first = Pause(tmp_path, lambda: None)
+    second = Pause(tmp_path, lambda: None)
     async with anyio.create_task_group() as group:
         await group.start(first.serve)
         inode = (tmp_path / SOCKET_NAME).stat().st_ino

@@ -19,7 +19,7 @@ from provider_agent.dev.sim.core import SimBackend
 from provider_agent.dev.sim.faults import Fault
 from provider_agent.discovery.catalog import Price, Route
 from provider_agent.link.protocol import JobDone, JobError, TokenCounts, encode
-from provider_agent.observe.prometheus import FinishedJob
+from provider_agent.observe.heartbeat import FinishedJob
 from provider_agent.ops.selftest import (
     MAX_TOKENS,
     Check,

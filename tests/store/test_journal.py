@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from provider_agent.errors import OutboxError
 from provider_agent.store import journal as inflight
+from provider_agent.store.engine import FILE_NAME as OUTBOX_NAME
+from provider_agent.store.engine import SCHEMA_VERSION
 from provider_agent.store.journal import FILE_NAME, InFlight, Journal, replay
-from provider_agent.store.outbox import FILE_NAME as OUTBOX_NAME
-from provider_agent.store.outbox import SCHEMA_VERSION, Outbox
+from provider_agent.store.outbox import Outbox
 
 
 def lines(*records: object) -> bytes:

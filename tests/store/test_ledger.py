@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from provider_agent.errors import NoLedger, OutboxError
+from provider_agent.store.engine import FILE_NAME
 from provider_agent.store.ledger import (
     CSV_HEADER,
     LedgerReader,
@@ -26,7 +27,7 @@ from provider_agent.store.ledger import (
     usdc,
     write_csv,
 )
-from provider_agent.store.outbox import FILE_NAME, LedgerEntry, Outbox
+from provider_agent.store.outbox import LedgerEntry, Outbox
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER_LINE = (

@@ -24,10 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from provider_agent.errors import OutboxError
+from provider_agent.store.engine import APPLICATION_ID, FILE_NAME, SCHEMA_VERSION
 from provider_agent.store.outbox import (
-    APPLICATION_ID,
-    FILE_NAME,
-    SCHEMA_VERSION,
     LedgerEntry,
     Outbox,
     PruneReport,

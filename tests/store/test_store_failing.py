@@ -22,7 +22,8 @@ from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.link.lanes import Outbound
 from provider_agent.link.protocol import Job, JobDone, JobError, decode
 from provider_agent.ops.selftest import MemoryStore
-from provider_agent.store.outbox import FILE_NAME, Outbox
+from provider_agent.store.engine import FILE_NAME
+from provider_agent.store.outbox import Outbox
 from tests.agent_harness import fake_vllm, free_port, running_agent, write_config
 from tests.jobs.test_executor import REQUEST, OneBackend, executor_of, finished, one_stream, serving
 
