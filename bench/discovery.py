@@ -54,11 +54,11 @@ from _common import (
 )
 from aiohttp import web
 
+from provider_agent.agent import POOL_STREAMS
 from provider_agent.backends import make_backend
 from provider_agent.backends.base import new_http_session
 from provider_agent.config.load import parse
 from provider_agent.config.schema import Config
-from provider_agent.daemon import POOL_STREAMS
 from provider_agent.dev.sim.core import SimBackend
 from provider_agent.discovery.catalog import BackendSeen, build
 from provider_agent.discovery.run_pass import BackendReport, PassResult, probe, run_pass

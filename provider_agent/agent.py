@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import anyio
 
 from provider_agent import __version__
 from provider_agent.backends import Registry
@@ -36,11 +37,12 @@ from provider_agent.errors import Fault, OutboxError
 from provider_agent.jobs.executor import Executor, ExecutorHooks
 from provider_agent.jobs.measured import MeasuredSpeed
 from provider_agent.jobs.ratelimit import TokenWindow
+from provider_agent.jobs.route_limits import RouteLimits, offer_moved
 from provider_agent.jobs.route_prober import RouteProber
 from provider_agent.jobs.routing import AgentStatus as Advertising
 from provider_agent.link.identity import Identity
 from provider_agent.link.lanes import Outbound
-from provider_agent.link.protocol import Capabilities, Heartbeat
+from provider_agent.link.protocol import Capabilities, Heartbeat, RouteBeat
 from provider_agent.link.session import Session, SessionHooks
 from provider_agent.link.state import ReconnectPolicy
 from provider_agent.observe.heartbeat import JobStats
@@ -110,6 +112,11 @@ class Agent:
         self.outbound = Outbound()
         self.window = TokenWindow(config.limits.max_tokens_per_minute)
         self.registry = Registry.build(config, http)
+        #: Each route's concurrency limit (protocol.md §9), learned from its time to first byte.
+        self._limits_moved = anyio.Event()
+        self.limits = RouteLimits(lambda: self.config.limits, on_change=self._limit_moved)
+        #: What the last capabilities message advertised per model (`max_concurrent`).
+        self._advertised: dict[str, int] = {}
         #: What the last discovery pass found (empty until the first pass).
         self.catalog: Catalog = build_catalog(config, ())
         #: The maintenance pause and its socket (`provider-agent pause`).
@@ -146,6 +153,7 @@ class Agent:
             self.window,
             measured=self.measured,
             timings=timings,
+            limits=self.limits,
         )
         self.discovery = Discovery(
             lambda: self.registry,
@@ -158,7 +166,7 @@ class Agent:
                 url=lambda: self.config.coordinator.url,
                 enrollment_code=lambda: self.config.enrollment_code,
                 heartbeat_interval_s=lambda: self.config.coordinator.heartbeat_interval_s,
-                capabilities=self.capabilities,
+                capabilities=lambda: self.capabilities(sent=True),
                 heartbeat=self.heartbeat,
                 on_authenticated=self.passes.request,
                 undelivered=outbox.undelivered,
@@ -208,21 +216,61 @@ class Agent:
 
     # --- what the coordinator is told ------------------------------------------------------------
 
-    def capabilities(self) -> Capabilities:
+    def capabilities(self, *, sent: bool = False) -> Capabilities:
+        """protocol.md §2 and §9: each model's `max_concurrent` is the sum of its routes' limits.
+        What is `sent` is remembered, so that a limit that moves is pushed (`keep_offer`)."""
         pause = self.pause.paused
-        return capabilities_message(
+        now = self.clock.now()
+        routes = self.serving_routes()
+        message = capabilities_message(
             self.config,
-            self.serving_routes(),
+            routes,
             draining=self.draining,
-            measured=self.measured.snapshot(self.clock.now()),
+            measured=self.measured.snapshot(now),
             paused=pause is not None,
             paused_until=utc_ms(pause.until) if pause and pause.until is not None else None,
+            model_limits=self.limits.model_limits(routes, now),
         )
+        if sent:
+            self._advertised = {offer.model_id: offer.max_concurrent for offer in message.models}
+        return message
 
     def heartbeat(self) -> Heartbeat:
-        """The job window's figures, with the last GPU sample (never waits for NVML)."""
-        beat = self.stats.heartbeat(self.clock.now())
-        return beat.model_copy(update={"gpus": self.telemetry.latest})
+        """The job window's figures, the last GPU sample (never waits for NVML) and each served
+        route's limit (§9)."""
+        now = self.clock.now()
+        beat = self.stats.heartbeat(now)
+        in_flight = self.jobs.load.routes
+        routes = [route for found in self.serving_routes().values() for route in found]
+        backends = [
+            RouteBeat(
+                backend=shown.backend,
+                model=shown.native_id,
+                limit=shown.advertised,
+                in_flight=in_flight.get((shown.backend, shown.native_id), 0),
+                ttfb_baseline_ms=None
+                if shown.baseline_s is None
+                else round(shown.baseline_s * 1000, 1),
+            )
+            for shown in self.limits.shown(routes, now)
+        ]
+        return beat.model_copy(update={"gpus": self.telemetry.latest, "backends": backends or None})
+
+    async def keep_offer(self) -> None:
+        """A model's learned `max_concurrent` that moved by more than one since it was
+        advertised is pushed out of cycle, at most once per `out_of_cycle_pass_s` (§9)."""
+        spacing_s = self.timings.out_of_cycle_pass_s
+        last_push = -spacing_s
+        while True:
+            await self._limits_moved.wait()
+            self._limits_moved = anyio.Event()
+            await self.clock.sleep(max(0.0, last_push + spacing_s - self.clock.now()))
+            now = self.clock.now()
+            current = self.limits.model_limits(self.serving_routes(), now)
+            if offer_moved(self._advertised, current):
+                last_push = now
+                log.info("route limits moved: capabilities pushed")
+                self.push_capabilities()
 
     def serving_routes(self) -> Mapping[str, Sequence[Route]]:
         """The catalog's routes less those withdrawn for failing jobs."""
@@ -236,7 +284,7 @@ class Agent:
 
     def push_capabilities(self) -> None:
         """What is advertised changed: tell the coordinator now, and systemd's status line."""
-        self.session.push(self.capabilities())
+        self.session.push(self.capabilities(sent=True))
         self.notify_status()
 
     def notify_status(self) -> None:
@@ -257,6 +305,7 @@ class Agent:
             if report.probe_skipped:
                 self.metrics.probe_skipped(report.name)
         self.catalog = result.catalog
+        self.limits.forget_all_but(r.key for found in result.catalog.routes.values() for r in found)
         self.push_capabilities()
 
     def apply(self, config: Config, identity: Identity) -> None:
@@ -273,8 +322,11 @@ class Agent:
             log.info("coordinator url or identity changed: reconnecting")
             self.session.reconnect()
         else:
-            self.session.push(self.capabilities())
+            self.session.push(self.capabilities(sent=True))
         self.passes.request()  # new or changed backends: with the next out-of-cycle pass
+
+    def _limit_moved(self) -> None:
+        self._limits_moved.set()  # the event of now: `keep_offer` replaces it after each wake
 
     def _backend_failed(self, backend: str) -> None:
         if self.passes.request_for_failure():
@@ -330,8 +382,17 @@ class Agent:
                 context_window=found[0].context_window if found else None,
                 formats=sorted({fmt for route in found for fmt in route.formats}),
                 routes=[
-                    RouteStatus(backend=r.backend, native_id=r.native_id, priority=r.priority)
-                    for r in found
+                    RouteStatus(
+                        backend=r.backend,
+                        native_id=r.native_id,
+                        priority=r.priority,
+                        limit=shown.advertised,
+                        ceiling=shown.ceiling,
+                        ttfb_baseline_ms=None
+                        if shown.baseline_s is None
+                        else round(shown.baseline_s * 1000, 1),
+                    )
+                    for r, shown in zip(found, self.limits.shown(found, now), strict=True)
                 ],
             )
             for model_id, found in sorted(self.catalog.routes.items())

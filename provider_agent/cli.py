@@ -199,6 +199,19 @@ def _sim_backend_options(sim: argparse.ArgumentParser) -> None:
     )
     sim.add_argument("--ttft-ms", type=float, default=0.0, metavar="MS", help="time to 1st token")
     sim.add_argument(
+        "--slots",
+        type=int,
+        metavar="N",
+        help="at most N completions at once; the rest queue (FIFO), as a saturated server does",
+    )
+    sim.add_argument(
+        "--prefill-s-per-1k",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="prefill seconds per 1,000 prompt tokens (time to first byte grows with the prompt)",
+    )
+    sim.add_argument(
         "--fault",
         metavar="KIND[:ARG]",
         help="refuse, http:STATUS, hang, die:N, error:N, slow_health:SECONDS, loading, usage:JSON",

@@ -166,6 +166,7 @@ class Daemon:
             group.start_soon(self._supervised, "discovery", agent.passes.run)
             group.start_soon(self._supervised, "outbox pruning", self._prune)
             group.start_soon(self._supervised, "route probes", agent.routes.run)
+            group.start_soon(self._supervised, "route limits", agent.keep_offer)
             session_done = anyio.Event()
             group.start_soon(self._run_session, session_done)
             if self.notifier.watchdog_interval_s is not None:
@@ -286,7 +287,7 @@ class Daemon:
             self.config.state.drain_timeout_s + self.timings.shutdown_budget_s
         )
         agent.draining = True
-        agent.session.push(agent.capabilities())
+        agent.session.push(agent.capabilities(sent=True))
 
     async def _close_session(self, agent: Agent, session_done: anyio.Event) -> None:
         agent.session.close()

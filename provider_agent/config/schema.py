@@ -97,7 +97,7 @@ def _toml_type(value: Any) -> str:
     return next((n for t, n in names.items() if isinstance(value, t)), "a date or time")
 
 
-def _between(low: int, high: int) -> Any:
+def _between(low: float, high: float) -> Any:
     """An inclusive range, said as one (NaN and infinities fall outside it)."""
 
     def check(value: Any) -> Any:
@@ -369,8 +369,14 @@ class PricingConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    #: The global ceiling of jobs in flight (protocol.md §9: every route's limit is at most it).
     max_concurrent: Annotated[Int, _between(1, 256)] = 8
     max_tokens_per_minute: Annotated[Int, _between(1, MAX_TOKENS_PER_MINUTE)] | None = None
+    #: protocol.md §9: each route's concurrency learned from its time to first byte; false keeps
+    #: the ceilings as fixed limits.
+    adaptive: Annotated[bool, Field(strict=True)] = True
+    #: Recent times to first byte above this × the route's unloaded baseline lower its limit.
+    ttfb_tolerance: Annotated[Float, _between(1.1, 10)] = 1.5
 
 
 class ObservabilityConfig(_Section):

@@ -271,10 +271,12 @@ def capabilities_message(
     measured: Mapping[str, Measured] | None = None,
     paused: bool = False,
     paused_until: str | None = None,
+    model_limits: Mapping[str, int] | None = None,
 ) -> Capabilities:
     """protocol.md §2. Draining and paused agents advertise nothing so no new job is routed to
     them; draining wins (a paused agent that is stopping says so). `measured` (per advertised
-    id) is attached to the offers it names; others go without."""
+    id) is attached to the offers it names; others go without. `model_limits` (§9: the sum of
+    each model's route limits) is its `max_concurrent` where given."""
     status: Literal["ready", "draining", "paused"] = (
         "draining" if draining else "paused" if paused else "ready"
     )
@@ -282,7 +284,10 @@ def capabilities_message(
     offers = (
         []
         if status != "ready"
-        else [_offer(config, mid, routes[mid], speeds.get(mid)) for mid in sorted(routes)]
+        else [
+            _offer(config, mid, routes[mid], speeds.get(mid), (model_limits or {}).get(mid))
+            for mid in sorted(routes)
+        ]
     )
     return Capabilities(
         models=offers,
@@ -299,7 +304,11 @@ def capabilities_message(
 
 
 def _offer(
-    config: Config, model_id: str, routes: Sequence[Route], measured: Measured | None = None
+    config: Config,
+    model_id: str,
+    routes: Sequence[Route],
+    measured: Measured | None = None,
+    limit: int | None = None,
 ) -> ModelOffer:
     first = routes[0]
     windows = [r.context_window for r in routes if r.context_window is not None]
@@ -308,7 +317,9 @@ def _offer(
         model_id=model_id,
         input_per_1m=first.price.input_per_1m,
         output_per_1m=first.price.output_per_1m,
-        max_concurrent=model_concurrency(config.limits.max_concurrent, routes),
+        max_concurrent=(
+            model_concurrency(config.limits.max_concurrent, routes) if limit is None else limit
+        ),
         backend=first.kind,
         context_window=min(windows) if windows else None,
         formats=sorted(formats),

@@ -29,6 +29,7 @@ from provider_agent.errors import OutboxError, RouteFailure, StreamFailed, Unenc
 from provider_agent.jobs.measured import MeasuredSpeed
 from provider_agent.jobs.ratelimit import TokenWindow
 from provider_agent.jobs.route_health import ROUTE_FAILURES
+from provider_agent.jobs.route_limits import RouteLimits
 from provider_agent.jobs.routing import AgentStatus, Refusal, RouteLoad, admit, order_routes
 from provider_agent.jobs.upstream import FirstBytes, request_body
 from provider_agent.jobs.usage import UsageMeter
@@ -110,6 +111,10 @@ class Running:
     route_left: bool = False
     #: `route` answered 429 (busy, not broken: route health leaves its streak alone).
     throttled: bool = False
+    #: When the request went to `route`, and the jobs in flight there then (itself included):
+    #: with the first byte's time, one sample for the route's limit (protocol.md §9).
+    sent_at: float = 0.0
+    route_in_flight: int = 0
 
     def stop(self, code: ErrorCode, message: str) -> None:
         """End the job from outside (cancel, lost connection, shutdown); the first reason wins."""
@@ -162,6 +167,7 @@ class Executor:
         tick: Callable[[], float] = time.monotonic,
         measured: MeasuredSpeed | None = None,
         timings: Timings = DEFAULT_TIMINGS,
+        limits: RouteLimits | None = None,
     ) -> None:
         self.outbound = outbound
         self.timings = timings
@@ -176,6 +182,8 @@ class Executor:
         #: Served jobs per model, advertised as `measured` (job_done only).
         self.measured = measured or MeasuredSpeed()
         self.load = RouteLoad()
+        #: Each route's concurrency limit (protocol.md §9); None: slot counts and caps only.
+        self.limits = limits
         self.running: dict[str, Running] = {}
         #: Refusals whose terminal frame is being stored: a repeat meanwhile counts as in flight.
         self._refusing: set[str] = set()
@@ -196,6 +204,13 @@ class Executor:
     @property
     def in_flight(self) -> int:
         return len(self.running)
+
+    def _limit_of(self, route: Route) -> int:
+        assert self.limits is not None
+        return self.limits.limit(route, self.clock())
+
+    def _has_room(self, route: Route) -> bool:
+        return self.load.has_room(route, self._limit_of(route))
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -239,6 +254,7 @@ class Executor:
             window_open=self.window.admit(self.tick()),
             status=self.hooks.status(),
             store_problem=self.store_problem,
+            has_room=self._has_room if self.limits is not None else None,
         )
         if refusal is not None:
             self._refusing.add(job_id)
@@ -388,7 +404,13 @@ class Executor:
     async def _serve(self, running: Running) -> Outcome:
         job = running.job
         now = self.clock()
-        routes = order_routes(self.hooks.routes().get(job.model_id, ()), job.format, self.load, now)
+        routes = order_routes(
+            self.hooks.routes().get(job.model_id, ()),
+            job.format,
+            self.load,
+            now,
+            self._limit_of if self.limits is not None else None,
+        )
         if not routes:
             return Outcome("out_of_capacity", "every backend serving this model is at its limit")
         last: RouteFailure | None = None
@@ -401,6 +423,8 @@ class Executor:
             running.route_left = False
             running.throttled = False
             self.load.started(route)
+            running.sent_at = self.clock()
+            running.route_in_flight = self.load.routes.get(route.key, 0)
             try:
                 return await self._relay(running, backend.stream, route)
             except UnencodableRequest as exc:  # read, but nested beyond what the encoder writes
@@ -413,6 +437,10 @@ class Executor:
                 running.throttled = failure.throttled
                 if failure.throttled or failure.code in ROUTE_FAILURES:
                     self.load.failed(route, self.clock())  # skipped for 10 s (protocol.md §8)
+                if self.limits is not None and (
+                    failure.throttled or failure.code == "backend_timeout"
+                ):
+                    self.limits.failed(route, self.clock())  # busy: a lower limit (§9)
                 if failure.code != "bad_request" and not failure.throttled:
                     self.hooks.backend_failed(route.backend)  # a pass soon (a 404 too)
                 if not failure.fallback:
@@ -437,6 +465,9 @@ class Executor:
         job_id = job.job_id
         meter = UsageMeter(job.format, job.request)
         body = request_body(job.format, job.request, route.native_id)
+        #: The prompt's size for the route's limit: the body's length (≈ 4 bytes a token) is
+        #: free here and grows with the prompt, which is all the controller compares.
+        prompt_tokens = len(body) // 4
         next_progress = 0.0
         #: Cancelled at the end marker: a backend that keeps the connection open after it is
         #: not waited for (protocol.md §8), however the marker arrived (read or pushed).
@@ -454,7 +485,11 @@ class Executor:
                 return 0
             first = running.first_byte_at is None
             if first:
-                running.first_byte_at = self.clock()
+                running.first_byte_at = at = self.clock()
+                if self.limits is not None:
+                    self.limits.observe(
+                        route, at, at - running.sent_at, prompt_tokens, running.route_in_flight
+                    )
             meter.feed(data)
             running.relayed += len(data)
             counted = meter.output_so_far

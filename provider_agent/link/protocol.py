@@ -147,6 +147,17 @@ class GpuSample(_Frame):
     power_w: float | None = None
 
 
+class RouteBeat(_Frame):
+    """One route in `heartbeat.backends` (protocol.md §9, additive): its concurrency limit (learned
+    from its time to first byte, or its ceiling), its jobs in flight and its unloaded baseline."""
+
+    backend: str
+    model: str
+    limit: int
+    in_flight: int
+    ttfb_baseline_ms: float | None = None
+
+
 class Heartbeat(_Frame):
     type: Literal["heartbeat"] = "heartbeat"
     queue_depth: int
@@ -158,6 +169,8 @@ class Heartbeat(_Frame):
     last_error_code: str | None
     #: Sent when NVML answers on this host, absent otherwise.
     gpus: list[GpuSample] | None = None
+    #: Each served route's limit (protocol.md §9); absent before the first pass.
+    backends: list[RouteBeat] | None = None
 
 
 # --- jobs ----------------------------------------------------------------------------------------

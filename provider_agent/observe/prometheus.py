@@ -112,6 +112,19 @@ class AgentMetrics:
             ["backend", "kind"],
             registry=registry,
         )
+        self.route_limit = Gauge(
+            f"{prefix}route_concurrency_limit",
+            "The concurrency limits of the backend's routes, summed (protocol.md §9: learned from"
+            " each route's time to first byte, or its ceiling).",
+            ["backend"],
+            registry=registry,
+        )
+        self.route_baseline = Gauge(
+            f"{prefix}route_ttfb_baseline_seconds",
+            "The smallest unloaded time to first byte among the backend's routes (§9).",
+            ["backend"],
+            registry=registry,
+        )
         self.models_advertised = Gauge(
             f"{prefix}models_advertised",
             "Models offered to the coordinator now (0 while draining).",
@@ -321,6 +334,7 @@ class AgentMetrics:
                 self.backend_latency.labels(backend.name, backend.kind).set(
                     backend.latency_ms / 1000
                 )
+        self._observe_limits(status)
         self.models_advertised.set(status.models_advertised)
         self.in_flight.set(status.jobs.in_flight)
         self.max_concurrent.set(status.jobs.max_concurrent)
@@ -348,6 +362,23 @@ class AgentMetrics:
                 self.gpu_temperature.labels(*labels).set(gpu.temperature_c)
             if gpu.power_w is not None:
                 self.gpu_power.labels(*labels).set(gpu.power_w)
+
+    def _observe_limits(self, status: AgentStatus) -> None:
+        limits: collections.Counter[str] = collections.Counter()
+        baselines: dict[str, float] = {}
+        for model in status.models:
+            for route in model.routes:
+                if route.limit is not None:
+                    limits[route.backend] += route.limit
+                if route.ttfb_baseline_ms is not None:
+                    seconds = route.ttfb_baseline_ms / 1000
+                    baselines[route.backend] = min(baselines.get(route.backend, seconds), seconds)
+        self.route_limit.clear()
+        self.route_baseline.clear()
+        for name, total in limits.items():
+            self.route_limit.labels(name).set(total)
+        for name, seconds in baselines.items():
+            self.route_baseline.labels(name).set(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format of the registry, and its content type."""

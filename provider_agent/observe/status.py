@@ -40,6 +40,10 @@ class RouteStatus(_Part):
     backend: str
     native_id: str
     priority: int
+    #: protocol.md §9: the route's concurrency limit now, its ceiling, its unloaded baseline.
+    limit: int | None = None
+    ceiling: int | None = None
+    ttfb_baseline_ms: float | None = None
 
 
 class ModelStatus(_Part):

@@ -525,3 +525,62 @@ def test_route_order(
     for name, at in failed.items():
         load.failed(spec(name), now=at)
     assert [label(r) for r in order_routes(routes, fmt, load, NOW)] == expected
+
+
+# --- learned limits (protocol.md §9) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "room", "fmt", "code"),
+    [
+        ("a route with room admits", {"a"}, "openai", None),
+        ("every route at its limit refuses at once", set(), "openai", "out_of_capacity"),
+        ("one route with room of two admits", {"b"}, "openai", None),
+        ("the format is checked before the limits", set(), "anthropic", "unsupported_format"),
+    ],
+)
+def test_admission_refuses_a_job_beyond_its_routes_limits(
+    name: str, room: set[str], fmt: WireFormat, code: str | None
+) -> None:
+    routes = {"m": (route("a"), route("b", index=1))}
+    refusal = admit(
+        model_id="m",
+        fmt=fmt,
+        routes=routes,
+        in_flight=0,
+        max_concurrent=8,
+        window_open=True,
+        status="ready",
+        has_room=lambda r: r.backend in room,
+    )
+    assert (refusal.code if refusal else None) == code, name
+    if code == "out_of_capacity":
+        assert refusal is not None and "concurrency limit" in refusal.message
+
+
+@pytest.mark.parametrize(
+    ("name", "limits", "in_flight", "order"),
+    [
+        ("the most headroom first", {"a": 4, "b": 8}, {"a": 1, "b": 2}, ["b", "a"]),
+        ("equal headroom: config order", {"a": 4, "b": 4}, {"a": 1, "b": 1}, ["a", "b"]),
+        ("a route at its limit is left out", {"a": 2, "b": 8}, {"a": 2, "b": 7}, ["b"]),
+        ("all at their limits: none", {"a": 1, "b": 1}, {"a": 1, "b": 1}, []),
+        ("a learned limit below the slots wins", {"a": 1, "b": 3}, {"a": 1}, ["b"]),
+    ],
+)
+def test_routes_order_by_headroom_under_learned_limits(
+    name: str, limits: dict[str, int], in_flight: dict[str, int], order: list[str]
+) -> None:
+    routes = [route("a", slots=4), route("b", index=1)]
+    load = RouteLoad()
+    for backend, count in in_flight.items():
+        for _ in range(count):
+            load.started(next(r for r in routes if r.backend == backend))
+    found = order_routes(routes, "openai", load, 0.0, lambda r: limits[r.backend])
+    assert [r.backend for r in found] == order, name
+
+
+def test_priority_still_wins_over_headroom() -> None:
+    routes = [route("a", priority=0), route("b", priority=1, index=1)]
+    found = order_routes(routes, "openai", RouteLoad(), 0.0, lambda r: 1 if r.backend == "a" else 8)
+    assert [r.backend for r in found] == ["a", "b"]

@@ -116,6 +116,16 @@ class GpuRule(_Rule):
     power_w: Amount | None = None
 
 
+class RouteBeatRule(_Rule):
+    """protocol.md §9: a route's limit is at least 1."""
+
+    backend: str
+    model: str
+    limit: Annotated[int, Field(ge=1)]
+    in_flight: Count
+    ttfb_baseline_ms: Amount | None = None
+
+
 class HeartbeatRule(_Rule):
     type: Literal["heartbeat"]
     queue_depth: Count
@@ -126,6 +136,7 @@ class HeartbeatRule(_Rule):
     last_error_at: str | None
     last_error_code: ErrorCode | None
     gpus: list[GpuRule] | None = None
+    backends: list[RouteBeatRule] | None = None
 
 
 class JobChunkRule(_Rule):

@@ -68,6 +68,9 @@ def sim_from_args(args: argparse.Namespace) -> SimBackend:
         tokens=args.tokens,
         tokens_per_s=args.tokens_per_s,
         ttft_s=args.ttft_ms / 1000,
+        # `--slots N` and `--prefill-s-per-1k S`; absent from a parser without them.
+        slots=getattr(args, "slots", None),
+        prefill_s_per_1k=getattr(args, "prefill_s_per_1k", 0.0),
         api_key=api_key,
         anthropic=not args.no_anthropic,
         price_in_usd_per_1m=prices[0],

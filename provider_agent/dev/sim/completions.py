@@ -148,19 +148,23 @@ class Completions(SimState):
             return read
         job, body = read
         rec.key = job_key(request.headers, body, rec.body)
-        self.served[rec.key] += 1
-        if self.kind == "openrouter":
-            self._cost_usd += cost_usd(self.price, job.prompt_tokens, job.n_tokens)
-        fault = rec.fault
-        if not job.stream:
-            return await self._complete_whole(request, rec, job, fault, anthropic_route)
-        if anthropic_route:
-            frames = anthropic_frames(self.kind, job)
-        else:
-            frames = openai_frames(self.kind, job, self.price)
-        if fault is not None and fault.kind == "usage":
-            frames = absurd_frames(frames, fault)
-        return await self._stream(request, rec, job, frames, fault)
+        # Its turn first, before any byte of the answer (llama.cpp defers a task so): the wait
+        # is in the client's time to first byte. The slot is held to the answer's last byte.
+        async with self._slots.held():
+            rec.slot_monotonic = time.monotonic()
+            self.served[rec.key] += 1
+            if self.kind == "openrouter":
+                self._cost_usd += cost_usd(self.price, job.prompt_tokens, job.n_tokens)
+            fault = rec.fault
+            if not job.stream:
+                return await self._complete_whole(request, rec, job, fault, anthropic_route)
+            if anthropic_route:
+                frames = anthropic_frames(self.kind, job)
+            else:
+                frames = openai_frames(self.kind, job, self.price)
+            if fault is not None and fault.kind == "usage":
+                frames = absurd_frames(frames, fault)
+            return await self._stream(request, rec, job, frames, fault)
 
     async def _stream(
         self,
@@ -170,7 +174,7 @@ class Completions(SimState):
         frames: StreamFrames,
         fault: Fault | None,
     ) -> web.StreamResponse:
-        """Headers at once, then the first token after `ttft_s`, one write per token."""
+        """Headers at once, then the first token after `ttft_s` and prefill, one write a token."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -188,8 +192,8 @@ class Completions(SimState):
             if frames.preamble:
                 self._first_write(rec)
                 await response.write(frames.preamble)
-            if self.ttft_s:
-                await asyncio.sleep(self.ttft_s)
+            if delay := self._first_token_delay(job):
+                await asyncio.sleep(delay)
             started = loop.time()
             if stop_at and self.tokens_per_s and request.transport is not None:
                 paced = PacedStream(
@@ -266,7 +270,8 @@ class Completions(SimState):
         anthropic_route: bool,
     ) -> web.StreamResponse:
         """A non-streamed answer, after the time the stream would have taken."""
-        delay = self.ttft_s + (job.n_tokens / self.tokens_per_s if self.tokens_per_s else 0.0)
+        delay = self._first_token_delay(job)
+        delay += job.n_tokens / self.tokens_per_s if self.tokens_per_s else 0.0
         if delay:
             await asyncio.sleep(delay)
         if fault is not None and fault.kind == "die":

@@ -11,8 +11,10 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Callable, Mapping
+from functools import partial
 from types import TracebackType
-from typing import Final, Self, cast
+from typing import Any, Final, Self, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -26,6 +28,7 @@ from provider_agent.dev.sim.lmstudio import LmstudioEndpoints
 from provider_agent.dev.sim.ollama import OllamaEndpoints
 from provider_agent.dev.sim.openrouter import OpenrouterEndpoints
 from provider_agent.dev.sim.records import BYOK_KINDS, SimRequest
+from provider_agent.dev.sim.slots import valid_seconds, valid_slots
 from provider_agent.dev.sim.state import Route, Routes
 from provider_agent.dev.sim.venice import VeniceEndpoints
 from provider_agent.dev.sim.vllm import VllmEndpoints
@@ -251,7 +254,9 @@ class SimBackend(
         return self._error(404, "Not Found")
 
     async def _control(self, request: web.Request) -> web.Response:
-        """`GET /__sim/state`, `POST /__sim/fault` (a Fault's JSON, a list of them, or null)."""
+        """`GET /__sim/state`, `POST /__sim/fault` (a Fault's JSON, a list of them, or null),
+        `POST /__sim/slots` (`{"slots": N or null}`), `POST /__sim/prefill`
+        (`{"prefill_s_per_1k": S, "ttft_s": S}`, either or both)."""
         if request.method == "GET" and request.path == CONTROL_PREFIX + "state":
             return json_response(
                 {
@@ -262,9 +267,15 @@ class SimBackend(
                     "completed": dict(self.completed),
                     "refused": self.refused,
                     "active": self.active,
+                    **self.saturation(),
                     "requests": [r.summary() for r in self.requests],
                 }
             )
+        if request.method == "POST" and request.path == CONTROL_PREFIX + "slots":
+            return await self._set_knobs(request, {"slots": valid_slots}, required=True)
+        if request.method == "POST" and request.path == CONTROL_PREFIX + "prefill":
+            seconds = {n: partial(valid_seconds, n) for n in ("prefill_s_per_1k", "ttft_s")}
+            return await self._set_knobs(request, seconds, required=False)
         if request.method == "POST" and request.path == CONTROL_PREFIX + "fault":
             try:  # the stdlib's parser: a usage figure may be beyond 64 bits, or NaN
                 payload = json.loads(await request.read())
@@ -278,3 +289,24 @@ class SimBackend(
             self.fault_queue = faults[1:]
             return json_response({"fault": payload})
         return json_response({"error": "unknown control endpoint"}, 404)
+
+    async def _set_knobs(
+        self, request: web.Request, knobs: Mapping[str, Callable[[Any], Any]], *, required: bool
+    ) -> web.Response:
+        """Set knobs from a JSON object (each checked by its function; all of them if
+        `required`, else at least one) and answer `saturation()`; 400 and nothing set if any
+        is wrong. A slot count raised starts queued requests at once."""
+        try:
+            payload = json.loads(await request.read())
+            if not isinstance(payload, dict) or not payload:
+                raise ValueError("a JSON object is needed")
+            unknown = payload.keys() - knobs.keys()
+            missing = knobs.keys() - payload.keys() if required else set()
+            if unknown or missing:
+                raise ValueError(f"expected the keys {', '.join(knobs)}")
+            values = {name: knobs[name](value) for name, value in payload.items()}
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, 400)
+        for name, value in values.items():
+            setattr(self, name, value)
+        return json_response(self.saturation())

@@ -196,7 +196,7 @@ class LlamacppEndpoints(SimState):
         ordered.update(params=settings["params"], prompt="", next_token=settings["next_token"])
         return {
             "default_generation_settings": ordered,
-            "total_slots": LLAMACPP_SLOTS,
+            "total_slots": self._llamacpp_total_slots(),
             "model_path": f"/models/{model.name}.gguf",
             "chat_template": "{%- for message in messages %}...",
             "chat_template_caps": {},
@@ -205,9 +205,14 @@ class LlamacppEndpoints(SimState):
             "is_sleeping": False,
         }
 
+    def _llamacpp_total_slots(self) -> int:
+        """`--parallel`: the simulator's `slots` where set."""
+        return LLAMACPP_SLOTS if self.slots is None else self.slots
+
     def llamacpp_slots(self) -> list[dict[str, Any]]:
-        busy = min(self.active, LLAMACPP_SLOTS)
-        return [self._llamacpp_slot(i, self.models[0], i < busy) for i in range(LLAMACPP_SLOTS)]
+        total = self._llamacpp_total_slots()
+        busy = min(self.active if self.slots is None else self.busy, total)
+        return [self._llamacpp_slot(i, self.models[0], i < busy) for i in range(total)]
 
     def _llamacpp_unavailable(self) -> web.Response | None:
         if self._loading():
@@ -245,7 +250,7 @@ class LlamacppEndpoints(SimState):
             *metric("llamacpp:prompt_tokens_seconds", "gauge", "Prompt tokens/s.", 0.0),
             *metric("llamacpp:predicted_tokens_seconds", "gauge", "Generated tokens/s.", 0.0),
             *metric("llamacpp:requests_processing", "gauge", "Requests processing.", self.active),
-            *metric("llamacpp:requests_deferred", "gauge", "Requests deferred.", 0),
+            *metric("llamacpp:requests_deferred", "gauge", "Requests deferred.", self.queued),
             *metric("llamacpp:n_busy_slots_per_decode", "gauge", "Busy slots per decode.", 0.0),
         ]
         return metrics_response(lines)

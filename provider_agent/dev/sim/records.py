@@ -60,6 +60,9 @@ class SimRequest:
     tokens_sent: int = 0
     #: The client went away before the simulator was done (an aborted upstream request).
     disconnected: bool = False
+    #: When a completion got its slot (`SimState.slots`): its wait in the queue ended, prefill
+    #: began. None until then, and for one that left the queue.
+    slot_monotonic: float | None = None
     first_write_monotonic: float | None = None
     first_write_wall: float | None = None
     finished_monotonic: float | None = None
@@ -82,6 +85,7 @@ class SimRequest:
                 "disconnected",
                 "received_monotonic",
                 "received_wall",
+                "slot_monotonic",
                 "first_write_monotonic",
                 "first_write_wall",
                 "finished_monotonic",

@@ -19,7 +19,8 @@ from aiohttp import web
 from provider_agent.dev.sim.answers import MESSAGES, error_body, json_response
 from provider_agent.dev.sim.faults import Fault, RouteClass
 from provider_agent.dev.sim.pacer import Pacer
-from provider_agent.dev.sim.records import DEFAULT_MODELS, KINDS, SimModel, SimRequest
+from provider_agent.dev.sim.records import DEFAULT_MODELS, KINDS, Job, SimModel, SimRequest
+from provider_agent.dev.sim.slots import SlotGate, valid_seconds
 
 _T = TypeVar("_T")
 #: What answers a route: the request, and the simulator's record of it.
@@ -61,6 +62,8 @@ class SimState:
         tokens: int = 16,
         tokens_per_s: float = 40.0,
         ttft_s: float = 0.0,
+        slots: int | None = None,
+        prefill_s_per_1k: float = 0.0,
         api_key: str | None = None,
         anthropic: bool = True,
         price_in_usd_per_1m: Decimal | str = Decimal("0.5"),
@@ -92,6 +95,8 @@ class SimState:
         self.tokens = tokens
         self.tokens_per_s = tokens_per_s
         self.ttft_s = ttft_s
+        #: Prefill: seconds per 1,000 prompt tokens, after `ttft_s`, while holding a slot.
+        self.prefill_s_per_1k = valid_seconds("prefill_s_per_1k", prefill_s_per_1k)
         self.api_key = api_key
         self.anthropic = anthropic and kind != "venice"
         self.price = (Decimal(price_in_usd_per_1m), Decimal(price_out_usd_per_1m))
@@ -113,6 +118,10 @@ class SimState:
         self._models = {m.name: m for m in self.models}
         self._routes = self._build_routes()
         self._changed_event = asyncio.Event()
+        #: Completions holding a slot now (in prefill or generating), and waiting for one.
+        self.busy = 0
+        self.queued = 0
+        self._slots = SlotGate(slots, self._slots_changed)
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -167,6 +176,31 @@ class SimState:
                 if value:
                     return value
                 await event.wait()
+
+    # --- saturation --------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int | None:
+        """How many completions generate at once, across all models (None: no limit); the rest
+        wait in arrival order before any byte of their answer. Settable at any time."""
+        return self._slots.capacity
+
+    @slots.setter
+    def slots(self, value: int | None) -> None:
+        self._slots.capacity = value
+
+    def _slots_changed(self) -> None:
+        self.busy, self.queued = self._slots.busy, self._slots.queued
+        self._changed()
+
+    def saturation(self) -> dict[str, Any]:
+        """The saturation knobs, and how many completions hold a slot and wait for one."""
+        names = ("slots", "busy", "queued", "prefill_s_per_1k", "ttft_s")
+        return {name: getattr(self, name) for name in names}
+
+    def _first_token_delay(self, job: Job) -> float:
+        """The time to the first token once a slot is held: `ttft_s`, plus prefill."""
+        return self.ttft_s + self.prefill_s_per_1k * job.prompt_tokens / 1000
 
     # --- records ---------------------------------------------------------------------------
 

@@ -128,7 +128,10 @@ class VllmEndpoints(SimState):
                 float(self.active),
                 labels,
             )
-            lines += metric("vllm:num_requests_waiting", "gauge", "Requests waiting.", 0.0, labels)
+            waiting = float(self.queued)  # waiting for a slot (`SimState.slots`)
+            lines += metric(
+                "vllm:num_requests_waiting", "gauge", "Requests waiting.", waiting, labels
+            )
             lines += metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage.", 0.0, labels)
             lines += metric("vllm:gpu_cache_usage_perc", "gauge", "Deprecated alias.", 0.0, labels)
             lines += metric(
