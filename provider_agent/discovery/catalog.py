@@ -4,8 +4,9 @@ The steps, in order (config.md, protocol.md §2): allow-list (native ids; entrie
 does not serve are named in a warning) → aliases (native → advertised id) → drop ids that are not
 acceptable model ids (one warning per backend saying how many and why) → drop models that are not
 chat-capable or not loaded → price (local: the pricing table; BYOK: the table, else upstream list
-price × (1 + markup), rounded up; unpriced BYOK models, zero prices and prices above
-`MAX_PRICE_PER_1M` dropped by name) → group by advertised id, routes ordered by (priority, config
+price × (1 + markup), rounded up; unpriced BYOK models, prices 0 on both sides (one side at 0
+is sold at 0, config.md settled 2026-12-06) and prices above `MAX_PRICE_PER_1M` dropped by
+name) → group by advertised id, routes ordered by (priority, config
 order) → one capabilities entry per advertised id, sorted by model_id.
 
 No I/O and no clock: everything comes in as plain data, so every rule has a table-driven test.
@@ -185,8 +186,8 @@ def _route_for(
     if isinstance(price, str):
         dropped.append(f"{model_id} via {printable(cfg.label)}: {price}")
         return None
-    if price.input_per_1m == 0 or price.output_per_1m == 0:
-        dropped.append(f"{model_id} via {printable(cfg.label)}: resolved price is 0")
+    if price.input_per_1m == 0 and price.output_per_1m == 0:  # one side at 0 is sold at 0
+        dropped.append(f"{model_id} via {printable(cfg.label)}: resolved price is 0 (both sides)")
         return None
     if max(price.input_per_1m, price.output_per_1m) > MAX_PRICE_PER_1M:
         dropped.append(

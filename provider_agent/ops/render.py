@@ -16,7 +16,7 @@ from provider_agent.errors import ExitCode
 if TYPE_CHECKING:
     from provider_agent.config.schema import Config
     from provider_agent.discovery.run_pass import PassResult
-    from provider_agent.observe.status import AgentStatus
+    from provider_agent.observe.status import AgentStatus, RouteStatus
 
 
 def discover_command(config: Config, *, as_json: bool) -> int:
@@ -212,11 +212,16 @@ def render_status(status: AgentStatus) -> str:
             printable(model.model_id, 300),
             str(model.context_window) if model.context_window is not None else "?",
             ",".join(model.formats),
-            ", ".join(printable(route.backend, 300) for route in model.routes),
+            ", ".join(_route_text(route) for route in model.routes),
         ]
         for model in status.models
     ]
     lines += columns(["MODEL", "CONTEXT", "FORMATS", "ROUTES"], model_rows, right=(1,))
+    if any(route.limit is not None for model in status.models for route in model.routes):
+        lines.append(
+            "(n/m: the route's concurrency limit, learned from its time to first byte, of its "
+            "ceiling; jobs beyond it are refused out_of_capacity)"
+        )
     if not status.models:
         lines.append("(no model to serve)")
     lines += _withdrawn_lines(status) + _gpu_lines(status)
@@ -262,6 +267,17 @@ def _escaped(status: AgentStatus) -> AgentStatus:
         return value
 
     return AgentStatus.model_validate(walk(status.model_dump()))
+
+
+def _route_text(route: RouteStatus) -> str:
+    """`backend (3/8, 120 ms)`: the route's limit of its ceiling and its unloaded time."""
+    from provider_agent.safe_text import printable
+
+    name = printable(route.backend, 300)
+    if route.limit is None:
+        return name
+    baseline = f", {route.ttfb_baseline_ms:g} ms" if route.ttfb_baseline_ms is not None else ""
+    return f"{name} ({route.limit}/{route.ceiling}{baseline})"
 
 
 def _withdrawn_lines(status: AgentStatus) -> list[str]:

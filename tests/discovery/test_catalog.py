@@ -194,10 +194,21 @@ def test_byok_models_without_a_usable_price_are_dropped(upstream: UpstreamPrice 
 
 
 def test_zero_price_from_table_is_dropped_with_reason() -> None:
-    cfg = config(TWO_LOCAL + '[pricing.models."m"]\ninput_per_1m = 0\noutput_per_1m = 5\n')
+    cfg = config(TWO_LOCAL + '[pricing.models."m"]\ninput_per_1m = 0\noutput_per_1m = 0\n')
     catalog = build(cfg, [seen(cfg, 0, ModelInfo("m"))])
     assert catalog.routes == {}
     assert "price is 0" in catalog.dropped[0]
+
+
+@pytest.mark.parametrize(("given", "sold"), [((0, 5), (0, 5)), ((7, 0), (7, 0))])
+def test_one_side_at_zero_is_advertised_at_zero(
+    given: tuple[int, int], sold: tuple[int, int]
+) -> None:
+    """config.md, settled 2026-12-06: only both sides at 0 drop a model."""
+    table = f'[pricing.models."m"]\ninput_per_1m = {given[0]}\noutput_per_1m = {given[1]}\n'
+    cfg = config(TWO_LOCAL + table)
+    [offer] = build(cfg, [seen(cfg, 0, ModelInfo("m"))]).capabilities.models
+    assert (offer.input_per_1m, offer.output_per_1m) == sold
 
 
 def test_local_and_byok_serving_one_model_advertise_once_local_first() -> None:
