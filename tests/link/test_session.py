@@ -21,17 +21,12 @@ from tenacity import AsyncRetrying, RetryCallState
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from provider_agent import __version__
 from provider_agent.clock import Timings
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.errors import Fault, FaultKind
 from provider_agent.link.identity import load, load_or_create
 from provider_agent.link.protocol import (
     KNOWN_TYPES,
-    Capabilities,
-    CapabilityLimits,
-    CapabilityMetadata,
-    Heartbeat,
     Job,
 )
 from provider_agent.link.session import PolicyWait, Session, SessionHooks
@@ -44,6 +39,7 @@ from tests.agent_harness import (
     running_agent,
     write_config,
 )
+from tests.link.session_pair import plain_capabilities, plain_heartbeat
 
 
 @pytest.fixture
@@ -610,20 +606,8 @@ class Bare:
                 url=lambda: self.url,
                 enrollment_code=lambda: None,
                 heartbeat_interval_s=lambda: 15.0,
-                capabilities=lambda: Capabilities(
-                    models=[],
-                    limits=CapabilityLimits(max_concurrent_total=1, max_tokens_per_minute=None),
-                    metadata=CapabilityMetadata(agent_version=__version__),
-                ),
-                heartbeat=lambda: Heartbeat(
-                    queue_depth=0,
-                    tokens_per_sec_p50=0,
-                    p50_latency_ms=0,
-                    p95_latency_ms=0,
-                    error_rate_60s=0,
-                    last_error_at=None,
-                    last_error_code=None,
-                ),
+                capabilities=plain_capabilities,
+                heartbeat=plain_heartbeat,
                 on_authenticated=self.authenticated.set,
                 on_reconnect=self._reconnecting,
             ),

@@ -25,9 +25,10 @@ from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.coordinator.contract import contract_problems
 from provider_agent.link.identity import load_or_create
-from provider_agent.link.protocol import GpuSample, Heartbeat, encode
+from provider_agent.link.protocol import GpuSample, encode
 from provider_agent.observe.telemetry import PACKAGE_MISSING, GpuTelemetry, load_nvml
 from tests.agent_harness import agent_where, fast_policy, write_config
+from tests.link.session_pair import plain_heartbeat
 from tests.nvml_stand_in import StandInGpu, StandInNvml, gpu_lost, not_supported
 
 #: Generous: only proves that a hung NVML call is given up on (the stand-in hangs for 60 s).
@@ -47,16 +48,7 @@ def nvml() -> Iterator[StandInNvml]:
 
 def beat(gpus: list[GpuSample] | None) -> dict[str, object]:
     """A heartbeat carrying `gpus`, as it goes on the wire (checked against the contract)."""
-    frame = Heartbeat(
-        queue_depth=0,
-        tokens_per_sec_p50=0.0,
-        p50_latency_ms=0.0,
-        p95_latency_ms=0.0,
-        error_rate_60s=0.0,
-        last_error_at=None,
-        last_error_code=None,
-        gpus=gpus,
-    )
+    frame = plain_heartbeat().model_copy(update={"gpus": gpus})
     assert contract_problems(frame) == []
     data: dict[str, object] = orjson.loads(encode(frame))
     return data
