@@ -187,6 +187,18 @@ def run_bench(main: Callable[[], int]) -> int:
         return 130
 
 
+def in_workdir(keep: Path | None, prefix: str, work: Callable[[Path], int]) -> int:
+    """`work(directory)`: in `keep` (made if missing, left behind with the logs), else in a
+    temporary directory named `prefix…`, removed after."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        return work(keep)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        return work(Path(workdir))
+
+
 async def wait_http(
     http: aiohttp.ClientSession,
     url: str,
@@ -241,12 +253,17 @@ def write_agent_config(
     prometheus_addr: str = "",
     log_format: str = "text",
     extra: str = "",
+    heartbeat_interval_s: float | None = None,
 ) -> Path:
     """An agent.toml in `directory` (identity and state there too); `backends` is the
-    `[[backends]]` TOML, `extra` more tables (not `[pricing]` or `[observability]`)."""
+    `[[backends]]` TOML, `extra` more tables (not `[pricing]`, `[observability]` or
+    `[coordinator]`: `heartbeat_interval_s` goes there, the default when None)."""
     path = directory / "agent.toml"
+    heartbeat = (
+        "" if heartbeat_interval_s is None else f"heartbeat_interval_s = {heartbeat_interval_s}\n"
+    )
     path.write_text(
-        f'[coordinator]\nurl = "{coordinator_url}"\n'
+        f'[coordinator]\nurl = "{coordinator_url}"\n{heartbeat}'
         f'[identity]\nkey_path = "{directory / "identity.key"}"\n'
         f'[state]\ndir = "{directory / "state"}"\n'
         f'[observability]\nprometheus_addr = "{prometheus_addr}"\nlog_format = "{log_format}"\n'

@@ -45,6 +45,17 @@ The algorithm, in plain words:
    surely below the knee — until `WINDOW_SAMPLES` calm samples or `WINDOW_MAX_S`. They start a new
    epoch of the level, then the limit returns to where it was.
 
+6. Before the first calm sample (a route saturated from its first job), `PROVISIONAL_MARGIN` ×
+   the fastest first byte so far stands in for the line, so the queue of a cold start is seen at
+   once rather than at the first re-measure.
+
+Tuned against `bench/capacity.py` (the real agent, a simulated server of 4 slots raised to 8): one
+queued job ends a trial (with two, a trial of S+1 could be kept when its first jobs happened to
+wait little, and then one job in S+1 waits a whole service time: p95 4.5–6.9× unloaded); the wait
+after failed trials is capped at 48 good samples (with 128 the limit stayed at 4 for 15–19 s after
+the server grew: 73–77 % of capacity); a re-measure holds half the limit (a quarter, or 1, cost
+~8 % of the capacity); the provisional line above (without it the cold start's queue lasted 4 s).
+
 With `adaptive = False` (§2's rule) the limit is the ceiling and every sample, loaded or not,
 feeds the baseline on display.
 
@@ -90,10 +101,10 @@ REMEASURE_JITTER_S = 15.0
 #: The first re-measure, sooner: the calm samples before it may be few.
 FIRST_WINDOW_S = 10.0
 #: A re-measure ends after this many calm samples, or after this many seconds.
-WINDOW_SAMPLES = 8
+WINDOW_SAMPLES = 4
 WINDOW_MAX_S = 4.0
 #: During a re-measure the limit is held at max(1, limit // HOLD_DIVISOR).
-HOLD_DIVISOR = 4
+HOLD_DIVISOR = 2
 #: This many decreases in a row that saw no queue re-measure at once, unless a re-measure
 #: ended less than EARLY_GAP_S ago.
 BLIND_DECREASES = 2
@@ -114,10 +125,12 @@ VERDICTS_BAD = 4
 #: Good samples at the limit before trying one more; after a failed trial from NEED_AFTER_FAIL,
 #: doubling up to NEED_MAX; good samples above the old limit that confirm a trial.
 NEED_MIN = 2
-NEED_AFTER_FAIL = 32
-NEED_MAX = 128
+NEED_AFTER_FAIL = 16
+NEED_MAX = 48
 PROBE_CONFIRM = 4
-PROBE_FAILS = 2
+PROBE_FAILS = 1
+#: Before the first calm sample, a first byte is judged against this × the fastest one so far.
+PROVISIONAL_MARGIN = 2.0
 #: Refusals halve the limit at most once per this many seconds.
 FAIL_COOLDOWN_S = 1.0
 #: Recent first bytes kept to count the jobs queued ahead of a slow one.
@@ -273,6 +286,8 @@ class RouteCapacity:
         #: (first byte at, estimated start of service, sent at) of recent samples.
         self._recent: deque[tuple[float, float, float]] = deque(maxlen=RECENT_FIRST_BYTES)
         self._last_fail = -math.inf
+        #: The fastest first byte seen while there is no unloaded line yet.
+        self._provisional = math.inf
 
     @property
     def limit(self) -> int:
@@ -334,6 +349,12 @@ class RouteCapacity:
         guess = self._unloaded.guess(prompt_tokens)
         started = sent if guess is None else now - min(ttfb_s, guess)
         unloaded = self._unloaded.judged(prompt_tokens)
+        if unloaded is None and self._unloaded.baseline() is None:
+            # No calm sample yet (a route saturated from its first job): the fastest first byte
+            # so far stands in, so that queueing is seen at once, not at the first re-measure.
+            self._provisional = min(self._provisional, ttfb_s)
+            if self._samples > 1:  # twice it: a rough reference, only plain queueing is bad
+                unloaded = PROVISIONAL_MARGIN * self._provisional
         ahead = 0
         if not measuring and unloaded is not None and ttfb_s > self.tolerance * unloaded:
             ahead = self._queued_ahead(sent, started, unloaded)

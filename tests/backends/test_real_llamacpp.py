@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +211,154 @@ async def test_a_job_streams_through_the_agent_and_job_done_carries_usage(
     assert record.terminal.tokens.output >= 1 and record.terminal.tokens.input >= 1
     assert record.terminal_count == 1
     coord.assert_no_violations()
+
+
+# --- protocol.md §9: the learned limit comes down to the server's one-at-a-time ------------------
+
+#: A longer answer than STREAM_REQUEST's, so a job waiting behind another waits for something.
+LIMIT_REQUEST: dict[str, Any] = {
+    **{k: v for k, v in STREAM_REQUEST.items() if k != "stream_options"},
+    "max_tokens": 16,
+}
+CALM_JOBS = 6
+BURST = 8
+#: Bursts go on until a heartbeat shows the limit at the knee, at most this long, and then for
+#: SETTLE_BEATS more heartbeats (one a second), each of which must show it there still.
+CONVERGE_S = 12.0
+SETTLE_BEATS = 3
+KNEE = 2
+
+
+def _route_limit(agent: Any) -> int | None:
+    """The route's limit in the agent's last heartbeat (protocol.md §9: as last known good)."""
+    beat = agent.last_heartbeat
+    limits = [route.limit for route in (beat.backends or [])] if beat is not None else []
+    return limits[0] if limits else None
+
+
+@dataclass
+class Settling:
+    """What `_bursts_until_settled` saw."""
+
+    #: The route's limit in the last heartbeat before the load (the ceiling: nothing learned).
+    before: int | None
+    #: (heartbeat count, the route's limit in it), once after each burst that a new one preceded.
+    beats: list[tuple[int, int | None]] = field(default_factory=list)
+    #: The first heartbeat count with the limit at most KNEE.
+    settled_at: int | None = None
+    #: Terminal frames of the burst jobs, by kind (`job_done` or the error code).
+    outcomes: Counter[str] = field(default_factory=Counter)
+    #: The capabilities' `max_concurrent` and `/status`' route `limit` at the end.
+    advertised: int | None = None
+    status_limit: int | None = None
+
+    @property
+    def settled(self) -> list[int | None]:
+        """The limits from `settled_at` on."""
+        at = self.settled_at
+        return [limit for beat, limit in self.beats if at is not None and beat >= at]
+
+
+async def _bursts_until_settled(backend_toml: str, tmp_path: Path) -> Settling:
+    """An agent serving the real server: CALM_JOBS jobs one at a time (the unloaded baseline),
+    then bursts of BURST jobs at once until a heartbeat shows the route's limit at most KNEE,
+    and SETTLE_BEATS heartbeats more."""
+    import anyio
+
+    from provider_agent.dev.coordinator import DevCoordinator, JobRecord
+    from provider_agent.link.protocol import JobDone, JobError
+    from tests.agent_harness import agent_where, free_port, running_agent, write_config
+
+    async def jobs(coord: DevCoordinator, pid: str, n: int) -> list[JobRecord]:
+        records = [await coord.send_job(pid, MODEL_ALIAS, LIMIT_REQUEST) for _ in range(n)]
+        await coord.wait_for(lambda _: all(r.terminal is not None for r in records), timeout=10)
+        return records
+
+    status_addr = f"127.0.0.1:{free_port()}"
+    async with DevCoordinator(host="127.0.0.1", port=0) as coord:
+        cfg = write_config(
+            tmp_path,
+            coord.ws_url,
+            heartbeat_interval_s=1,
+            prometheus_addr=status_addr,
+            extra=backend_toml,
+        )
+        async with running_agent(cfg):
+            # the pass that follows auth_ok is over (its probes would interrupt a stream), and
+            # a heartbeat showed the route
+            agent = await agent_where(
+                coord,
+                lambda a: (
+                    a.capabilities is not None
+                    and a.capabilities.models
+                    and a.capabilities_count >= 2
+                    and _route_limit(a) is not None
+                ),
+                timeout=30,
+            )
+            pid = agent.provider_id
+            seen = Settling(before=_route_limit(agent))
+            for _ in range(CALM_JOBS):
+                [record] = await jobs(coord, pid, 1)
+                assert isinstance(record.terminal, JobDone), record.terminal
+            deadline = anyio.current_time() + CONVERGE_S
+            while seen.settled_at is None or agent.heartbeat_count < seen.settled_at + SETTLE_BEATS:
+                extra_s = 0 if seen.settled_at is None else SETTLE_BEATS + 1
+                assert anyio.current_time() < deadline + extra_s, f"not settled: {seen}"
+                for record in await jobs(coord, pid, BURST):
+                    terminal = record.terminal
+                    kind = terminal.error_code if isinstance(terminal, JobError) else "job_done"
+                    seen.outcomes[kind] += 1
+                if not seen.beats or seen.beats[-1][0] != agent.heartbeat_count:
+                    seen.beats.append((agent.heartbeat_count, _route_limit(agent)))
+                limit = seen.beats[-1][1]
+                if seen.settled_at is None and limit is not None and limit <= KNEE:
+                    seen.settled_at = agent.heartbeat_count
+            assert agent.capabilities is not None
+            [offer] = agent.capabilities.models
+            seen.advertised = offer.max_concurrent
+            status_code, body = await anyio.to_thread.run_sync(
+                http_get, f"http://{status_addr}/status"
+            )
+            assert status_code == 200, body
+            [model] = json.loads(body)["models"]
+            [route] = model["routes"]
+            seen.status_limit = route["limit"]
+        coord.assert_no_violations()
+    return seen
+
+
+def _assert_settled_at_the_knee(seen: Settling) -> None:
+    assert seen.before == 8, seen  # the ceiling: 8, from the config
+    assert len(seen.settled) >= SETTLE_BEATS, seen
+    assert all(limit is not None and limit <= KNEE for limit in seen.settled), seen
+    # found by first bytes that came late, not by failures: jobs beyond the limit were refused
+    # at once, the others done
+    assert set(seen.outcomes) == {"job_done", "out_of_capacity"}, seen
+    # moves of more than one are pushed at once: the 8 came down, to at most one above the knee
+    assert seen.advertised is not None and seen.advertised <= KNEE + 1, seen
+    # /status shows the same limit as the heartbeat (the last known good), never 0
+    assert seen.status_limit is not None and 1 <= seen.status_limit <= KNEE, seen
+
+
+async def test_the_learned_limit_comes_down_to_the_knee_as_llamacpp(
+    llamacpp_url: str, tmp_path: Path
+) -> None:
+    """Kind llamacpp with the backend's own cap at 8: llama-cpp-python has no `/props`, so no
+    slot count caps the route (ceiling 8), and its one-at-a-time serving is found by the
+    controller: concurrent jobs queue inside the server and their first bytes come late."""
+    backend = (
+        f'[[backends]]\nkind = "llamacpp"\nurl = {json.dumps(llamacpp_url)}\nmax_concurrent = 8\n'
+    )
+    _assert_settled_at_the_knee(await _bursts_until_settled(backend, tmp_path))
+
+
+async def test_the_learned_limit_comes_down_as_a_plain_openai_server(
+    llamacpp_url: str, tmp_path: Path
+) -> None:
+    """The same server as an OpenAI-compatible backend whose `/props` nobody reads: kind
+    lmstudio (health and models from `/v1/models`; kind vllm would leave it out, as its
+    `/health` answers 404). Nothing but the times to first byte tells the controller, whose
+    ceiling is the global `max_concurrent` (8)."""
+    backend = f'[[backends]]\nkind = "lmstudio"\nurl = {json.dumps(llamacpp_url)}\n'
+    _assert_settled_at_the_knee(await _bursts_until_settled(backend, tmp_path))
