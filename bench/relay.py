@@ -291,11 +291,10 @@ def spawn(started: list[Child], name: str, argv: Sequence[str], workdir: Path) -
 
 
 def write_agent_config(directory: Path, coordinator_port: int, backend_port: int) -> Path:
-    """The agent under test. Learned limits are off (`adaptive = false`): this benchmark measures
-    the relay of 256 streams started at once, which the backend cannot start as fast as one (the
-    first bytes take 1 ms alone, up to ~85 ms in the burst). The learned limit reads that as a
-    queue and refuses the excess, as protocol.md §9 wants; `bench/capacity.py` measures that.
-    The limit's bookkeeping still runs (a route's limit is its ceiling), so its cost is here."""
+    """The agent under test, with the learned limits on (the default): 256 streams started at
+    once make the backend's first bytes take up to ~100 ms instead of 1 ms, which is no queue
+    for jobs of 5 s (protocol.md §9: `jobs/capacity.py` judges lateness against the route's job
+    durations), so every stream is taken."""
     path = directory / "agent.toml"
     path.write_text(
         f'[coordinator]\nurl = "ws://127.0.0.1:{coordinator_port}/provider/connect"\n'
@@ -304,7 +303,7 @@ def write_agent_config(directory: Path, coordinator_port: int, backend_port: int
         '[observability]\nprometheus_addr = ""\n'
         f'[[backends]]\nkind = "vllm"\nurl = "http://127.0.0.1:{backend_port}"\n'
         "[pricing]\ndefault_input_per_1m = 300000\ndefault_output_per_1m = 600000\n"
-        "[limits]\nmax_concurrent = 256\nadaptive = false\n"
+        "[limits]\nmax_concurrent = 256\n"
     )
     return path
 

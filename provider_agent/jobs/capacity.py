@@ -55,6 +55,11 @@ wait little, and then one job in S+1 waits a whole service time: p95 4.5–6.9×
 after failed trials is capped at 48 good samples (with 128 the limit stayed at 4 for 15–19 s after
 the server grew: 73–77 % of capacity); a re-measure holds half the limit (a quarter, or 1, cost
 ~8 % of the capacity); the provisional line above (without it the cold start's queue lasted 4 s).
+And from `bench/relay.py` (256 streams started at once on a backend whose first bytes take 1 ms):
+a first byte is late only when it is also later than unloaded by more than `LATE_SHARE` of the
+route's median job duration, since a job that waits for a slot waits for much of another job;
+without that, ~85 ms of scheduling in the burst read as a queue and 1,106 of 1,280 streams were
+refused. The share (3 %) still finds the knee of 16 slots, whose queue waits are shortest.
 
 With `adaptive = False` (§2's rule) the limit is the ceiling and every sample, loaded or not,
 feeds the baseline on display.
@@ -131,6 +136,10 @@ PROBE_CONFIRM = 4
 PROBE_FAILS = 1
 #: Before the first calm sample, a first byte is judged against this × the fastest one so far.
 PROVISIONAL_MARGIN = 2.0
+#: A first byte is late only when it is later than unloaded by more than this share of the
+#: median duration of the route's recent jobs (DURATIONS of them).
+LATE_SHARE = 0.03
+DURATIONS = 31
 #: Refusals halve the limit at most once per this many seconds.
 FAIL_COOLDOWN_S = 1.0
 #: Recent first bytes kept to count the jobs queued ahead of a slow one.
@@ -286,6 +295,8 @@ class RouteCapacity:
         #: (first byte at, estimated start of service, sent at) of recent samples.
         self._recent: deque[tuple[float, float, float]] = deque(maxlen=RECENT_FIRST_BYTES)
         self._last_fail = -math.inf
+        #: Recent jobs' durations (request to last byte): the scale of a queue's wait.
+        self._durations: deque[float] = deque(maxlen=DURATIONS)
         #: The fastest first byte seen while there is no unloaded line yet.
         self._provisional = math.inf
 
@@ -356,7 +367,8 @@ class RouteCapacity:
             if self._samples > 1:  # twice it: a rough reference, only plain queueing is bad
                 unloaded = PROVISIONAL_MARGIN * self._provisional
         ahead = 0
-        if not measuring and unloaded is not None and ttfb_s > self.tolerance * unloaded:
+        late = unloaded is not None and self._late(ttfb_s, unloaded)
+        if not measuring and unloaded is not None and late:
             ahead = self._queued_ahead(sent, started, unloaded)
         self._recent.append((now, started, sent))
         if measuring:
@@ -365,7 +377,7 @@ class RouteCapacity:
                 if self._window_count >= WINDOW_SAMPLES:
                     self._end_window(now)
         elif unloaded is not None:
-            self._judge(now, ttfb_s / unloaded, in_flight - 1 - ahead, in_flight)
+            self._judge(now, late, in_flight - 1 - ahead, in_flight)
 
     def failed(self, now: float) -> None:
         """A refusal: the attempt failed before its first byte, or the backend said 429/503."""
@@ -406,9 +418,24 @@ class RouteCapacity:
                 ahead += 1
         return ahead
 
-    def _judge(self, now: float, ratio: float, knee: int, in_flight: int) -> None:
+    def finished(self, duration_s: float) -> None:
+        """A job on this route ended after `duration_s` from its request (first byte to last):
+        what a job queued behind it would have waited for."""
+        if duration_s > 0:
+            self._durations.append(duration_s)
+
+    def _late(self, ttfb_s: float, unloaded: float) -> bool:
+        """Over `tolerance` × the unloaded time — and later by more than `LATE_SHARE` of a job's
+        typical duration: a job that waits for a slot waits for most of another job, while a
+        backend whose first bytes take milliseconds jitters by as much on a busy host without
+        any queue (256 streams started at once, a saturated CPU)."""
+        if ttfb_s <= self.tolerance * unloaded or not self._durations:
+            return False  # no job has ended: none can have waited for a slot
+        typical = sorted(self._durations)[len(self._durations) // 2]
+        return ttfb_s - unloaded > LATE_SHARE * typical
+
+    def _judge(self, now: float, bad: bool, knee: int, in_flight: int) -> None:
         good_limit = self._good_limit
-        bad = ratio > self.tolerance
         if self._phase == "probing" and in_flight > good_limit:
             if bad:
                 self._probe_bad += 1

@@ -426,7 +426,10 @@ class Executor:
             running.sent_at = self.clock()
             running.route_in_flight = self.load.routes.get(route.key, 0)
             try:
-                return await self._relay(running, backend.stream, route)
+                outcome = await self._relay(running, backend.stream, route)
+                if self.limits is not None and running.first_byte_at is not None:
+                    self.limits.finished(route, self.clock() - running.sent_at)
+                return outcome
             except UnencodableRequest as exc:  # read, but nested beyond what the encoder writes
                 return Outcome("bad_request", str(exc))
             except StreamFailed as exc:

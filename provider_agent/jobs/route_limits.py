@@ -87,6 +87,12 @@ class RouteLimits:
         capacity.tick(now)
         self._changed(before, capacity)
 
+    def finished(self, route: Route, duration_s: float) -> None:
+        """A job on this route ended `duration_s` after its request was sent."""
+        entry = self._routes.get(route.key)
+        if entry is not None:
+            entry[0].finished(duration_s)
+
     def failed(self, route: Route, now: float) -> None:
         """The route refused a job (429/503, busy) or timed out before its first byte."""
         capacity = self.of(route, now)

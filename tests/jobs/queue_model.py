@@ -222,6 +222,8 @@ def run(
         elif kind == "done":
             sim.busy -= 1
             sim.in_flight -= 1
+            if job is not None:
+                control.finished(now - job.sent)
         elif kind == "capacity":
             sim.slots = value
             slot_trace.append((now, value))

@@ -75,16 +75,35 @@ def test_a_reload_that_lowers_the_global_maximum_lowers_every_ceiling() -> None:
 
 def test_queued_first_bytes_lower_the_limit_and_say_so() -> None:
     """A route whose jobs start queueing past two at once comes down, and the agent hears of
-    the change (it then decides whether to push capabilities)."""
+    the change (it then decides whether to push capabilities). A queue's wait is judged
+    against how long the route's jobs take: 2 s of 1 s jobs is a queue."""
     moves: list[int] = []
     config = LimitsConfig(max_concurrent=8)
     limits = RouteLimits(lambda: config, on_change=lambda: moves.append(1))
     served = route("a")
     now = 0.0
-    for _ in range(20):  # calm: one at a time, 0.1 s to the first byte
+    for _ in range(20):  # calm: one at a time, 0.1 s to the first byte, 1 s in all
         now += 1.0
         limits.observe(served, now, 0.1, 100, 1)
+        limits.finished(served, 1.0)
     for _ in range(20):  # eight at once, and a queue: 2 s to the first byte
         now += 0.5
         limits.observe(served, now, 2.0, 100, 8)
     assert limits.limit(served, now) < 8 and moves
+
+
+def test_milliseconds_of_jitter_on_a_fast_backend_are_not_a_queue() -> None:
+    """First bytes of 1 ms that become 80 ms in a burst, on jobs of 5 s: scheduling, not a
+    wait for a slot (which would be most of a job); the limit stays."""
+    config = LimitsConfig(max_concurrent=256)
+    limits = RouteLimits(lambda: config)
+    served = route("a")
+    now = 0.0
+    for _ in range(20):
+        now += 6.0
+        limits.observe(served, now, 0.001, 100, 1)
+        limits.finished(served, 5.0)
+    for _ in range(200):
+        now += 0.01
+        limits.observe(served, now, 0.08, 100, 256)
+    assert limits.limit(served, now) == 256
