@@ -33,7 +33,7 @@ from provider_agent.observe.http_api import Endpoint
 from provider_agent.observe.http_api import serve as serve_http
 from provider_agent.observe.systemd import Notifier, keep_alive
 from provider_agent.observe.telemetry import GpuTelemetry
-from provider_agent.runtime import event_loop_options, first_of, settle_heap
+from provider_agent.runtime import event_loop_options, first_of, release_free_heap, settle_heap
 from provider_agent.store import statedir
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ class Daemon:
                     lambda: agent.session.state,
                     agent.notify_status,
                 )
+            release_free_heap()  # what startup and the first pass freed
             self.started.set()
             self.notifier.ready()
             agent.notify_status()

@@ -71,6 +71,19 @@ def pin_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, size))
 
 
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the kernel (glibc's `malloc_trim`): what startup and the
+    first discovery pass allocated and freed would otherwise stay in the idle agent's RSS. False
+    where the C library has no `malloc_trim`."""
+    import ctypes
+
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(malloc_trim(0))
+
+
 # --- one-shot commands and signals ----------------------------------------------------------------
 
 #: After SIGINT/SIGTERM, how long a one-shot command's abandoned work gets to unwind before the
