@@ -114,7 +114,8 @@ def _one_line(message: str) -> str:
 
 
 def _toml_escaped(text: str) -> str:
-    """A key as a TOML basic string writes it: what json.dumps left raw escaped as \\uXXXX."""
+    """A key as a TOML basic string writes it: what json.dumps left raw, as a `\\u` escape of
+    four hex digits."""
     return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def json_route(cls: RouteClass, make: Callable[[web.Request], Any], public: bool
     return Route(cls, handler, public)
 
 
-class SimState:
+class SimState(ABC):
     """A simulated backend's knobs, records and fault (the package docstring says what each is)."""
 
     def __init__(
@@ -244,6 +245,6 @@ class SimState:
         """llama.cpp serves several models as a router, which needs each asked for by name."""
         return len(self.models) > 1
 
+    @abstractmethod
     def _build_routes(self) -> Routes:
-        """(METHOD, path) → the route that answers it, for this kind: see `core.SimBackend`."""
-        raise NotImplementedError
+        """(METHOD, path) → the route that answers it, for this kind: `core.SimBackend`'s."""
