@@ -202,6 +202,17 @@ class AgentMetrics:
             "1 while paused for maintenance (`provider-agent pause`): no model is advertised.",
             registry=registry,
         )
+        self.pause_started = Gauge(
+            f"{prefix}pause_started_timestamp_seconds",
+            "When the current pause began (Unix time; 0 when not paused).",
+            registry=registry,
+        )
+        self.pause_ends = Gauge(
+            f"{prefix}pause_ends_timestamp_seconds",
+            "When the current pause ends by itself (Unix time; 0 when not paused or paused "
+            "until `resume`).",
+            registry=registry,
+        )
         self.probes_skipped = Counter(
             f"{prefix}discovery_probes_skipped",
             "Discovery probes not made because the backend's jobs showed it healthy (its last "
@@ -343,6 +354,8 @@ class AgentMetrics:
         self.window_tokens.set(status.rate_window.tokens_last_60s)
         self.window_fill.set(status.rate_window.fill)
         self.paused.set(1 if status.paused is not None else 0)
+        self.pause_started.set(_unix(status.paused.since) if status.paused else 0)
+        self.pause_ends.set(_unix(status.paused.until) if status.paused else 0)
         self.routes_withdrawn.clear()
         withdrawn = collections.Counter(route.backend for route in status.withdrawn_routes)
         for name, count in withdrawn.items():
@@ -385,3 +398,11 @@ class AgentMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _unix(stamp: str | None) -> float:
+    """An ISO 8601 UTC stamp as `utc_ms` writes it, as Unix seconds (0 for none or garbage)."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
+    except ValueError:
+        return 0.0

@@ -224,12 +224,22 @@ def test_observe_sets_the_pause_route_and_gpu_gauges_and_drops_what_went_away() 
         WithdrawnRoute(backend="gpu", model="n", since="t"),
         WithdrawnRoute(backend="byok", model="x/y", since="t"),
     ]
-    metrics.observe(status(paused=PauseStatus(since="t"), gpus=gpus, withdrawn_routes=withdrawn))
+    paused = PauseStatus(since="2026-12-07T01:00:00.000Z", until="2026-12-07T03:00:00.500Z")
+    metrics.observe(status(paused=paused, gpus=gpus, withdrawn_routes=withdrawn))
     first = samples(metrics)
+    metrics.observe(status(paused=PauseStatus(since="garbage")))
+    open_ended = samples(metrics)
     metrics.observe(status())
     second = samples(metrics)
     assert first[("provider_agent_paused", frozenset())] == 1
     assert second[("provider_agent_paused", frozenset())] == 0
+    started, ends = (
+        "provider_agent_pause_started_timestamp_seconds",
+        "provider_agent_pause_ends_timestamp_seconds",
+    )
+    assert (first[(started, frozenset())], first[(ends, frozenset())]) == (1796605200, 1796612400.5)
+    assert (open_ended[(started, frozenset())], open_ended[(ends, frozenset())]) == (0, 0)
+    assert (second[(started, frozenset())], second[(ends, frozenset())]) == (0, 0)
     routes = "provider_agent_routes_withdrawn"
     assert first[(routes, frozenset({("backend", "gpu")}))] == 2
     assert first[(routes, frozenset({("backend", "byok")}))] == 1
