@@ -301,6 +301,12 @@ def configured_path(unit_text: str) -> PurePosixPath | None:
     return PurePosixPath(found.group(1).strip()) if found else None
 
 
+def exec_start(unit_text: str) -> PurePosixPath | None:
+    """The executable an installed unit starts."""
+    found = re.search(r"^ExecStart=(\S+)", unit_text, re.MULTILINE)
+    return PurePosixPath(found.group(1)) if found else None
+
+
 # --- the plans (pure) -----------------------------------------------------------------------------
 
 
