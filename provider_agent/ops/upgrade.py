@@ -182,8 +182,8 @@ def upgrade(inst: Installation, options: Options, machine: Machine, steps: Steps
     version = git.version_at(target) or "unknown"
     steps.say(
         "target",
-        f"{printable(ref, 100)} is {short(target)}, version {printable(version, 60)}"
-        f" (running {describe(running)})",
+        f"{printable(ref, 100)} is {short(target)}, version {printable(version, 60)}; "
+        f"running {describe(running)}",
     )
     if target == running.commit and target == current.commit:
         steps.say("done", f"already running {describe(running)}: nothing to do")
@@ -343,7 +343,7 @@ def switch_and_watch(
         watch_s=options.watch_s,
         stop_limit_s=inst.drain_timeout_s + STOP_MARGIN_S,
     )
-    verdict = watch(inst, expect, machine, steps)
+    verdict = watch(inst, expect, machine, steps, commit=new.commit)
     if verdict.phase == "healthy":
         service.note(f"{what}: {service.name} runs {describe(new)}")
         steps.say("watch", f"healthy: no restart in {span(options.watch_s)}")
@@ -381,6 +381,8 @@ def switch_and_watch(
         ),
         machine,
         steps,
+        commit=old.commit,
+        back=True,
     )
     if back.phase != "healthy":
         service.note(f"{what}: {describe(old)} did not come back either: {back.why}")
@@ -388,12 +390,20 @@ def switch_and_watch(
             f"{failed}; switched back to {describe(old)}, which did not come up either: {back.why}"
         )
     service.note(f"{what}: switched back: {service.name} runs {describe(old)}")
-    steps.say("rollback", f"{describe(old)} ready again")
     raise UpgradeError(f"{failed}; switched back to {describe(old)}")
 
 
-def watch(inst: Installation, expect: Expect, machine: Machine, steps: Steps) -> Verdict:
-    """Poll the unit and the endpoint until `judge` is final; each phase change on one line."""
+def watch(
+    inst: Installation,
+    expect: Expect,
+    machine: Machine,
+    steps: Steps,
+    *,
+    commit: str,
+    back: bool = False,
+) -> Verdict:
+    """Poll the unit and the endpoint until `judge` is final; the new process's start and its
+    readiness on one line each (`back`: the release switched back to)."""
     assert inst.listen is not None
     observations: list[Observation] = []
     start = machine.clock()
@@ -404,18 +414,26 @@ def watch(inst: Installation, expect: Expect, machine: Machine, steps: Steps) ->
         verdict = judge(observations, expect)
         if verdict.started_at is not None and not said_start:
             said_start = True
-            steps.say(
-                "restart",
-                f"the old process stopped; the new one started (pid {verdict.pid or '-'})",
-            )
+            pid = f"pid {verdict.pid}" if verdict.pid else "no pid yet"
+            if back:
+                steps.say("rollback", f"{short(commit)} started ({pid})")
+            else:
+                stopped = span(verdict.started_at)
+                steps.say(
+                    "restart",
+                    f"the old process stopped within {stopped}; {short(commit)} started ({pid})",
+                )
         if verdict.ready_at is not None and not said_ready and verdict.started_at is not None:
             said_ready = True
             after = span(verdict.ready_at - verdict.started_at)
-            rest = f"; watching for restarts until {span(expect.watch_s)}" if expect.hold else ""
-            steps.say(
-                "watch",
-                f"ready after {after}: READY, /readyz 200, authenticated as {expect.version}{rest}",
-            )
+            seen = f"READY, /readyz 200, authenticated as {expect.version}"
+            if back:
+                steps.say("rollback", f"{short(commit)} ready again after {after}: {seen}")
+            else:
+                until = span(expect.watch_s)
+                steps.say(
+                    "watch", f"ready after {after}: {seen}; watched for {until} from its start"
+                )
         if verdict.final:
             return verdict
         machine.sleep(machine.poll_s)
