@@ -6,7 +6,8 @@ The tests run in file order on one installation, each leaving the service runnin
 operator would use it: release A is installed; a dry run changes nothing; `upgrade` to B (a
 version bump) with a job in flight runs B and the job finishes; a second `upgrade` says there is
 nothing to do; `upgrade --to C` (whose agent exits at start) ends with B running again and the
-reason, the job in flight at the time finished; `--list` shows them; `--rollback` goes back to A.
+reason, the job in flight at the time finished; `--list` shows them; `--rollback` goes back to A;
+D, whose outbox schema A cannot open, needs `--yes`, runs, and leaves no way back (A is pruned).
 No billing record is lost in any of it: the ledger holds exactly the coordinator's terminal
 frames. The systemd side of the same story runs in a systemd container (tests/deploy).
 """
@@ -52,7 +53,7 @@ from provider_agent.ops.upgrade import (
     upgrade,
 )
 from provider_agent.ops.upgrade_rules import UnitState
-from provider_agent.store.engine import FILE_NAME
+from provider_agent.store.engine import FILE_NAME, file_schema
 from tests.agent_harness import free_port, write_config
 from tests.ops import git_source
 from tests.ops.supervisor import Supervisor
@@ -351,6 +352,63 @@ def test_rollback_by_hand_goes_back_to_a(rig: Rig) -> None:
         rig.run(rollback, WATCH)
 
 
+def strict_schema_edit() -> dict[str, tuple[str, str]]:
+    """A release whose outbox schema the earlier ones cannot open: one more migration, and
+    READABLE_FROM raised to it."""
+    return {
+        "provider_agent/store/engine.py": (
+            "\n)\nassert len(_SCHEMA) == SCHEMA_VERSION\n",
+            '\n    """\n    CREATE TABLE payouts (id INTEGER PRIMARY KEY, amount INTEGER);\n'
+            '    """,\n)\nassert len(_SCHEMA) == SCHEMA_VERSION\n',
+        ),
+    }
+
+
+def test_a_release_past_which_there_is_no_way_back_needs_yes(rig: Rig) -> None:
+    engine = rig.origin / "provider_agent/store/engine.py"
+    version = int(engine.read_text().split("\nSCHEMA_VERSION = ", 1)[1].split("\n", 1)[0])
+    edits = strict_schema_edit()
+    path, (good, exits) = EXIT_AT_START
+    edits[path] = (exits, good)  # C's agent exited at start: D's runs
+    edits["provider_agent/__init__.py"] = (
+        f'__version__ = "{rig.versions["B"]}"',
+        f'__version__ = "{rig.versions["B"]}.d"',
+    )
+    text = engine.read_text()
+    for old, new in (
+        (f"SCHEMA_VERSION = {version}\n", f"SCHEMA_VERSION = {version + 1}\n"),
+        (f"READABLE_FROM = {version}\n", f"READABLE_FROM = {version + 1}\n"),
+    ):
+        assert text.count(old) == 1
+        text = text.replace(old, new)
+    engine.write_text(text)
+    rig.commits["D"] = git_source.commit(rig.origin, "an outbox schema 2 cannot read", edits)
+    assert git_source.version(rig.origin) == f"{rig.versions['B']}.d"
+    invocation = rig.supervisor.state().invocation
+
+    with pytest.raises(Failed) as caught:
+        rig.run(upgrade, Options(to=rig.commits["D"], watch_s=5))
+    assert caught.value.line == (
+        f"the target migrates the outbox to schema {version + 1}, which the running release "
+        f"(schema {version}) cannot open: going back to it would be impossible; nothing "
+        "switched: run again with --yes to accept that"
+    )
+    assert current_commit(rig.inst.layout) == rig.commits["A"]
+    assert rig.supervisor.state().invocation == invocation
+
+    lines = rig.run(upgrade, Options(to=rig.commits["D"], watch_s=5, yes=True))
+    assert f"prune: removed {rig.commits['A'][:12]}; 3 release(s) kept (--keep 3)" in lines[-2]
+    assert lines[-1].endswith(f"done: running {rig.versions['B']}.d ({rig.commits['D'][:12]})")
+    assert file_schema(rig.inst.state_dir / FILE_NAME) == (version + 1, version + 1)
+    with pytest.raises(Failed) as refused:
+        rig.run(rollback, WATCH)
+    assert refused.value.line.endswith(
+        f"cannot open the outbox (schema {version + 1}, readable from {version + 1}; it knows "
+        f"{version}): nothing switched"
+    )
+    assert rig.running() == rig.commits["D"]
+
+
 def test_no_billing_record_was_lost(rig: Rig) -> None:
     finished = rig.coordinator.finished
     assert len(finished) == 2
@@ -396,7 +454,10 @@ def test_without_systemd_or_root_the_command_says_so(rig: Rig) -> None:
     where = ["--install-dir", str(rig.inst.layout.root), "--config", str(rig.inst.config_path)]
     listed = cli(*where, "--list")
     assert listed.returncode == 0, listed.stderr
-    assert rig.commits["A"][:12] in listed.stdout and "current" in listed.stdout
+    rows = listed.stdout.splitlines()
+    assert rows[1].split()[0] == rig.commits["D"][:12] and rows[1].endswith("current")
+    assert rig.commits["A"][:12] not in listed.stdout  # pruned: --keep 3 after D
+    assert rows[-1] == "* none: the service is not running"  # no systemd to ask here
     done = cli(*where, "--dry-run")
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     if os.geteuid() == 0 and not os.path.isdir("/run/systemd/system"):
