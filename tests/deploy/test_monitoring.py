@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from provider_agent.clock import Timings
-from provider_agent.config.load import load
 from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.sim.core import SimBackend
 from provider_agent.dev.sim.faults import Fault
 from provider_agent.jobs.route_health import FAILURES_TO_WITHDRAW
-from provider_agent.link.identity import load_or_create
 from provider_agent.link.protocol import JobDone, JobError
 from provider_agent.observe.prometheus import AgentMetrics
-from tests.agent_harness import agent_where, fast_policy, free_port, write_config
+from tests.agent_harness import agent_where, free_port, running_agent, write_config
 from tests.deploy.monitoring_support import (
     ALERT_TESTS,
     ALERTS,
@@ -324,28 +320,6 @@ def test_the_dashboard_shows_what_an_operator_watches_and_the_alerts_cover_the_r
 HOT_GPU = "GPU-0ddba11-0000-0000-0000-000000000001"
 
 
-@asynccontextmanager
-async def agent_with_gpus(config_path: Path, nvml: StandInNvml) -> AsyncIterator[Daemon]:
-    """A Daemon in the test's task group with NVML's stand-in, withdrawn routes probed every
-    0.3 s and out-of-cycle passes not spaced; stopped gracefully on exit."""
-    config = load(config_path, allow_insecure=True)
-    daemon = Daemon(
-        config,
-        load_or_create(config.identity.key_path),
-        config_path=config_path,
-        allow_insecure=True,
-        policy=fast_policy(),
-        timings=Timings(route_probe_s=0.3, out_of_cycle_pass_s=0.0),
-        telemetry=telemetry_of(nvml),
-        handle_signals=False,
-    )
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.run)
-        await daemon.started.wait()
-        yield daemon
-        daemon.request_stop()
-
-
 async def run_job(coord: DevCoordinator, pid: str, model: str) -> JobDone | JobError:
     job = await coord.send_job(pid, model, REQUEST)
     terminal = (await finished(coord, job.job_id)).terminal
@@ -494,7 +468,8 @@ async def test_a_real_prometheus_scrapes_every_alert_and_panel_metric_from_a_run
             heartbeat_interval_s=1,
             prometheus_addr=instance,
         )
-        async with agent_with_gpus(cfg, nvml) as daemon:
+        timings = Timings(route_probe_s=0.3)
+        async with running_agent(cfg, timings=timings, telemetry=telemetry_of(nvml)) as daemon:
             await put_through_its_paces(coord, daemon, flaky, sick)
             settled = await until_status(
                 http,
