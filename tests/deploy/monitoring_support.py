@@ -1,12 +1,10 @@
 """Helpers for tests/deploy/test_monitoring.py: the shipped monitoring files, the metric names their
-PromQL uses, Prometheus' own tools (installed with apt-get when missing, as root), and a real
+PromQL uses, Prometheus' own tools (scripts/test installs them), and a real
 Prometheus server on loopback with its HTTP API."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -92,36 +90,14 @@ def variable_queries(board: Mapping[str, Any]) -> dict[str, str]:
 # --- Prometheus' tools ----------------------------------------------------------------------------
 
 
-@functools.cache
-def _installed(package: str, tools: tuple[str, ...]) -> dict[str, str] | str:
-    """`tools` as absolute paths, installing the Debian `package` with apt-get when one is missing
-    and this is root; otherwise why they cannot be had (a string)."""
-    if all(shutil.which(tool) for tool in tools):
-        return {tool: cast(str, shutil.which(tool)) for tool in tools}
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return (
-            f"{' and '.join(tools)} not installed (Debian package `{package}`), and they cannot be "
-            "installed here: that needs root and apt-get"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", package]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"apt-get install {package} did not provide {missing}: {done.stderr[-2000:]}")
-    return {tool: cast(str, shutil.which(tool)) for tool in tools}
-
-
 def prometheus_tools() -> dict[str, str]:
-    """`promtool` and `prometheus` (Debian package `prometheus`); the test is skipped only where
-    they are missing and cannot be installed."""
-    found = _installed("prometheus", ("promtool", "prometheus"))
-    if isinstance(found, str):
-        pytest.skip(found)
-    return found
+    """`promtool` and `prometheus` as absolute paths (Debian package `prometheus`, which
+    scripts/test installs when missing); the test skips, saying so, where they are missing."""
+    found = {tool: shutil.which(tool) for tool in ("promtool", "prometheus")}
+    missing = [tool for tool, path in found.items() if path is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian package `prometheus`)")
+    return {tool: cast(str, path) for tool, path in found.items()}
 
 
 # --- a real Prometheus ------------------------------------------------------------------------
