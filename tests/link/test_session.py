@@ -484,6 +484,32 @@ async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_sto
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[stopping:])
 
 
+async def test_sd_notify_status_says_at_once_when_the_link_is_lost(
+    coord: DevCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not at the next watchdog tick (30 s): `systemctl status` shows the lost session."""
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        cfg = write_config(tmp_path, coord.ws_url)
+        async with running_agent(cfg):
+            await agent_where(coord, lambda a: a.capabilities_count >= 2)  # handshake + pass
+            _datagrams(server)  # what startup said
+            assert await coord.drop() == 1
+            said: list[str] = []
+            with anyio.fail_after(10):  # until it is back: redialled, passed, pushed
+                while not any(m.startswith("STATUS=session authenticated") for m in said):
+                    said += _datagrams(server)
+                    await anyio.sleep(0.01)
+    lost = [i for i, m in enumerate(said) if m.startswith("STATUS=session idle")]
+    back = [i for i, m in enumerate(said) if m.startswith("STATUS=session authenticated")]
+    assert lost and lost[0] < back[0], said
+
+
 def _datagrams(server: object) -> list[str]:
     import socket
 
