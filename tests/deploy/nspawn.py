@@ -21,7 +21,6 @@ the container's trust store, and `tls_front()` serves TLS on loopback in front o
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.deploy.rootfs import debian_rootfs_tar, mmdebstrap_problem
+from tests.deploy.rootfs import debian_rootfs_tar, locked, mmdebstrap_problem
 
 REPO: Final = Path(__file__).resolve().parents[2]
 #: What a booted systemd container needs, plus what README's install needs (python3-venv, git).
@@ -534,17 +533,6 @@ def _requirements() -> list[str]:
     )
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def wheelhouse() -> Path:
     """A directory of wheels of `_requirements()` for this Python (the container's python3 is
     Debian's 3.11, as is the test's), downloaded with the host's pip once per requirement list."""
@@ -556,7 +544,7 @@ def wheelhouse() -> Path:
     directory = WHEELHOUSE_CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
     if directory.is_dir():
         return directory
-    with _locked(WHEELHOUSE_CACHE / f".{directory.name}.lock"):
+    with locked(WHEELHOUSE_CACHE / f".{directory.name}.lock"):
         if directory.is_dir():
             return directory
         partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=WHEELHOUSE_CACHE))

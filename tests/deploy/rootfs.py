@@ -107,7 +107,7 @@ def podman_problem() -> str | None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (another session building the same recipe waits, then finds
     it built)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def debian_rootfs_tar(
     tarball = CACHE_DIR / f"{suite}-{variant}-{recipe.digest}.tar"
     if tarball.exists():
         return tarball
-    with _locked(CACHE_DIR / f".{recipe.digest}.lock"):
+    with locked(CACHE_DIR / f".{recipe.digest}.lock"):
         if tarball.exists():
             return tarball
         partial = tarball.with_suffix(".tar.partial")
@@ -173,7 +173,7 @@ def podman_base_image(
     if podman_image_exists(name):
         return name
     tarball = debian_rootfs_tar(packages, suite=suite, variant=variant)
-    with _locked(CACHE_DIR / f".{recipe.digest}.import.lock"):
+    with locked(CACHE_DIR / f".{recipe.digest}.import.lock"):
         if not podman_image_exists(name):
             command = ["podman", "import", "--quiet"]
             command += ["--change", f"ENV PATH={IMAGE_PATH}", "--change", "ENV LANG=C.UTF-8"]
