@@ -345,6 +345,7 @@ class Agent:
     def _session_ended(self, fault: Fault | None) -> None:
         cause = fault.kind.value if fault is not None else "requested"
         self.metrics.session_ended(cause, fault.detail if fault else None, datetime.now(UTC))
+        self.notify_status()  # `systemctl status` shows the lost link now, not at the next tick
 
     # --- what the operator sees ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import AgentRecord, DevCoordinator
 from provider_agent.link.identity import load_or_create
 from provider_agent.link.state import ReconnectPolicy
+from provider_agent.observe.telemetry import GpuTelemetry
 
 
 def write_config(
@@ -75,10 +76,11 @@ async def running_agent(
     *,
     out_of_cycle_pass_s: float = 0.0,
     timings: Timings = DEFAULT_TIMINGS,
+    telemetry: GpuTelemetry | None = None,
 ) -> AsyncIterator[Daemon]:
     """A Daemon running in a task group of the test; stopped (gracefully) on exit. Out-of-cycle
     passes are not spaced (tests wait on them) unless `out_of_cycle_pass_s` says so; other
-    intervals are `timings`'."""
+    intervals are `timings`'. GPUs are sampled through `telemetry` when given."""
     config = load(config_path, allow_insecure=True)
     daemon = Daemon(
         config,
@@ -87,6 +89,7 @@ async def running_agent(
         allow_insecure=True,
         policy=policy or fast_policy(),
         timings=replace(timings, out_of_cycle_pass_s=out_of_cycle_pass_s),
+        telemetry=telemetry,
         handle_signals=False,
     )
     async with anyio.create_task_group() as group:

@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import random
+import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 from statistics import mean
@@ -451,26 +452,36 @@ async def test_a_second_stop_cuts_the_drain_wait_short(
     assert coord.attempts[-1].close_code == 1001
 
 
-async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_stopping(
-    coord: DevCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import socket
-
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """systemd's end of sd_notify: a datagram socket named by $NOTIFY_SOCKET (read with
+    `_datagrams`)."""
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(str(path))
         server.setblocking(False)
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        cfg = write_config(tmp_path, coord.ws_url)
-        async with running_agent(cfg) as daemon:
-            await coord.wait_for(lambda c: c.connected())
-            assert await daemon.reload() is True
-        messages: list[str] = []
-        while True:
-            try:
-                messages.append(server.recv(4096).decode())
-            except BlockingIOError:
-                break
+        yield server
+
+
+def _datagrams(server: socket.socket) -> list[str]:
+    """What the agent has said to systemd since the last call."""
+    messages: list[str] = []
+    while True:
+        try:
+            messages.append(server.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_stopping(
+    coord: DevCoordinator, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    cfg = write_config(tmp_path, coord.ws_url)
+    async with running_agent(cfg) as daemon:
+        await coord.wait_for(lambda c: c.connected())
+        assert await daemon.reload() is True
+    messages = _datagrams(notify_socket)
     kinds = [m.split("=", 1)[0] for m in messages if not m.startswith("STATUS=")]
     assert kinds[:1] == ["READY"]
     assert any(m.startswith("STATUS=session") for m in messages)
@@ -484,27 +495,34 @@ async def test_sd_notify_ready_after_the_first_pass_then_reloading_ready_and_sto
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[stopping:])
 
 
-def _datagrams(server: object) -> list[str]:
-    import socket
-
-    assert isinstance(server, socket.socket)
-    messages: list[str] = []
-    while True:
-        try:
-            messages.append(server.recv(4096).decode())
-        except BlockingIOError:
-            return messages
+async def test_sd_notify_status_says_at_once_when_the_link_is_lost(
+    coord: DevCoordinator, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """Not at the next watchdog tick (30 s): `systemctl status` shows the lost session."""
+    async with running_agent(write_config(tmp_path, coord.ws_url)):
+        await agent_where(coord, lambda a: a.capabilities_count >= 2)  # handshake + pass
+        _datagrams(notify_socket)  # what startup said
+        assert await coord.drop() == 1
+        said: list[str] = []
+        with anyio.fail_after(10):  # until it is back: redialled, passed, pushed
+            while not any(m.startswith("STATUS=session authenticated") for m in said):
+                said += _datagrams(notify_socket)
+                await anyio.sleep(0.01)
+    lost = [i for i, m in enumerate(said) if m.startswith("STATUS=session idle")]
+    back = [i for i, m in enumerate(said) if m.startswith("STATUS=session authenticated")]
+    assert lost and lost[0] < back[0], said
 
 
 @pytest.mark.parametrize("healthy", [True, False])
 async def test_watchdog_pings_only_while_the_session_makes_progress(
-    coord: DevCoordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, healthy: bool
+    coord: DevCoordinator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    notify_socket: socket.socket,
+    healthy: bool,
 ) -> None:
     """WATCHDOG=1 every half period while authenticated; a handshake that hangs (a coordinator
     that never sends its challenge) stops it after two periods, so systemd would restart us."""
-    import socket
-
-    from websockets.asyncio.server import serve
 
     hanging = anyio.Event()
     release = anyio.Event()
@@ -513,25 +531,20 @@ async def test_watchdog_pings_only_while_the_session_makes_progress(
         hanging.set()
         await release.wait()
 
-    path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(str(path))
-        server.setblocking(False)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
-        async with serve(silent, "127.0.0.1", 0) as stuck:
-            port = next(iter(stuck.sockets)).getsockname()[1]
-            url = coord.ws_url if healthy else f"ws://127.0.0.1:{port}/provider/connect"
-            async with running_agent(write_config(tmp_path, url)):
-                if healthy:
-                    await coord.wait_for(lambda c: c.connected())
-                else:
-                    await hanging.wait()
-                await anyio.sleep(0.3)  # the stuck threshold (two periods) passes
-                _datagrams(server)  # what came before is not the point
-                await anyio.sleep(0.5)  # ten pings' worth of time
-                pings = [m for m in _datagrams(server) if m == "WATCHDOG=1"]
-            release.set()
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+    async with serve(silent, "127.0.0.1", 0) as stuck:
+        port = next(iter(stuck.sockets)).getsockname()[1]
+        url = coord.ws_url if healthy else f"ws://127.0.0.1:{port}/provider/connect"
+        async with running_agent(write_config(tmp_path, url)):
+            if healthy:
+                await coord.wait_for(lambda c: c.connected())
+            else:
+                await hanging.wait()
+            await anyio.sleep(0.3)  # the stuck threshold (two periods) passes
+            _datagrams(notify_socket)  # what came before is not the point
+            await anyio.sleep(0.5)  # ten pings' worth of time
+            pings = [m for m in _datagrams(notify_socket) if m == "WATCHDOG=1"]
+        release.set()
     if healthy:
         assert len(pings) >= 5
     else:

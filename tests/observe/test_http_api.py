@@ -43,7 +43,7 @@ from tests.agent_harness import (
 )
 from tests.jobs.test_executor import finished
 from tests.nvml_stand_in import StandInGpu, StandInNvml
-from tests.observe.test_telemetry import agent_with, telemetry_of
+from tests.observe.test_telemetry import telemetry_of
 from tests.test_clock import RFC3339_MS
 from tests.test_daemon import agent_process
 
@@ -367,7 +367,7 @@ async def test_gpus_show_in_status_and_metrics_and_follow_each_sample(
         tmp_path, coord.ws_url, heartbeat_interval_s=1, prometheus_addr=f"127.0.0.1:{port}"
     )
     try:
-        async with agent_with(cfg, telemetry_of(nvml)):
+        async with running_agent(cfg, telemetry=telemetry_of(nvml)):
             first = await until_status(http, port, lambda s: len(s.gpus) == 2)
             well = await scrape(http, port)
             nvml.gpus[1].temperature = nvml.gpus[1].slowdown  # throttling: unhealthy
@@ -416,7 +416,7 @@ async def test_no_gpus_without_telemetry(
         extra='[telemetry]\ngpu = "off"\n',
     )
     nvml = StandInNvml(StandInGpu())
-    async with agent_with(cfg, telemetry_of(nvml)):
+    async with running_agent(cfg, telemetry=telemetry_of(nvml)):
         await agent_where(coord, lambda a: a.heartbeat_count >= 2)
         status = await status_of(http, port)
         samples = await scrape(http, port)

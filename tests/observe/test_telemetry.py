@@ -11,7 +11,6 @@ import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -20,14 +19,11 @@ import orjson
 import pynvml
 import pytest
 
-from provider_agent.config.load import load
-from provider_agent.daemon import Daemon
 from provider_agent.dev.coordinator import DevCoordinator
 from provider_agent.dev.coordinator.contract import contract_problems
-from provider_agent.link.identity import load_or_create
 from provider_agent.link.protocol import GpuSample, encode
 from provider_agent.observe.telemetry import PACKAGE_MISSING, GpuTelemetry, load_nvml
-from tests.agent_harness import agent_where, fast_policy, write_config
+from tests.agent_harness import agent_where, running_agent, write_config
 from tests.link.session_pair import plain_heartbeat
 from tests.nvml_stand_in import StandInGpu, StandInNvml, gpu_lost, not_supported
 
@@ -353,28 +349,6 @@ async def test_a_bug_reading_nvml_is_logged_and_the_heartbeat_has_no_gpus(
 # --- through the agent and the reference coordinator ---------------------------------------------
 
 
-@asynccontextmanager
-async def agent_with(
-    config_path: Path, telemetry: GpuTelemetry | None = None
-) -> AsyncIterator[Daemon]:
-    """A Daemon whose NVML is `telemetry`'s, running in the test's task group."""
-    config = load(config_path, allow_insecure=True)
-    daemon = Daemon(
-        config,
-        load_or_create(config.identity.key_path),
-        config_path=config_path,
-        allow_insecure=True,
-        policy=fast_policy(),
-        telemetry=telemetry,
-        handle_signals=False,
-    )
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.run)
-        await daemon.started.wait()
-        yield daemon
-        daemon.request_stop()
-
-
 @pytest.fixture
 async def coord() -> AsyncIterator[DevCoordinator]:
     async with DevCoordinator(host="127.0.0.1", port=0) as coordinator:
@@ -385,7 +359,7 @@ async def test_heartbeats_carry_gpus_the_coordinator_accepts(
     coord: DevCoordinator, tmp_path: Path, nvml: StandInNvml
 ) -> None:
     cfg = write_config(tmp_path, coord.ws_url, heartbeat_interval_s=1)
-    async with agent_with(cfg, telemetry_of(nvml)):
+    async with running_agent(cfg, telemetry=telemetry_of(nvml)):
         agent = await agent_where(
             coord, lambda a: a.last_heartbeat is not None and a.last_heartbeat.gpus
         )
@@ -402,7 +376,7 @@ async def test_heartbeats_stay_on_time_while_nvml_hangs(
     coord: DevCoordinator, tmp_path: Path, nvml: StandInNvml
 ) -> None:
     cfg = write_config(tmp_path, coord.ws_url, heartbeat_interval_s=1)
-    async with agent_with(cfg, telemetry_of(nvml)):
+    async with running_agent(cfg, telemetry=telemetry_of(nvml)):
         await agent_where(coord, lambda a: a.last_heartbeat is not None and a.last_heartbeat.gpus)
         nvml.hang_in = "nvmlDeviceGetCount"
         agent = await agent_where(
@@ -441,7 +415,7 @@ async def test_telemetry_off_never_loads_nvml(coord: DevCoordinator, tmp_path: P
     cfg = write_config(
         tmp_path, coord.ws_url, heartbeat_interval_s=1, extra='[telemetry]\ngpu = "off"\n'
     )
-    async with agent_with(cfg, GpuTelemetry(load_nvml_counting)):
+    async with running_agent(cfg, telemetry=GpuTelemetry(load_nvml_counting)):
         agent = await agent_where(coord, lambda a: a.heartbeat_count >= 3)
     assert agent.last_heartbeat is not None and agent.last_heartbeat.gpus is None
     assert not loaded
