@@ -180,6 +180,28 @@ def probe_http(listen: tuple[str, int], timeout_s: float = HTTP_TIMEOUT_S) -> Ht
     )
 
 
+def backend_health(
+    listen: tuple[str, int], timeout_s: float = HTTP_TIMEOUT_S
+) -> dict[str, bool] | None:
+    """The running agent's backends and whether its last pass found each healthy (`/status`);
+    None when it does not answer."""
+    host, port = listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        code, body = _get(host, port, "/status", _MAX_STATUS, timeout_s)
+        status = json.loads(body) if code == 200 else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    backends = status.get("backends") if isinstance(status, dict) else None
+    if not isinstance(backends, list):
+        return None
+    return {
+        str(b["name"]): b.get("healthy") is True
+        for b in backends
+        if isinstance(b, dict) and "name" in b
+    }
+
+
 def _get(host: str, port: int, path: str, limit: int, timeout_s: float) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:

@@ -74,7 +74,7 @@ from provider_agent.ops.service import (
     exec_start,
     this_executable,
 )
-from provider_agent.ops.unit_control import ServiceManager, Systemd, probe_http
+from provider_agent.ops.unit_control import ServiceManager, Systemd, backend_health, probe_http
 from provider_agent.ops.upgrade_rules import (
     Expect,
     HttpView,
@@ -131,6 +131,8 @@ class Machine:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     python: Path = field(default_factory=base_python)
     probe: Callable[[tuple[str, int]], HttpView] = probe_http
+    #: The running agent's backends and their health (`/status`), for the gate.
+    backends: Callable[[tuple[str, int]], dict[str, bool] | None] = backend_health
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000
@@ -294,8 +296,9 @@ def gate(inst: Installation, release: Release, machine: Machine, steps: Steps) -
         )
     steps.say("gate", f"validate {inst.config_path}: {last_line(done.stdout)}")
 
+    running = machine.backends(inst.listen) if inst.listen is not None else None
     done = _run([exe, *config, "selftest", "--local", "--json"], env, SELFTEST_TIMEOUT_S)
-    ok, line = gate_selftest(done.returncode, done.stdout)
+    ok, line = gate_selftest(done.returncode, done.stdout, running)
     if not ok:
         why = line if done.returncode in (0, 1) else f"{line}: {last_line(done.stderr)}"
         raise UpgradeError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -218,9 +218,14 @@ def schema_plan(
 # --- the gate's selftest -------------------------------------------------------------------------
 
 
-def gate_selftest(returncode: int, stdout: str) -> tuple[bool, str]:
-    """`selftest --local --json`: ok when every row is ok (none tried: nothing local to try);
-    the line says what was tried or what failed."""
+def gate_selftest(
+    returncode: int, stdout: str, running: Mapping[str, bool] | None = None
+) -> tuple[bool, str]:
+    """`selftest --local --json`: ok when every row is ok (none tried: nothing local to try),
+    except that a backend the running release finds unhealthy too (`running`: its `/status`
+    backends; None when it did not answer) may fail without failing the gate — the new code
+    must serve what the running one serves, not mend what is down. The line says what was
+    tried, what failed, and what was not counted."""
     if returncode not in (0, 1):
         return False, f"exit {returncode}"
     try:
@@ -228,14 +233,21 @@ def gate_selftest(returncode: int, stdout: str) -> tuple[bool, str]:
         rows = [r for r in report["results"] if isinstance(r, dict)]
     except (ValueError, KeyError, TypeError):
         return False, "no report (not JSON)"
+    down = {name for name, healthy in (running or {}).items() if not healthy}
     failed = [r for r in rows if not r.get("ok")]
-    if failed:
-        first = failed[0]
+    counted = [r for r in failed if r.get("backend") not in down]
+    excused = sorted({str(r.get("backend")) for r in failed if r.get("backend") in down})
+    note = (
+        f"; not counted: {', '.join(excused)} (down for the running release too)" if excused else ""
+    )
+    if counted:
+        first = counted[0]
         where = f"{first.get('model') or '-'} via {first.get('backend')}"
-        return False, f"{len(failed)} of {len(rows)} failed; {where}: {first.get('error')}"
-    if not rows:
-        return True, "no local route to try"
-    return True, f"{len(rows)} completion(s) through local routes ok"
+        return False, f"{len(counted)} of {len(rows)} failed; {where}: {first.get('error')}{note}"
+    tried = len(rows) - len(failed)
+    if not tried:
+        return True, f"no local route to try{note}"
+    return True, f"{tried} completion(s) through local routes ok{note}"
 
 
 # --- what the operator reads and types -----------------------------------------------------------

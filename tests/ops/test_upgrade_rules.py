@@ -241,6 +241,39 @@ def test_the_gate_reads_the_selftest_report(code: int, out: str, ok: bool, line:
     assert gate_selftest(code, out) == (ok, line)
 
 
+DOWN_TOO = report(
+    {"ok": True, "model": "m", "backend": "gpu"},
+    {"ok": False, "model": None, "backend": "never-answers", "error": "discovery: timeout"},
+)
+
+
+@pytest.mark.parametrize(
+    ("running", "ok", "line"),
+    [
+        (
+            {"gpu": True, "never-answers": False},
+            True,
+            "1 completion(s) through local routes ok; not counted: never-answers (down for "
+            "the running release too)",
+        ),
+        # Healthy for the running release: the new code must serve it too.
+        (
+            {"gpu": True, "never-answers": True},
+            False,
+            "1 of 2 failed; - via never-answers: discovery: timeout",
+        ),
+        # The running release did not answer: nothing is excused.
+        (None, False, "1 of 2 failed; - via never-answers: discovery: timeout"),
+        # A backend the running release does not have (new in the config): counted.
+        ({"gpu": True}, False, "1 of 2 failed; - via never-answers: discovery: timeout"),
+    ],
+)
+def test_a_backend_down_for_the_running_release_too_does_not_fail_the_gate(
+    running: dict[str, bool] | None, ok: bool, line: str
+) -> None:
+    assert gate_selftest(1, DOWN_TOO, running) == (ok, line)
+
+
 def test_what_changes_between_two_releases() -> None:
     log = [(f"{n:040x}", f"change {n}") for n in range(7, 0, -1)]
     assert changes(log[:2], 0) == (
