@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 from provider_agent.errors import UpgradeError
@@ -194,7 +194,22 @@ class Git:
                 raise UpgradeError(f"git archive failed: {last_line(done.stderr.decode())}")
             tar.seek(0)
             with tarfile.open(fileobj=tar, mode="r:") as archive:
-                archive.extractall(destination, filter="data")
+                if hasattr(tarfile, "data_filter"):
+                    archive.extractall(destination, filter="data")
+                else:  # Python before 3.11.4 (Debian 12's 3.11.2): the same refusals, by hand
+                    members = archive.getmembers()
+                    for member in members:
+                        check_member(member)
+                    archive.extractall(destination, members=members)
+
+
+def check_member(member: tarfile.TarInfo) -> None:
+    """What the "data" extraction filter refuses: anything but plain files, directories and
+    links, and any path or link target that is absolute or climbs out with `..`."""
+    paths = [member.name] + ([member.linkname] if member.issym() or member.islnk() else [])
+    unsafe = any(p.startswith("/") or ".." in PurePosixPath(p).parts for p in paths)
+    if unsafe or not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise UpgradeError(f"git archive: refusing {printable(member.name, 200)!r} in the archive")
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from provider_agent.errors import UpgradeError
-from provider_agent.ops.release_build import Built, Git, base_python, build, last_line
+from provider_agent.ops.release_build import (
+    Built,
+    Git,
+    base_python,
+    build,
+    check_member,
+    last_line,
+)
 from provider_agent.ops.releases import (
     Layout,
     Release,
@@ -344,6 +352,38 @@ def test_a_failed_build_is_one_line_and_leaves_nothing(
     assert message.startswith("pip install failed (exit 1): ERROR: Package 'provider-agent'")
     assert "requires a different Python" in message and "\n" not in message
     assert not layout.directory(broken).exists()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.mark.parametrize(
+    ("info", "refused"),
+    [
+        (member("provider_agent/cli.py"), False),
+        (member("systemd", tarfile.DIRTYPE), False),
+        (member("docs/link.md", tarfile.SYMTYPE, "../README.md"), True),
+        (member("docs/link.md", tarfile.SYMTYPE, "cli.md"), False),
+        (member("../outside"), True),
+        (member("/etc/passwd"), True),
+        (member("a/../../b"), True),
+        (member("etc", tarfile.SYMTYPE, "/etc"), True),
+        (member("fifo", tarfile.FIFOTYPE), True),
+        (member("dev", tarfile.CHRTYPE), True),
+    ],
+)
+def test_what_an_archive_may_hold_where_python_has_no_extraction_filter(
+    info: tarfile.TarInfo, refused: bool
+) -> None:
+    """Python before 3.11.4 (Debian 12 ships 3.11.2) has no `filter="data"`: the same rules."""
+    if refused:
+        with pytest.raises(UpgradeError, match="refusing"):
+            check_member(info)
+    else:
+        check_member(info)
 
 
 @pytest.mark.parametrize(
