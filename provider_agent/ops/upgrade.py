@@ -182,10 +182,10 @@ def upgrade(inst: Installation, options: Options, machine: Machine, steps: Steps
         )
     target = git.resolve(ref, remote if options.to is not None else None)
     version = git.version_at(target) or "unknown"
+    named = "" if target.startswith(ref) else f"{printable(ref, 100)} is "
     steps.say(
         "target",
-        f"{printable(ref, 100)} is {short(target)}, version {printable(version, 60)}; "
-        f"running {describe(running)}",
+        f"{named}{short(target)}, version {printable(version, 60)}; running {describe(running)}",
     )
     if target == running.commit and target == current.commit:
         steps.say("done", f"already running {describe(running)}: nothing to do")

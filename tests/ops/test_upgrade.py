@@ -420,6 +420,34 @@ def test_no_billing_record_was_lost(rig: Rig) -> None:
 # --- the command line ----------------------------------------------------------------------------
 
 
+def test_the_installation_is_found_from_the_installed_unit(rig: Rig, tmp_path: Path) -> None:
+    layout = rig.inst.layout
+    unit = tmp_path / "provider-agent.service"
+    config = rig.inst.config_path
+    unit.write_text(
+        f"[Service]\nEnvironment=PROVIDER_AGENT_CONFIG={config}\n"
+        f"ExecStart={layout.stable_executable} run\n"
+    )
+    found = find_installation(None, None, unit_path=unit)
+    assert (found.layout, found.config_path) == (layout, config)
+    assert (found.listen, found.state_dir) == (rig.inst.listen, rig.inst.state_dir)
+
+    earlier = layout.root / ".venv/bin/provider-agent"
+    unit.write_text(f"[Service]\nExecStart={earlier} run\n")
+    with pytest.raises(UpgradeError) as caught:
+        find_installation(str(config), None, unit_path=unit)
+    assert str(caught.value) == (
+        f"the service runs {earlier}, not a release: run `sudo {earlier} service install` "
+        "once to move it to releases (README: Upgrading)"
+    )
+    with pytest.raises(UpgradeError, match="is not a release: install the service first"):
+        find_installation(str(config), None, unit_path=tmp_path / "none", executable=earlier)
+    found = find_installation(
+        str(config), None, unit_path=tmp_path / "none", executable=layout.stable_executable
+    )
+    assert found.layout == layout
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROVIDER_AGENT")}
     return subprocess.run(
