@@ -42,6 +42,7 @@ _QUIET = frozenset(
         "resume",
         "selftest",
         "demo",
+        "upgrade",
     }
 )
 #: Commands whose output already says everything the log would (`doctor` grades each check).
@@ -51,7 +52,7 @@ _SILENT = frozenset({"doctor"})
 _LOCAL_ONLY = frozenset({"status", "earnings", "pause", "resume"})
 #: Options whose value may start with `-` (`pause --for -5m`): passed to argparse joined
 #: (`--for=-5m`), so that the value reaches the check that says why it is wrong.
-_DASH_VALUES = frozenset({"--for", "--since", "--until"})
+_DASH_VALUES = frozenset({"--for", "--since", "--until", "--watch", "--keep"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,11 +124,59 @@ def build_parser() -> argparse.ArgumentParser:
     _sim_backend_options(command("sim-backend", "a simulated backend, for tests and demos"))
     selftest = command("selftest", "one tiny completion through every advertised model")
     selftest.add_argument("--json", action="store_true", help="print the results as JSON")
-    selftest.add_argument(
+    which = selftest.add_mutually_exclusive_group()
+    which.add_argument(
         "--all", action="store_true", help="every BYOK model too, not only the cheapest of each"
     )
+    which.add_argument(
+        "--local",
+        action="store_true",
+        help="local backends only: no BYOK backend is discovered or tried (no key needed)",
+    )
     command("demo", "the whole loop on loopback: simulated backends, coordinator, agent")
+    _upgrade_parser(
+        command(
+            "upgrade",
+            "build a new release beside the running one, gate it, switch with a drain, watch it; "
+            "switch back by itself when it does not come up healthy",
+        )
+    )
     return parser
+
+
+def _upgrade_parser(upgrade: argparse.ArgumentParser) -> None:
+    which = upgrade.add_mutually_exclusive_group()
+    which.add_argument(
+        "--to", metavar="REF", help="a commit, tag or branch (default: the tracked upstream)"
+    )
+    which.add_argument(
+        "--rollback", action="store_true", help="back to the release before the current one"
+    )
+    which.add_argument(
+        "--list", dest="list_", action="store_true", help="the releases, the running one marked"
+    )
+    upgrade.add_argument(
+        "--dry-run", action="store_true", help="fetch and say what would change; change nothing"
+    )
+    upgrade.add_argument(
+        "--watch",
+        metavar="DURATION",
+        default="2m",
+        help="how long the new release must stay up, ready, without a restart (default 2m)",
+    )
+    upgrade.add_argument(
+        "--keep", metavar="N", type=int, default=3, help="releases to keep (default 3)"
+    )
+    upgrade.add_argument(
+        "--yes",
+        action="store_true",
+        help="switch even when going back past the new release would be impossible",
+    )
+    upgrade.add_argument(
+        "--install-dir",
+        metavar="DIR",
+        help="where releases/ and current are (default: from the installed unit)",
+    )
 
 
 class _GuardedOutput:
@@ -377,6 +426,23 @@ def _service(args: argparse.Namespace) -> int:
     )
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from provider_agent.ops.upgrade import upgrade_command
+
+    return upgrade_command(
+        config=args.config,
+        install_dir=args.install_dir,
+        allow_insecure=args.allow_insecure,
+        to=args.to,
+        dry_run=args.dry_run,
+        watch=args.watch,
+        keep=args.keep,
+        yes=args.yes,
+        go_back=args.rollback,
+        show=args.list_,
+    )
+
+
 def _validate(args: argparse.Namespace, config: Config, path: Path) -> int:
     from provider_agent.ops.init_config import validate_command
 
@@ -428,7 +494,7 @@ def _doctor(args: argparse.Namespace, config: Config, path: Path) -> int:
 def _selftest(args: argparse.Namespace, config: Config, path: Path) -> int:
     from provider_agent.ops.selftest import selftest_command
 
-    return selftest_command(config, as_json=args.json, include_all=args.all)
+    return selftest_command(config, as_json=args.json, include_all=args.all, local_only=args.local)
 
 
 #: Commands that load no config (`run` hands its path to the daemon, which loads it).
@@ -439,6 +505,7 @@ _PLAIN: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _demo,
     "init": _init,
     "service": _service,
+    "upgrade": _upgrade,
 }
 #: Commands given the config, loaded (errors: exit 78), and its path.
 _CONFIGURED: dict[str, Callable[[argparse.Namespace, Config, Path], int]] = {

@@ -21,6 +21,7 @@
     ├── InvalidTransition           the link's I/O fed its core an impossible event (a bug)
     └── CommandError                a command cannot go on; `str()` is the operator's one line
         ├── ServiceError            `service install/uninstall`
+        ├── UpgradeError            `upgrade`: a step cannot go on (nothing switched yet)
         ├── ControlError            the pause control socket; NotRunning: nobody answers
         ├── StatusUnavailable       `status` could not read a running agent
         ├── OutputError             `init --output` names a place it will not write to
@@ -171,6 +172,10 @@ class InvalidTransition(AgentError):
 
 class ServiceError(CommandError):
     """Install or uninstall cannot go on; `str()` is the one line a person sees (exit 1)."""
+
+
+class UpgradeError(CommandError):
+    """`upgrade` cannot go on; `str()` is the one line a person sees (exit 1)."""
 
 
 class ControlError(CommandError):

@@ -13,7 +13,9 @@ the executor's records go, so that a selftest run beside a serving agent changes
   so a failing backend is reported, not hidden by a fallback to another route.
 
 Which routes (`plan`, pure): every route of a local backend; of each BYOK backend (which bills
-the operator) only the route of its cheapest model by advertised price, unless `--all`. A
+the operator) only the route of its cheapest model by advertised price, unless `--all`; none of
+them with `--local`, whose run leaves BYOK backends out altogether (not even discovered: `upgrade`
+gates a new release with it, from a shell that holds none of the service's API keys). A
 configured backend that fails discovery is a failed row too: something the operator set up does
 not answer.
 """
@@ -97,12 +99,15 @@ class Report:
 
 
 def plan(
-    routes: Mapping[str, Sequence[Route]], *, include_all: bool
+    routes: Mapping[str, Sequence[Route]], *, include_all: bool, local_only: bool = False
 ) -> tuple[tuple[Check, ...], tuple[Check, ...]]:
     """(to try, not tried), by model id then route order. Every local route is tried. A BYOK
     backend's routes cost the operator money, so only its cheapest model is tried (input +
-    output price per 1M, ties by model id) unless `include_all`."""
+    output price per 1M, ties by model id) unless `include_all`; none with `local_only`."""
     every = [Check(model_id, route) for model_id in sorted(routes) for route in routes[model_id]]
+    if local_only:
+        local = tuple(c for c in every if c.route.kind not in BYOK_KINDS)
+        return local, tuple(c for c in every if c.route.kind in BYOK_KINDS)
     if include_all:
         return tuple(every), ()
     cheapest: dict[str, Check] = {}
@@ -216,12 +221,20 @@ class MemoryStore:
 # --- I/O -----------------------------------------------------------------------------------------
 
 
-async def run_selftest(config: Config, *, include_all: bool = False) -> Report:
-    """The discovery pass, then the checks one at a time (so that timings are not shared)."""
+async def run_selftest(
+    config: Config, *, include_all: bool = False, local_only: bool = False
+) -> Report:
+    """The discovery pass, then the checks one at a time (so that timings are not shared).
+    `local_only`: BYOK backends are left out of the pass too."""
+    if local_only:
+        local = [b for b in config.backends if b.kind not in BYOK_KINDS]
+        config = config.model_copy(update={"backends": local})
     async with new_http_session(config.limits.max_concurrent) as http:
         found = await run_pass(config, http)
         registry = Registry.build(config, http)
-        to_try, not_tried = plan(found.catalog.routes, include_all=include_all)
+        to_try, not_tried = plan(
+            found.catalog.routes, include_all=include_all, local_only=local_only
+        )
         results = [await complete(check, config, registry) for check in to_try]
     results += [discovery_failure(report) for report in found.reports if not report.ok]
     return Report(tuple(results), not_tried)
@@ -306,13 +319,17 @@ def to_json(report: Report) -> str:
     ).decode()
 
 
-def selftest_command(config: Config, *, as_json: bool, include_all: bool) -> int:
+def selftest_command(
+    config: Config, *, as_json: bool, include_all: bool, local_only: bool = False
+) -> int:
     """`provider-agent selftest`: 0 all ok; 1 some failed or no model advertised; stopped by
     SIGTERM (0) or SIGINT (130), the work is abandoned and nothing is printed on stdout
     (cli.md)."""
     from provider_agent.runtime import Stopped, run_until_signal
 
-    report = run_until_signal(lambda: run_selftest(config, include_all=include_all))
+    report = run_until_signal(
+        lambda: run_selftest(config, include_all=include_all, local_only=local_only)
+    )
     if isinstance(report, Stopped):
         print("selftest: stopped before it finished", file=sys.stderr)
         return report.exit_code

@@ -7,8 +7,12 @@ actions; `apply` performs them. `--dry-run` prints the plan and stops there. Eve
 the files (systemctl, groupadd, chown, the effective uid, backend detection) goes through `Host`,
 which the tests replace.
 
-The unit is the shipped `systemd/provider-agent.service` with two lines set: `ExecStart=` (this
-installation's `provider-agent`) and `Environment=PROVIDER_AGENT_CONFIG=` (the config path).
+The unit is the shipped `systemd/provider-agent.service` with two lines set: `ExecStart=` (the
+installation's stable `<install dir>/current/.venv/bin/provider-agent`, see `releases.py`) and
+`Environment=PROVIDER_AGENT_CONFIG=` (the config path). Run from a checkout's own `.venv`, install
+builds the first release from the checkout's HEAD when there is none (an installation of the
+earlier layout, whose unit ran the checkout's `.venv`, is moved to releases this way; once there,
+`upgrade` builds the next); run from a release, it keeps the releases as they are.
 The service runs as a dynamic user that reads its config through the static group
 `provider-agent-config`, which owns /etc/provider-agent (0750). A config is written only when none
 exists, keys are never touched, and the config is validated before anything is enabled.
@@ -23,6 +27,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -33,8 +38,18 @@ from tomlkit.items import Table
 
 from provider_agent.config import load as config_module
 from provider_agent.config.schema import PLACEHOLDER_COORDINATOR_URL
-from provider_agent.errors import ConfigError, ExitCode, ServiceError
+from provider_agent.errors import ConfigError, ExitCode, ServiceError, UpgradeError
 from provider_agent.ops.init_config import Detected, render_config, write_config
+from provider_agent.ops.release_build import Git, base_python, build
+from provider_agent.ops.releases import (
+    Layout,
+    Release,
+    current_commit,
+    layout_of,
+    read_release,
+    short,
+    switch,
+)
 from provider_agent.safe_text import printable
 
 SERVICE: Final = "provider-agent"
@@ -48,8 +63,10 @@ STATE_DIR: Final = PurePosixPath("/var/lib/provider-agent")
 CONFIG_DIR_MODE: Final = 0o750
 CONFIG_FILE_MODE: Final = 0o640
 UNIT_FILE_MODE: Final = 0o644
-#: The shipped unit: the checkout's systemd/ directory (scripts/install installs editable).
+#: The shipped unit: the checkout's systemd/ directory (scripts/install installs editable) …
 TEMPLATE: Final = Path(__file__).resolve().parents[2] / "systemd" / UNIT_NAME
+#: … or, run from a release, the release's own copy beside its venv.
+RELEASE_TEMPLATE: Final = Path(sys.prefix).parent / "systemd" / UNIT_NAME
 #: ProtectHome=yes hides these from the service: an executable there cannot start.
 _HIDDEN_BY_UNIT: Final = (
     PurePosixPath("/home"),
@@ -111,6 +128,26 @@ def installation_paths(executable: Path) -> list[Path]:
     ]
 
 
+def this_executable() -> Path:
+    """`provider-agent` of the virtual environment this Python runs from (not resolved: the venv's
+    python is a symlink to the system one, and ExecStart must stay inside the venv)."""
+    return Path(os.path.abspath(sys.executable)).parent / "provider-agent"
+
+
+def build_first_release(layout: Layout, commit: str) -> Release:
+    """Build releases/<commit>/ from the checkout's commit and point `current` at it."""
+    built = build(
+        layout,
+        Git(layout.root, os.environ),
+        commit,
+        python=base_python(),
+        env=os.environ,
+        now_ms=time.time_ns() // 1_000_000,
+    )
+    switch(layout, commit)
+    return built.release
+
+
 @dataclass
 class Host:
     """The machine as install sees it; tests replace the parts that need root or systemd."""
@@ -124,12 +161,10 @@ class Host:
     installation: Callable[[Path], list[Path]] = installation_paths
     #: Whether systemd runs this machine (sd_booted(3): /run/systemd/system exists).
     booted: Callable[[], bool] = lambda: os.path.isdir("/run/systemd/system")
-
-
-def this_executable() -> Path:
-    """`provider-agent` of the virtual environment this Python runs from (not resolved: the venv's
-    python is a symlink to the system one, and ExecStart must stay inside the venv)."""
-    return Path(os.path.abspath(sys.executable)).parent / "provider-agent"
+    #: The `provider-agent` this install is run as (a checkout's .venv, or a release's).
+    executable: Callable[[], Path] = this_executable
+    #: Builds the first release of a checkout and points `current` at it.
+    first_release: Callable[[Layout, str], Release] = build_first_release
 
 
 # --- options and the survey ----------------------------------------------------------------------
@@ -194,11 +229,28 @@ class DirState:
 
 
 @dataclass(frozen=True)
+class Releases:
+    """The installation's releases: the one `current` points at, or the checkout's HEAD to
+    build the first one from."""
+
+    layout: Layout
+    current: Release | None
+    head: str | None = None
+    head_version: str | None = None
+    #: The checkout has uncommitted changes (not in a release built from HEAD).
+    dirty: bool = False
+
+
+@dataclass(frozen=True)
 class Survey:
     """What is there now, and what should be."""
 
     target: Target
+    #: What the unit starts: `<install dir>/current/.venv/bin/provider-agent`.
     executable: Path
+    releases: Releases
+    #: What the installed unit starts now (None: no unit).
+    runs_now: PurePosixPath | None
     unit_wanted: str
     unit_now: str | None
     config_dir: DirState | None
@@ -214,7 +266,8 @@ class Survey:
 
 def survey(target: Target, host: Host, executable: Path) -> Survey:
     """Look at the machine and validate the config the service will run with: ConfigError (78)
-    for a broken config, ServiceError (1) for anything else that stops the install."""
+    for a broken config, ServiceError (1) for anything else that stops the install.
+    `executable`: the `provider-agent` install runs as (a checkout's .venv, or a release's)."""
     if target.manage and host.euid != 0:
         raise ServiceError(
             "service install needs root: run it with sudo (or pass --root DIR to install the "
@@ -233,7 +286,10 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         )
     if target.manage:
         _check_reachable_by_service(host.installation(executable), target.config)
-    unit_wanted = render_unit(_read_template(), executable, target.config)
+    releases = survey_releases(executable, build=target.manage)
+    stable = releases.layout.stable_executable
+    _check_unit_safe("the provider-agent executable", stable)
+    unit_wanted = render_unit(_read_template(), stable, target.config)
     unit_now = _read_text(target.unit)
     config_file = target.config_file
 
@@ -255,7 +311,9 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         active = host.run(["systemctl", "is-active", "--quiet", SERVICE]).returncode == 0
     return Survey(
         target=target,
-        executable=executable,
+        executable=stable,
+        releases=releases,
+        runs_now=exec_start(unit_now) if unit_now is not None else None,
         unit_wanted=unit_wanted,
         unit_now=unit_now,
         config_dir=_dir_state(target.config_dir),
@@ -268,6 +326,29 @@ def survey(target: Target, host: Host, executable: Path) -> Survey:
         enabled=enabled,
         active=active,
     )
+
+
+def survey_releases(executable: Path, *, build: bool) -> Releases:
+    """The installation `executable` belongs to: a release's own (its layout as it is), or a
+    checkout's `.venv` (`<checkout>/.venv/bin/provider-agent`), whose HEAD gives the first
+    release when there is none and `build` (ServiceError when it is not a git checkout)."""
+    layout = layout_of(executable) or Layout(executable.parent.parent.parent)
+    try:
+        commit = current_commit(layout)
+        current = read_release(layout, commit) if commit is not None else None
+        if current is not None or not build:
+            return Releases(layout, current)
+        if not (layout.root / ".git").exists():
+            raise ServiceError(
+                f"{layout.root} is not a git checkout: the service runs releases built from its "
+                "commits; install from a clone of the repository (README: Install)"
+            )
+        git = Git(layout.root, os.environ)
+        head = git.head()
+        dirty = bool(git.run("status", "--porcelain", "--untracked-files=no").strip())
+        return Releases(layout, None, head, git.version_at(head), dirty)
+    except UpgradeError as exc:
+        raise ServiceError(str(exc)) from None
 
 
 def render_unit(template: str, executable: Path, config: PurePosixPath) -> str:
@@ -301,11 +382,17 @@ def configured_path(unit_text: str) -> PurePosixPath | None:
     return PurePosixPath(found.group(1).strip()) if found else None
 
 
+def exec_start(unit_text: str) -> PurePosixPath | None:
+    """The executable an installed unit starts."""
+    found = re.search(r"^ExecStart=(\S+)", unit_text, re.MULTILINE)
+    return PurePosixPath(found.group(1)) if found else None
+
+
 # --- the plans (pure) -----------------------------------------------------------------------------
 
 
 ActionKind = Literal[
-    "group", "mkdir", "chmod-dir", "config", "config-group", "unit", "remove", "run"
+    "group", "mkdir", "chmod-dir", "config", "config-group", "release", "unit", "remove", "run"
 ]
 
 
@@ -377,10 +464,40 @@ def _plan_files(s: Survey) -> Plan:
                 )
             )
     notes.append(f"identity key: {s.key_path} (never touched; created at first start if absent)")
+    actions.extend(_plan_release(s, notes))
     if s.unit_now != s.unit_wanted:
         verb = "write" if s.unit_now is None else "replace the changed"
         actions.append(Action("unit", f"{verb} {UNIT_DIR / UNIT_NAME}", t.unit, s.unit_wanted))
     return Plan(actions, notes)
+
+
+def _plan_release(s: Survey, notes: list[str]) -> list[Action]:
+    """The first release, when there is none: built from the checkout's HEAD (not with --root,
+    whose files are for another system)."""
+    rel = s.releases
+    root = rel.layout.root
+    if s.runs_now is not None and Path(s.runs_now) != s.executable:
+        notes.append(f"moved to releases: the unit ran {s.runs_now}, now {s.executable}")
+    if rel.current is not None:
+        notes.append(
+            f"releases: current is {short(rel.current.commit)} ({rel.current.version}) in "
+            f"{rel.layout.releases}; `provider-agent upgrade` builds the next"
+        )
+        return []
+    if rel.head is None:
+        notes.append(
+            f"no release in {rel.layout.releases} yet: `provider-agent service install` "
+            "without --root, on the target system, builds the first from the checkout"
+        )
+        return []
+    if rel.dirty:
+        notes.append(f"{root} has uncommitted changes: the release is built from HEAD without them")
+    version = f", version {rel.head_version}" if rel.head_version else ""
+    line = (
+        f"build the first release from {root}'s HEAD {short(rel.head)}{version} into "
+        f"{rel.layout.releases}/{short(rel.head)}/ and point {rel.layout.current} at it"
+    )
+    return [Action("release", line, root, rel.head)]
 
 
 def _plan_service(s: Survey, *, start: bool) -> Plan:
@@ -471,6 +588,12 @@ def _apply_one(action: Action, target: Target, host: Host) -> None:
         assert action.path is not None
         _give_to_config_group(action.path, target, host)
         os.chmod(action.path, stat.S_IMODE(os.stat(action.path).st_mode) | stat.S_IRGRP)
+    elif action.kind == "release":
+        assert action.path is not None and action.text is not None
+        try:
+            host.first_release(Layout(action.path), action.text)
+        except UpgradeError as exc:
+            raise ServiceError(f"cannot {action.line}: {exc}") from None
     elif action.kind == "unit":
         assert action.path is not None and action.text is not None
         _write_replacing(action.path, action.text, UNIT_FILE_MODE)
@@ -529,7 +652,7 @@ def install(
     executable: Path | None = None,
 ) -> Report:
     """`service install`. Raises ConfigError (78) or ServiceError (1); returns what to print."""
-    s = survey(target, host, executable or this_executable())
+    s = survey(target, host, executable or host.executable())
     plan = plan_install(s, start=start)
     where = "" if target.manage else f" under {target.root}"
     if dry_run:
@@ -622,6 +745,8 @@ def service_command(
 
 def _read_template() -> str:
     try:
+        if not TEMPLATE.exists() and RELEASE_TEMPLATE.exists():
+            return RELEASE_TEMPLATE.read_text(encoding="utf-8")
         return TEMPLATE.read_text(encoding="utf-8")
     except OSError as exc:
         raise ServiceError(

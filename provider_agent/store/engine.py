@@ -1,6 +1,15 @@
 """The outbox's sqlite file: creating or opening it (0600, WAL, the chosen `synchronous`),
 checking it is ours and sound, migrating its schema, and sqlite's errors in an operator's words.
 The group commit and every read and write of records are `outbox.py`'s.
+
+Releases run side by side and `upgrade` rolls back by itself, so a file must stay usable both
+ways across one upgrade. `PRAGMA user_version` is the schema version that last migrated the file;
+the meta row `readable_from` is the oldest schema version whose code may still open it (read
+and write it as it is). A release that only adds to the schema what older code ignores (a table,
+a nullable column; never a changed meaning) keeps `READABLE_FROM` where it was; any other change
+raises it to its own `SCHEMA_VERSION`, and `upgrade` then says, before switching, that going back
+past it is impossible. Older code opens a newer file it is allowed to and changes nothing of its
+schema (`compatibility`, pure); it refuses any other newer file in one line, untouched.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Literal
 
 from provider_agent.errors import OutboxError
 from provider_agent.store.journal import FILE_NAME as JOURNAL_NAME
@@ -22,6 +32,10 @@ FILE_NAME = "outbox.sqlite3"
 
 
 SCHEMA_VERSION = 2
+#: The oldest schema version whose code may open a file this code migrated (module docstring).
+READABLE_FROM = 2
+#: The meta row that carries READABLE_FROM in the file.
+READABLE_FROM_KEY = "readable_from"
 
 
 #: `PRAGMA application_id`: marks the file as ours ("PAG1"), so a foreign sqlite file is refused.
@@ -73,6 +87,29 @@ _SCHEMA: tuple[str, ...] = (
     """,
 )
 assert len(_SCHEMA) == SCHEMA_VERSION
+assert READABLE_FROM <= SCHEMA_VERSION
+
+
+Compatibility = Literal["create", "migrate", "open", "refuse"]
+
+
+def compatibility(file_version: int, readable_from: int | None, ours: int) -> Compatibility:
+    """What this code (schema `ours`) does with a file of schema `file_version` whose meta says
+    it is `readable_from` (None: no such row, as in files older than the rule). Pure."""
+    if file_version == 0:
+        return "create"
+    if file_version < ours:
+        return "migrate"
+    if file_version == ours:
+        return "open"
+    if readable_from is not None and readable_from <= ours:
+        return "open"
+    return "refuse"
+
+
+def readable_by(file_version: int, readable_from: int | None, reader: int) -> bool:
+    """Whether code of schema `reader` can open such a file (for `upgrade`'s rollback). Pure."""
+    return compatibility(file_version, readable_from, reader) != "refuse"
 
 
 _PLAIN_WORDS = {
@@ -219,8 +256,9 @@ def _has_table(connection: sqlite3.Connection, name: str) -> bool:
     return connection.execute(query, (name,)).fetchone() is not None
 
 
-def _check_identity(connection: sqlite3.Connection, path: Path) -> int:
-    """The file's schema version; OutboxError for another program's file or a newer schema."""
+def _check_identity(connection: sqlite3.Connection, path: Path) -> tuple[int, int | None]:
+    """The file's schema version and `readable_from`; OutboxError for another program's file or
+    a newer schema this code may not open."""
     application_id = connection.execute("PRAGMA application_id").fetchone()[0]
     version = int(connection.execute("PRAGMA user_version").fetchone()[0])
     tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -228,20 +266,60 @@ def _check_identity(connection: sqlite3.Connection, path: Path) -> int:
         raise OutboxError(
             f"outbox {path}: not a provider-agent outbox (another program's sqlite file)"
         )
-    if version > SCHEMA_VERSION:
+    readable_from = _readable_from(connection) if version else None
+    if compatibility(version, readable_from, SCHEMA_VERSION) == "refuse":
+        oldest = f"{readable_from}" if readable_from is not None else f"{version}"
         raise OutboxError(
-            f"outbox {path}: written by a newer provider-agent (schema {version}; this one"
-            f" knows {SCHEMA_VERSION}): upgrade the agent"
+            f"outbox {path}: written by a newer provider-agent (schema {version}, which needs"
+            f" schema {oldest} or later; this one knows {SCHEMA_VERSION}): upgrade the agent"
         )
-    return version
+    return version, readable_from
+
+
+def _readable_from(connection: sqlite3.Connection) -> int | None:
+    if not _has_table(connection, "meta"):
+        return None
+    row = connection.execute(
+        "SELECT value FROM meta WHERE key = ?", (READABLE_FROM_KEY,)
+    ).fetchone()
+    try:
+        return int(row[0]) if row is not None else None
+    except ValueError:
+        return None
+
+
+def file_schema(path: Path) -> tuple[int, int | None] | None:
+    """(schema version, readable_from) of an outbox file, read-only and without changing it;
+    None when there is no file yet. OutboxError when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as exc:
+        raise outbox_error(path, exc) from None
+    try:
+        version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+        return version, _readable_from(connection) if version else None
+    except sqlite3.Error as exc:
+        raise outbox_error(path, exc) from None
+    finally:
+        connection.close()
 
 
 def _migrate(connection: sqlite3.Connection, path: Path) -> None:
-    """(inside the opening transaction) Bring the schema to SCHEMA_VERSION."""
-    version = _check_identity(connection, path)
+    """(inside the opening transaction) Bring the schema to SCHEMA_VERSION; a newer file this
+    code may open keeps its own schema and marker."""
+    version, readable_from = _check_identity(connection, path)
+    if version > SCHEMA_VERSION:
+        return
     for script in _SCHEMA[version:]:
         for statement in script.split(";"):
             if statement.strip():
                 connection.execute(statement)
     connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if version < SCHEMA_VERSION or readable_from is None:
+        connection.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (READABLE_FROM_KEY, str(READABLE_FROM)),
+        )

@@ -1,8 +1,9 @@
-"""The systemd unit under a real systemd, and README's upgrade procedure run for real.
+"""The systemd unit under a real systemd, and `provider-agent upgrade` run for real.
 
 One Debian container with systemd as PID 1 (`tests/deploy/nspawn.py`) per module: the project is
 installed in it as README says (a checkout in /opt/provider-agent, `bash scripts/install`, then
-`provider-agent service install`, which writes the shipped unit and starts it), with its config in
+`provider-agent service install`, which builds the first release from the checkout, writes the
+shipped unit with ExecStart in `current` and starts it), with its config in
 /etc/provider-agent and an OpenRouter key in /etc/credstore. Its peers run in this process on
 loopback, which the container shares: the reference coordinator (behind TLS, as the unit runs
 without `--allow-insecure`; the test CA is in the container's trust store), a vLLM look-alike
@@ -13,7 +14,10 @@ that the test waits seconds, not minutes: `WatchdogSec=` 60 s → 8 s (a stuck a
 sooner) and `TimeoutStopSec=` 90 s → 4 s (a drain longer than that must be asked for, as the agent
 does with EXTEND_TIMEOUT_USEC, whatever the unit's value).
 
-The tests run in file order on the one container and each leaves the service running.
+The tests run in file order on the one container and each leaves the service running. The last
+ones upgrade it with `provider-agent upgrade` (pip offline, from the wheelhouse): a dry run, a
+version bump with a job in flight, the same commit again, and a commit whose agent exits at start,
+which is switched back; the ledger then holds exactly the coordinator's `job_done`s.
 """
 
 from __future__ import annotations
@@ -41,7 +45,13 @@ from aiohttp import web
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from provider_agent.dev.coordinator import CONNECT_PATH, AgentRecord, DevCoordinator, JobRecord
+from provider_agent.dev.coordinator import (
+    CONNECT_PATH,
+    JOB_DEADLINE_MS,
+    AgentRecord,
+    DevCoordinator,
+    JobRecord,
+)
 from provider_agent.link.protocol import JobDone
 from tests.agent_harness import FakeVllm, fake_vllm, free_port
 from tests.deploy.nspawn import (
@@ -63,11 +73,15 @@ from tests.deploy.nspawn import (
     trust_ca,
     wheelhouse,
 )
+from tests.ops import git_source
 
 UNIT: Final = "provider-agent.service"
 SYSTEMD_README: Final = Path(__file__).resolve().parents[2] / "systemd" / "README.md"
 CONFIG: Final = "/etc/provider-agent/agent.toml"
+#: The checkout's own command (`service install` is run from it, README: Install) …
 AGENT: Final = f"{INSTALL_DIR}/.venv/bin/provider-agent"
+#: … and the release the service runs, through `current` (operator commands, `upgrade`).
+RELEASED: Final = f"{INSTALL_DIR}/current/.venv/bin/provider-agent"
 DROP_IN: Final = "/etc/systemd/system/provider-agent.service.d/test.conf"
 WATCHDOG_S: Final = 8
 #: The drop-in's TimeoutStopSec= (the unit says 90): a drain longer than this must be asked for.
@@ -78,6 +92,8 @@ MODEL: Final = "tiny-chat"
 BYOK_MODEL: Final = "standin/tiny"
 KEY_NAME: Final = "OPENROUTER_API_KEY"
 REQUEST: Final = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+#: `upgrade --watch`: how long a new release must stay up after its start.
+UPGRADE_WATCH_S: Final = 10
 #: How long a start may take: the first pass plus Python's start in a busy container.
 START_S: Final = 60
 
@@ -196,8 +212,10 @@ class Peers:
     def release(self, gate: anyio.Event) -> None:
         self.portal.call(gate.set)
 
-    def send_job(self, provider_id: str) -> JobRecord:
-        return self.portal.call(lambda: self.coord.send_job(provider_id, MODEL, dict(REQUEST)))
+    def send_job(self, provider_id: str, deadline_ms: int = JOB_DEADLINE_MS) -> JobRecord:
+        return self.portal.call(
+            lambda: self.coord.send_job(provider_id, MODEL, dict(REQUEST), deadline_ms=deadline_ms)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +306,7 @@ class Deployment:
 
     def agent(self, *args: str) -> subprocess.CompletedProcess[str]:
         """An operator command as README gives it: as root, with the service's config."""
-        return self.container.run([AGENT, "--config", CONFIG, *args])
+        return self.container.run([RELEASED, "--config", CONFIG, *args])
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.agent("status", "--json").stdout)
@@ -357,7 +375,11 @@ def deployment(
         )
         installed_at = time.monotonic()
         install = container.run(
-            [AGENT, "service", "install"], cwd=INSTALL_DIR, check=False, timeout=START_S + 60
+            [AGENT, "service", "install"],
+            cwd=INSTALL_DIR,
+            env=OFFLINE_PIP,  # the first release's pip install, from the wheelhouse
+            check=False,
+            timeout=START_S + 600,
         )
         yield Deployment(
             container=container,
@@ -416,7 +438,8 @@ def test_service_install_starts_the_unit_ready_after_the_first_pass(
     assert DROP_IN in props["DropInPaths"].split()
     assert props["WatchdogUSec"] == f"{WATCHDOG_S}s"
     assert props["TimeoutStopUSec"] == f"{STOP_TIMEOUT_S}s"
-    assert f"argv[]={AGENT} run " in props["ExecStart"]
+    assert f"argv[]={RELEASED} run " in props["ExecStart"]
+    assert "build the first release from /opt/provider-agent's HEAD" in d.install.stdout
     assert props["NRestarts"] == "0"
 
     # READY=1 came after the first discovery pass: the start (Type=notify) ended only once the
@@ -441,7 +464,7 @@ def test_service_install_starts_the_unit_ready_after_the_first_pass(
         UNIT, 3 * WATCHDOG_S, StatusText=lambda text: text.startswith("session authenticated")
     )
     pid = c.main_pid(UNIT)
-    again = c.run([AGENT, "service", "install"], cwd=INSTALL_DIR)
+    again = c.run([AGENT, "service", "install"], cwd=INSTALL_DIR, env=OFFLINE_PIP)
     assert "unchanged" in again.stdout, again.stdout
     assert c.main_pid(UNIT) == pid
 
@@ -689,42 +712,114 @@ def test_stop_drains_the_job_in_flight_closes_1001_and_ends_inactive(
     assert d.props("ActiveState")["ActiveState"] == "active"
 
 
-def test_the_readme_upgrade_with_a_job_in_flight_loses_nothing(deployment: Deployment) -> None:
+def upgrade(d: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    """`provider-agent upgrade` as README gives it (as root, from the release the service
+    runs), pip offline from the wheelhouse."""
+    return d.container.run(
+        [RELEASED, "upgrade", "--watch", f"{UPGRADE_WATCH_S}s", *args],
+        env=OFFLINE_PIP,
+        check=False,
+        timeout=900,
+    )
+
+
+def releases_now(c: SystemdContainer) -> tuple[str, str]:
+    """`current`'s target and the release directories."""
+    return (
+        c.run(["readlink", f"{INSTALL_DIR}/current"]).stdout.strip(),
+        c.run(["ls", f"{INSTALL_DIR}/releases"]).stdout,
+    )
+
+
+def commit_exit_at_start(repository: Path) -> str:
+    """A commit whose agent exits at start (status 3, one line on stderr); everything else —
+    --version, validate, selftest — works, so the gate passes and the watch must catch it."""
+    daemon = repository / "provider_agent" / "daemon.py"
+    text = daemon.read_text()
+    marker = 'raise (78)."""\n'
+    assert text.count(marker) == 1
+    daemon.write_text(
+        text.replace(
+            marker,
+            marker + '    import sys\n\n    print("this release exits at start", file=sys.stderr)\n'
+            "    return 3\n",
+        )
+    )
+    git_source.git(repository, "commit", "--quiet", "--all", "--message=an agent that exits")
+    return git_source.head(repository)
+
+
+def held_job(d: Deployment, provider_id: str) -> tuple[JobRecord, anyio.Event]:
+    """A job streaming and held open by the vLLM look-alike until the returned gate is set;
+    later streams (the upgrade's gate selftest) are not held."""
+    p = d.peers
+    gate = p.hold_streams()
+    job = d.streaming(p.send_job(provider_id, deadline_ms=900_000).job_id)
+    p.vllm.gate = None
+    return job, gate
+
+
+def upgrade_with_a_job_in_flight(
+    d: Deployment, provider_id: str, *args: str
+) -> tuple[subprocess.CompletedProcess[str], JobRecord]:
+    """`upgrade` while a job streams: the job is held until the restart has begun (the old
+    process draining it), then let finish."""
+    c, p = d.container, d.peers
+    job, gate = held_job(d, provider_id)
+    argv = [RELEASED, "upgrade", "--watch", f"{UPGRADE_WATCH_S}s", *args]
+    running = subprocess.Popen(
+        c.command(argv, env=OFFLINE_PIP),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        c.wait_for_state(UNIT, 900, ActiveState="deactivating")
+        assert p.read(lambda coord: coord.jobs[job.job_id].terminal) is None
+    finally:
+        p.release(gate)
+    stdout, stderr = running.communicate(timeout=900)
+    done = subprocess.CompletedProcess(running.args, running.returncode, stdout, stderr)
+    return done, job
+
+
+def test_an_upgrade_dry_run_says_what_would_change_and_changes_nothing(
+    deployment: Deployment,
+) -> None:
+    d, c = deployment, deployment.container
+    pid = d.ensure_running()
+    new_version = commit_version_bump(d.source)  # the next release: a new commit upstream
+    before = releases_now(c)
+    done = upgrade(d, "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"version {new_version}" in done.stdout
+    assert "nothing was changed" in done.stdout.splitlines()[-1]
+    assert releases_now(c) == before
+    assert c.main_pid(UNIT) == pid
+
+
+def test_upgrade_with_a_job_in_flight_runs_the_new_release_and_the_job_finishes(
+    deployment: Deployment,
+) -> None:
     d, c, p = deployment, deployment.container, deployment.peers
     old_pid = d.ensure_running()
     provider_id = p.record().provider_id
     old_version = d.status()["agent_version"]
-    new_version = commit_version_bump(d.source)  # the release: a new commit upstream
+    since = time.time()
+
+    done, job = upgrade_with_a_job_in_flight(d, provider_id)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert all(re.match(r"^\[ *\d+\.\ds\] [a-z ]+: ", line) for line in lines), lines
+    new_version = lines[-1].rsplit("running ", 1)[1].split(" ")[0]
     assert new_version != old_version
-
-    gate = p.hold_streams()
-    try:
-        job = d.streaming(p.send_job(provider_id).job_id)
-        # README "Upgrading without losing a job", step by step (pip offline, from the
-        # wheelhouse, where README's machine would reach PyPI).
-        pulled = c.run(["git", "pull"], cwd=INSTALL_DIR)
-        assert "provider_agent/__init__.py" in pulled.stdout, pulled.stdout
-        c.run(["bash", "scripts/install"], cwd=INSTALL_DIR, env=OFFLINE_PIP, timeout=600)
-        assert p.read(lambda coord: coord.jobs[job.job_id].terminal) is None
-        restart = c.popen(["systemctl", "restart", UNIT])
-        try:
-            c.wait_for_state(UNIT, 30, ActiveState="deactivating")
-        finally:
-            p.release(gate)
-        stdout, stderr = restart.communicate(timeout=120)
-        assert restart.returncode == 0, stdout + stderr
-    finally:
-        p.release(gate)
-
     # The job in flight finished on the old code and its record reached the coordinator.
-    done = d.done(job.job_id)
-    assert done.tokens.output == p.vllm.tokens
-    old_session = p.read(
-        lambda coord: next(a for a in coord.attempts if a.index == coord.jobs[job.job_id].sent_on)
-    )
-    assert old_session.close_code == 1001, old_session
-
-    # The new code runs: same identity, the new version, at the coordinator and in `status`.
+    finished = d.done(job.job_id)
+    assert finished.tokens.output == p.vllm.tokens
+    # The new release runs: the same identity, the new version at the coordinator, in `status`
+    # and in /metrics' build_info.
     record = d.wait(
         lambda coord: next(
             (r for r in coord.agents.values() if r.connected and r.agent_version == new_version),
@@ -735,28 +830,79 @@ def test_the_readme_upgrade_with_a_job_in_flight_loses_nothing(deployment: Deplo
     )
     assert record.provider_id == provider_id
     assert c.main_pid(UNIT) not in (0, old_pid)
-    status = poll(
-        lambda: (s := d.status())["outbox"]["depth"] == 0 and s,
-        30,
-        "the outbox emptied after the restart",
-        lambda: json.dumps(d.status()["outbox"]),
-    )
+    status = d.status()
     assert (status["agent_version"], status["provider_id"]) == (new_version, provider_id)
     url = f"http://127.0.0.1:{d.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as answer:
         metrics = answer.read().decode()
-    build_info = [
-        line for line in metrics.splitlines() if line.startswith("provider_agent_build_info")
-    ]
-    assert any(f'version="{new_version}"' in line for line in build_info), build_info
+    assert f'provider_agent_build_info{{version="{new_version}"}}' in metrics
+    # The journal shows the switch.
+    journal = c.journal(UNIT, since_realtime=since)
+    assert f"upgrade: switching provider-agent from {old_version}" in journal, journal[-3000:]
+    assert f"upgrade: provider-agent runs {new_version}" in journal, journal[-3000:]
+    listed = d.agent("upgrade", "--list").stdout.splitlines()
+    assert listed[1].startswith("*") and listed[1].endswith("current"), listed
 
-    # And serves: one more job, on the new code.
+
+def test_a_second_upgrade_to_the_running_commit_says_so_and_changes_nothing(
+    deployment: Deployment,
+) -> None:
+    d, c = deployment, deployment.container
+    pid = d.ensure_running()
+    before = releases_now(c)
+    done = upgrade(d)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].endswith(": nothing to do")
+    assert "already running" in done.stdout
+    assert releases_now(c) == before and c.main_pid(UNIT) == pid
+
+
+def test_an_upgrade_whose_agent_exits_at_start_ends_with_the_old_one_running(
+    deployment: Deployment,
+) -> None:
+    d, c, p = deployment, deployment.container, deployment.peers
+    d.ensure_running()
+    provider_id = p.record().provider_id
+    version = d.status()["agent_version"]
+    current_before = releases_now(c)[0]
+    broken = commit_exit_at_start(d.source)
+    since = time.time()
+
+    done, job = upgrade_with_a_job_in_flight(d, provider_id, "--to", broken)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"upgrade: {version} ({broken[:12]}) did not come up healthy: ")
+    assert "this release exits at start" in done.stderr
+    assert done.stderr.rstrip().endswith(
+        f"switched back to {version} ({current_before[-40:][:12]})"
+    )
+    # The job in flight at the time finished; the release before runs again.
+    d.done(job.job_id)
+    assert releases_now(c)[0] == current_before
+    c.wait_for_state(UNIT, START_S, ActiveState="active", SubState="running")
+    d.wait(lambda coord: coord.connected(), "the agent connected again", timeout=START_S)
+    assert d.status()["agent_version"] == version
+    journal = c.journal(UNIT, since_realtime=since)
+    assert "did not come up healthy" in journal and "switching back to" in journal, journal[-3000:]
+    assert "switched back: provider-agent runs" in journal
+
+
+def test_no_billing_record_was_lost_through_the_upgrades(deployment: Deployment) -> None:
+    d, p = deployment, deployment.peers
+    d.ensure_running()
+    provider_id = p.record().provider_id
     p.vllm.gate = None
-    after = p.send_job(provider_id)
+    after = p.send_job(provider_id)  # and it serves
     d.done(after.job_id)
-
-    # Nothing lost, nothing twice: every job the coordinator has a job_done for is one row in
-    # the ledger, and the ledger has no other.
+    poll(
+        lambda: d.status()["outbox"]["depth"] == 0,
+        30,
+        "the outbox emptied",
+        lambda: json.dumps(d.status()["outbox"]),
+    )
+    # Every job the coordinator has a job_done for is one row in the ledger, and the ledger has
+    # no other.
     finished = p.read(
         lambda coord: {
             job_id
@@ -765,7 +911,7 @@ def test_the_readme_upgrade_with_a_job_in_flight_loses_nothing(deployment: Deplo
         }
     )
     rows = ledger_rows(d)
-    assert {job.job_id, after.job_id} <= finished
+    assert after.job_id in finished and len(finished) >= 3
     assert sorted(row["job_id"] for row in rows) == sorted(finished)
     assert {row["outcome"] for row in rows} == {"job_done"}
     assert not p.read(lambda coord: list(coord.violations))

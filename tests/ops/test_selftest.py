@@ -129,6 +129,13 @@ def test_every_local_route_and_only_the_cheapest_model_of_each_byok_backend() ->
     every, none = plan(routes, include_all=True)
     assert len(every) == 8 and none == ()
     assert plan({}, include_all=False) == ((), ())
+    local, left_out = plan(routes, include_all=True, local_only=True)
+    assert [(c.model_id, c.route.backend) for c in local] == [
+        ("local", "gpu"),
+        ("local", "cpu"),
+        ("shared", "gpu"),
+    ]
+    assert {c.route.kind for c in left_out} == {"openrouter", "venice"} and len(left_out) == 5
 
 
 def test_a_row_from_each_kind_of_terminal_frame() -> None:
@@ -167,6 +174,27 @@ async def test_the_memory_store_keeps_the_first_frame_and_records_nothing_else()
 
 
 # --- against simulated backends ------------------------------------------------------------------
+
+
+async def test_local_only_leaves_byok_backends_out_even_without_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`upgrade` gates a release with `selftest --local` from a root shell, which holds none of
+    the service's API keys: the BYOK backend is neither discovered nor tried."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    async with sims(("vllm", ["local-model"]), ("openrouter", ["or/model"])) as (gpu, byok):
+        path = write(tmp_path, [gpu, byok])
+        report = await run_selftest(load(path, allow_insecure=True), local_only=True)
+        code, out, err = await cli(
+            "--allow-insecure", "--config", str(path), "selftest", "--local", "--json"
+        )
+        everything = await selftest(path)
+    assert report.ok and [r.backend for r in report.results] == [f"vllm-{gpu.port}"]
+    assert byok.requests == []  # not even discovered
+    assert code == 0, err
+    assert [r["backend"] for r in json.loads(out)["results"]] == [f"vllm-{gpu.port}"]
+    # Without --local the keyless BYOK backend is a failed row, as it always was.
+    assert not everything.ok
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

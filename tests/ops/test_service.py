@@ -4,6 +4,9 @@ systemd is not PID 1 here, so what systemctl and groupadd would do is played by 
 (which answers `is-enabled`/`is-active` from what earlier calls did); everything else is real:
 real files and modes under a temporary root, the real shipped unit, the real config validation,
 `systemd-analyze verify` on the installed unit, and the real command line in a subprocess.
+Install runs as a release's `provider-agent` (`installed`, a release that is its record and a
+script) unless a test says otherwise; the move of a checkout's install to releases builds a real
+release from a real git checkout.
 """
 
 from __future__ import annotations
@@ -23,19 +26,55 @@ from provider_agent.config import load as config_module
 from provider_agent.errors import ConfigError, ServiceError
 from provider_agent.link.identity import load_or_create
 from provider_agent.ops.init_config import Detected
+from provider_agent.ops.releases import (
+    Layout,
+    Release,
+    current_commit,
+    read_releases,
+    switch,
+    write_release,
+)
 from provider_agent.ops.service import (
     CONFIG_GROUP,
+    DEFAULT_CONFIG,
     TEMPLATE,
     CommandResult,
     Host,
     Target,
+    build_first_release,
     install,
+    render_unit,
     system_config,
-    this_executable,
     uninstall,
 )
+from tests.ops import git_source
 
-EXE = this_executable()
+#: The release install runs as in most tests (`installed`): where the unit's ExecStart points.
+INSTALLED: dict[str, Path] = {}
+RELEASE = Release(
+    commit="c0" * 20, version="0.1.0", schema_version=2, readable_from=2, installed_ms=1
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """/opt/provider-agent as a release leaves it: releases/<commit>/ with its record and an
+    executable, `current` pointing at it."""
+    layout = Layout(tmp_path_factory.mktemp("opt") / "provider-agent")
+    script = layout.executable(RELEASE.commit)
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    write_release(layout, RELEASE)
+    switch(layout, RELEASE.commit)
+    INSTALLED["exe"] = layout.stable_executable
+    return layout.stable_executable
+
+
+def exe() -> Path:
+    return INSTALLED["exe"]
+
+
 DETECTED = [Detected("vllm", "http://127.0.0.1:8000", ["meta-llama/Llama-3.1-8B-Instruct"])]
 #: A config an operator might have written: a real coordinator, one backend, a custom price.
 OPERATOR_CONFIG = """\
@@ -107,7 +146,14 @@ class FakeSystem:
             detect=lambda: list(detected),
             installation=lambda _: [],
             booted=lambda: True,
+            executable=exe,
+            first_release=self.first_release,
         )
+
+    def first_release(self, layout: Layout, commit: str) -> Release:
+        """The real build, recorded."""
+        self.calls.append(("build", str(layout.root), commit))
+        return build_first_release(layout, commit)
 
 
 def root_target(root: Path, config: str = "/etc/provider-agent/agent.toml") -> Target:
@@ -154,14 +200,14 @@ def test_root_install_writes_the_unit_the_config_and_the_directory(tmp_path: Pat
 
     unit = tmp_path / "etc/systemd/system/provider-agent.service"
     text = unit.read_text()
-    assert f"\nExecStart={EXE} run\n" in text
+    assert f"\nExecStart={exe()} run\n" in text
     assert "\nEnvironment=PROVIDER_AGENT_CONFIG=/etc/provider-agent/agent.toml\n" in text
     # Descriptors enough for every job whatever connects to the metrics port (config.md).
     assert "\nLimitNOFILE=65536\n" in text
     # Everything else is the shipped unit, line for line.
     template = TEMPLATE.read_text().splitlines()
     changed = [(a, b) for a, b in zip(template, text.splitlines(), strict=True) if a != b]
-    assert [b for _, b in changed] == [f"ExecStart={EXE} run"]
+    assert [b for _, b in changed] == [f"ExecStart={exe()} run"]
     assert mode(unit) == 0o644
 
     assert mode(tmp_path / "etc/provider-agent") == 0o750
@@ -572,3 +618,93 @@ def test_a_root_that_is_not_a_directory_other_than_slash_exits_2_and_writes_noth
     assert done.stderr.startswith(f"service {action[0]}: --root ") and fragment in done.stderr
     assert snapshot(tmp_path) == before
     assert (LIVE_UNIT.exists(), Path("/etc/provider-agent").exists()) == live_before
+
+
+# --- releases: the first one built from a checkout, an earlier install moved to them -------------
+
+
+def checkout_install(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkout as README leaves it before releases: a clone with its own `.venv` (only the
+    script's path matters to install: it says where the checkout is)."""
+    origin = git_source.origin(tmp_path / "origin")
+    checkout = git_source.checkout(origin, tmp_path / "opt/provider-agent")
+    script = checkout / ".venv/bin/provider-agent"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    return checkout, script
+
+
+def test_an_install_of_the_earlier_layout_moves_to_releases_once(tmp_path: Path) -> None:
+    """The unit ran the checkout's `.venv`: install builds the first release from the
+    checkout's HEAD, points the unit at `current`, restarts the running service (draining);
+    a second run changes nothing."""
+    checkout, script = checkout_install(tmp_path)
+    head = git_source.head(checkout)
+    root = tmp_path / "root"
+    config = root / "etc/provider-agent/agent.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(OPERATOR_CONFIG)
+    unit = root / "etc/systemd/system/provider-agent.service"
+    unit.parent.mkdir(parents=True)
+    earlier = render_unit(TEMPLATE.read_text(), script, PurePosixPath(DEFAULT_CONFIG))
+    unit.write_text(earlier)
+    system = FakeSystem(enabled=True, active=True, groups={CONFIG_GROUP: GID})
+    host = system.host()
+    host.executable = lambda: script
+    layout = Layout(checkout)
+
+    plan = install(managed_target(root), host, dry_run=True)
+    text = "\n".join(plan.lines)
+    assert f"build the first release from {checkout}'s HEAD {head[:12]}, version " in text
+    assert f"moved to releases: the unit ran {script}, now {layout.stable_executable}" in text
+    assert not layout.releases.exists() and unit.read_text() == earlier
+
+    report = install(managed_target(root), host)
+
+    assert system.changes == [
+        ("build", str(checkout), head),
+        ("systemctl", "daemon-reload"),
+        ("systemctl", "try-restart", "provider-agent"),
+    ]
+    assert current_commit(layout) == head
+    (release,) = read_releases(layout)
+    assert f"\nExecStart={layout.stable_executable} run\n" in unit.read_text()
+    done = subprocess.run(
+        [str(layout.stable_executable), "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.stdout == f"provider-agent {release.version}\n"
+    assert any(line.startswith("  build the first release") for line in report.lines)
+
+    system.calls.clear()
+    again = install(managed_target(root), host)
+    assert system.changes == []
+    assert again.lines[0].endswith("unchanged (already installed as it should be)")
+    assert f"releases: current is {head[:12]} ({release.version})" in "\n".join(again.lines)
+    assert read_releases(layout) == [release]
+
+
+def test_a_checkout_that_is_not_a_git_repository_is_refused(tmp_path: Path) -> None:
+    bare = tmp_path / "opt/provider-agent"
+    script = bare / ".venv/bin/provider-agent"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    host = FakeSystem(groups={CONFIG_GROUP: GID}).host()
+    host.executable = lambda: script
+    with pytest.raises(ServiceError) as caught:
+        install(managed_target(tmp_path / "root"), host)
+    assert str(caught.value) == (
+        f"{bare} is not a git checkout: the service runs releases built from its commits; "
+        "install from a clone of the repository (README: Install)"
+    )
+    assert not (bare / "releases").exists()
+
+
+def test_root_installs_build_no_release_and_say_where_it_comes_from(tmp_path: Path) -> None:
+    checkout, script = checkout_install(tmp_path)
+    report = install(root_target(tmp_path / "root"), FakeSystem().host(), executable=script)
+    unit = (tmp_path / "root/etc/systemd/system/provider-agent.service").read_text()
+    assert f"\nExecStart={checkout}/current/.venv/bin/provider-agent run\n" in unit
+    assert not (checkout / "releases").exists()
+    assert any(f"no release in {checkout}/releases yet" in line for line in report.lines)
