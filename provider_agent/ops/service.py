@@ -40,8 +40,8 @@ from provider_agent.config import load as config_module
 from provider_agent.config.schema import PLACEHOLDER_COORDINATOR_URL
 from provider_agent.errors import ConfigError, ExitCode, ServiceError, UpgradeError
 from provider_agent.ops.init_config import Detected, render_config, write_config
-from provider_agent.ops.release_build import Git, base_python, build
-from provider_agent.ops.releases import (
+from provider_agent.ops.upgrade.build import Git, base_python, build
+from provider_agent.ops.upgrade.releases import (
     Layout,
     Release,
     current_commit,

@@ -26,14 +26,6 @@ from provider_agent.config import load as config_module
 from provider_agent.errors import ConfigError, ServiceError
 from provider_agent.link.identity import load_or_create
 from provider_agent.ops.init_config import Detected
-from provider_agent.ops.releases import (
-    Layout,
-    Release,
-    current_commit,
-    read_releases,
-    switch,
-    write_release,
-)
 from provider_agent.ops.service import (
     CONFIG_GROUP,
     DEFAULT_CONFIG,
@@ -47,7 +39,15 @@ from provider_agent.ops.service import (
     system_config,
     uninstall,
 )
-from tests.ops import git_source
+from provider_agent.ops.upgrade.releases import (
+    Layout,
+    Release,
+    current_commit,
+    read_releases,
+    switch,
+    write_release,
+)
+from tests.ops.upgrade import git_source
 
 #: The release install runs as in most tests (`installed`): where the unit's ExecStart points.
 INSTALLED: dict[str, Path] = {}

@@ -32,17 +32,8 @@ from provider_agent.dev.coordinator import DevCoordinator, JobRecord
 from provider_agent.dev.sim.core import SimBackend
 from provider_agent.errors import UpgradeError
 from provider_agent.link.protocol import JobDone
-from provider_agent.ops.release_build import Git, base_python, build, release_env
-from provider_agent.ops.releases import (
-    Layout,
-    current_commit,
-    read_release,
-    read_releases,
-    running_release,
-    switch,
-)
-from provider_agent.ops.unit_control import ServiceManager
-from provider_agent.ops.upgrade import (
+from provider_agent.ops.upgrade.build import Git, base_python, build, release_env
+from provider_agent.ops.upgrade.command import (
     Installation,
     Machine,
     Options,
@@ -52,11 +43,20 @@ from provider_agent.ops.upgrade import (
     rollback,
     upgrade,
 )
-from provider_agent.ops.upgrade_rules import UnitState
+from provider_agent.ops.upgrade.releases import (
+    Layout,
+    current_commit,
+    read_release,
+    read_releases,
+    running_release,
+    switch,
+)
+from provider_agent.ops.upgrade.rules import UnitState
+from provider_agent.ops.upgrade.unit_control import ServiceManager
 from provider_agent.store.engine import FILE_NAME, file_schema
 from tests.agent_harness import free_port, write_config
-from tests.ops import git_source
-from tests.ops.supervisor import Supervisor
+from tests.ops.upgrade import git_source
+from tests.ops.upgrade.supervisor import Supervisor
 
 MODEL: Final = "tiny-chat"
 #: A job that streams for a few seconds: in flight while the restart drains it.

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from provider_agent.errors import UpgradeError
-from provider_agent.ops.releases import Layout, Release, read_release, short, write_release
+from provider_agent.ops.upgrade.releases import Layout, Release, read_release, short, write_release
 from provider_agent.safe_text import printable
 
 GIT_TIMEOUT_S: Final = 300.0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from provider_agent.errors import UpgradeError
-from provider_agent.ops.release_build import (
+from provider_agent.ops.upgrade.build import (
     Built,
     Git,
     base_python,
@@ -24,7 +24,7 @@ from provider_agent.ops.release_build import (
     check_member,
     last_line,
 )
-from provider_agent.ops.releases import (
+from provider_agent.ops.upgrade.releases import (
     Layout,
     Release,
     current_commit,
@@ -40,7 +40,7 @@ from provider_agent.ops.releases import (
     write_release,
 )
 from tests.agent_harness import free_port
-from tests.ops import git_source
+from tests.ops.upgrade import git_source
 
 A, B, C, D, E = (f"{n}" * 40 for n in "abcde")
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from provider_agent.errors import UpgradeError
-from provider_agent.ops.release_build import last_line
 from provider_agent.ops.service import SERVICE, CommandResult, run_command
-from provider_agent.ops.upgrade_rules import HttpView, UnitState
+from provider_agent.ops.upgrade.build import last_line
+from provider_agent.ops.upgrade.rules import HttpView, UnitState
 from provider_agent.safe_text import printable
 
 JOURNAL_SOCKET: Final = "/run/systemd/journal/socket"

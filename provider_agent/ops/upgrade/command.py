@@ -41,7 +41,15 @@ from typing import Final
 
 from provider_agent.config import load as config_module
 from provider_agent.errors import ExitCode, OutboxError, UpgradeError
-from provider_agent.ops.release_build import (
+from provider_agent.ops.service import (
+    DEFAULT_CONFIG,
+    UNIT_DIR,
+    UNIT_NAME,
+    configured_path,
+    exec_start,
+    this_executable,
+)
+from provider_agent.ops.upgrade.build import (
     Git,
     base_python,
     build,
@@ -49,7 +57,7 @@ from provider_agent.ops.release_build import (
     last_line,
     release_env,
 )
-from provider_agent.ops.releases import (
+from provider_agent.ops.upgrade.releases import (
     Layout,
     Release,
     current_commit,
@@ -66,16 +74,7 @@ from provider_agent.ops.releases import (
     to_prune,
     write_release,
 )
-from provider_agent.ops.service import (
-    DEFAULT_CONFIG,
-    UNIT_DIR,
-    UNIT_NAME,
-    configured_path,
-    exec_start,
-    this_executable,
-)
-from provider_agent.ops.unit_control import ServiceManager, Systemd, backend_health, probe_http
-from provider_agent.ops.upgrade_rules import (
+from provider_agent.ops.upgrade.rules import (
     Expect,
     HttpView,
     Observation,
@@ -87,6 +86,12 @@ from provider_agent.ops.upgrade_rules import (
     parse_watch,
     schema_plan,
     span,
+)
+from provider_agent.ops.upgrade.unit_control import (
+    ServiceManager,
+    Systemd,
+    backend_health,
+    probe_http,
 )
 from provider_agent.safe_text import printable
 from provider_agent.store.engine import FILE_NAME, file_schema, readable_by

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from provider_agent.ops.unit_control import unit_state
-from provider_agent.ops.upgrade_rules import (
+from provider_agent.ops.upgrade.rules import (
     Expect,
     HttpView,
     Observation,
@@ -21,6 +20,7 @@ from provider_agent.ops.upgrade_rules import (
     schema_plan,
     span,
 )
+from provider_agent.ops.upgrade.unit_control import unit_state
 
 OLD, NEW, AGAIN = "inv-old", "inv-new", "inv-again"
 EXPECT = Expect(old_invocation=OLD, version="0.2.0", watch_s=60, stop_limit_s=90)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from provider_agent.ops.upgrade_rules import UnitState
+from provider_agent.ops.upgrade.rules import UnitState
 
 _T = TypeVar("_T")
 

@@ -1,0 +1,1 @@
+"""`upgrade`: releases side by side, built, gated, switched, watched and switched back."""
