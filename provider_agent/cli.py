@@ -427,7 +427,7 @@ def _service(args: argparse.Namespace) -> int:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from provider_agent.ops.upgrade import upgrade_command
+    from provider_agent.ops.upgrade.command import upgrade_command
 
     return upgrade_command(
         config=args.config,

@@ -73,7 +73,7 @@ from tests.deploy.nspawn import (
     trust_ca,
     wheelhouse,
 )
-from tests.ops import git_source
+from tests.ops.upgrade import git_source
 
 UNIT: Final = "provider-agent.service"
 SYSTEMD_README: Final = Path(__file__).resolve().parents[2] / "systemd" / "README.md"
