@@ -4,17 +4,17 @@ drain, watched — and switched back by itself when it does not come up healthy.
     fetch → target → changes → build → gate → schema → switch → restart → watch → prune
                                                                   └─ failed: switch back, restart
 
-- **build** (`release_build.build`): releases/<commit>/ with its own venv; the running agent is
+- **build** (`build.build`): releases/<commit>/ with its own venv; the running agent is
   not touched.
 - **gate**: the new code's `--version`; `validate` of the service's config; `selftest --local
   --json`, one tiny completion per local route recording nothing. Any failure stops here, with
   nothing switched.
 - **schema**: the target must open the outbox as it is; when the release before it could not
-  open the outbox once the target has run (`upgrade_rules.schema_plan`), `--yes` is asked for.
+  open the outbox once the target has run (`rules.schema_plan`), `--yes` is asked for.
 - **switch**: `current` → the new release (`releases.switch`, one rename), a journal line, then a
   restart through the service manager: SIGTERM, the old process drains its jobs (nothing lost),
   the new one starts from `current`.
-- **watch** (`upgrade_rules.judge` over what is polled): READY, `/readyz` 200 and an
+- **watch** (`rules.judge` over what is polled): READY, `/readyz` 200 and an
   authenticated session of the new version within `--watch`, and no restart in that window.
   Otherwise `current` goes back, the service restarts, and the command says why in one line and
   exits 1.
