@@ -8,7 +8,7 @@ inside through `nsenter --target <PID 1> --all`. The container shares the host's
 127.0.0.1 is 127.0.0.1 in there too.
 
 This project goes in the way README says (a checkout in /opt/provider-agent, `bash
-scripts/install`): `snapshot_repository()` makes a git repository of the working tree (what is
+scripts/install`): `tests/git_source.origin()` makes a git repository of the working tree (what is
 being tested, uncommitted edits included), which the container clones through a read-only bind
 mount, and `wheelhouse()` holds the project's dependencies, downloaded on the host once and cached
 by requirement list, so the install inside runs offline (`OFFLINE_PIP`).
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -463,65 +462,6 @@ def boot(
 
 
 # --- this project, installed as README says ------------------------------------------------------
-
-
-def _git(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(repo), "-c", "commit.gpgsign=false", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env={
-            **os.environ,
-            "GIT_AUTHOR_NAME": "provider-agent tests",
-            "GIT_AUTHOR_EMAIL": "tests@provider-agent.invalid",
-            "GIT_COMMITTER_NAME": "provider-agent tests",
-            "GIT_COMMITTER_EMAIL": "tests@provider-agent.invalid",
-        },
-    )
-    return done.stdout
-
-
-def snapshot_repository(destination: Path, source: Path = REPO) -> Path:
-    """A git repository at `destination` whose one commit is `source`'s working tree as it is
-    now: tracked files as edited, untracked ones that git does not ignore, deleted ones left out.
-    (Cloning `source` itself would test its last commit, not the code being tested.)"""
-    listed = subprocess.run(
-        ["git", "-C", str(source), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout.decode()
-    destination.mkdir(parents=True)
-    for relative in filter(None, listed.split("\0")):
-        origin = source / relative
-        if not origin.exists() and not origin.is_symlink():
-            continue
-        target = destination / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(origin, target, follow_symlinks=False)
-    _git(destination, "init", "--quiet", "--initial-branch=main")
-    _git(destination, "add", "--all")
-    _git(destination, "commit", "--quiet", "--message=the working tree under test")
-    return destination
-
-
-_VERSION_LINE: Final = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
-
-
-def commit_version_bump(repository: Path) -> str:
-    """A new commit in `repository` that changes only `__version__` (a PEP 440 local version of
-    the current one); returns the new version."""
-    init = repository / "provider_agent" / "__init__.py"
-    text = init.read_text()
-    found = _VERSION_LINE.search(text)
-    assert found is not None, f"no __version__ line in {init}"
-    current = found.group(1)
-    new = f"{current}.upgraded" if "+" in current else f"{current}+upgraded"
-    init.write_text(_VERSION_LINE.sub(f'__version__ = "{new}"', text, count=1))
-    _git(repository, "commit", "--quiet", "--all", f"--message=version {new}")
-    return new
 
 
 def _requirements() -> list[str]:

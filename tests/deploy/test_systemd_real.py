@@ -53,6 +53,7 @@ from provider_agent.dev.coordinator import (
     JobRecord,
 )
 from provider_agent.link.protocol import JobDone
+from tests import git_source
 from tests.agent_harness import FakeVllm, fake_vllm, free_port
 from tests.deploy.nspawn import (
     INSTALL_DIR,
@@ -63,17 +64,14 @@ from tests.deploy.nspawn import (
     LoopbackCA,
     SystemdContainer,
     boot,
-    commit_version_bump,
     debian_root,
     install_checkout,
     nspawn_problem,
     poll,
-    snapshot_repository,
     tls_front,
     trust_ca,
     wheelhouse,
 )
-from tests.ops.upgrade import git_source
 
 UNIT: Final = "provider-agent.service"
 SYSTEMD_README: Final = Path(__file__).resolve().parents[2] / "systemd" / "README.md"
@@ -357,7 +355,7 @@ class Deployment:
 def deployment(
     ca: LoopbackCA, peers: Peers, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Deployment]:
-    source = snapshot_repository(tmp_path_factory.mktemp("systemd-real") / "source")
+    source = git_source.origin(tmp_path_factory.mktemp("systemd-real") / "source")
     binds = [Bind(source, SOURCE_GUEST), Bind(wheelhouse(), WHEELHOUSE_GUEST)]
     api_key = f"sk-or-v1-{secrets.token_hex(24)}"
     metrics_port = free_port()
@@ -789,7 +787,7 @@ def test_an_upgrade_dry_run_says_what_would_change_and_changes_nothing(
 ) -> None:
     d, c = deployment, deployment.container
     pid = d.ensure_running()
-    new_version = commit_version_bump(d.source)  # the next release: a new commit upstream
+    _, new_version = git_source.bump_version(d.source, "upgraded")  # a new commit upstream
     before = releases_now(c)
     done = upgrade(d, "--dry-run")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -47,7 +47,7 @@ from provider_agent.ops.upgrade.releases import (
     switch,
     write_release,
 )
-from tests.ops.upgrade import git_source
+from tests import git_source
 
 #: The release install runs as in most tests (`installed`): where the unit's ExecStart points.
 INSTALLED: dict[str, Path] = {}

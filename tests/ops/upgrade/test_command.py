@@ -54,8 +54,8 @@ from provider_agent.ops.upgrade.releases import (
 from provider_agent.ops.upgrade.rules import UnitState
 from provider_agent.ops.upgrade.unit_control import ServiceManager
 from provider_agent.store.engine import FILE_NAME, file_schema
+from tests import git_source
 from tests.agent_harness import free_port, write_config
-from tests.ops.upgrade import git_source
 from tests.ops.upgrade.supervisor import Supervisor
 
 MODEL: Final = "tiny-chat"

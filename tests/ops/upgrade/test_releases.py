@@ -39,8 +39,8 @@ from provider_agent.ops.upgrade.releases import (
     to_prune,
     write_release,
 )
+from tests import git_source
 from tests.agent_harness import free_port
-from tests.ops.upgrade import git_source
 
 A, B, C, D, E = (f"{n}" * 40 for n in "abcde")
 

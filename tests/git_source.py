@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-REPO: Final = Path(__file__).resolve().parents[3]
+REPO: Final = Path(__file__).resolve().parents[1]
 _IDENTITY: Final = {
     "GIT_AUTHOR_NAME": "provider-agent tests",
     "GIT_AUTHOR_EMAIL": "tests@provider-agent.invalid",
