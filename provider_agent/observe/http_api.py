@@ -273,10 +273,15 @@ MAX_STATUS_BYTES = 8 * 1024 * 1024
 STATUS_TIMEOUT_S = 5.0
 
 
+def asked_host(host: str) -> str:
+    """Where a client on this machine asks an endpoint bound to `host`: a wildcard bind address
+    is asked on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
 def status_url(host: str, port: int) -> str:
-    """Where `status` asks: a wildcard bind address is asked on loopback."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://{address(host, port)}/status"
+    """Where `status` asks."""
+    return f"http://{address(asked_host(host), port)}/status"
 
 
 async def fetch_status(url: str, timeout_s: float = STATUS_TIMEOUT_S) -> AgentStatus:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from provider_agent.errors import UpgradeError
+from provider_agent.observe.http_api import asked_host
 from provider_agent.ops.service import SERVICE, CommandResult, run_command
 from provider_agent.ops.upgrade.build import last_line
 from provider_agent.ops.upgrade.rules import HttpView, UnitState
@@ -156,9 +157,11 @@ def journal_send(path: str, fields: dict[str, str]) -> bool:
 
 def probe_http(listen: tuple[str, int], timeout_s: float = HTTP_TIMEOUT_S) -> HttpView:
     """`/readyz` and `/status` of whatever answers at the agent's address (a wildcard bind is
-    asked on loopback); a missing answer is a view with `readyz` None and the reason."""
+    asked on loopback); a missing answer is a view with `readyz` None and the reason. `/status`
+    is read as plain JSON for the few fields the watch needs, not through this release's
+    `AgentStatus` (`http_api.fetch_status`): the process answering may be another release."""
     host, port = listen
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = asked_host(host)
     try:
         code, body = _get(host, port, "/readyz", _MAX_READYZ, timeout_s)
     except (OSError, http.client.HTTPException) as exc:
@@ -186,7 +189,7 @@ def backend_health(
     """The running agent's backends and whether its last pass found each healthy (`/status`);
     None when it does not answer."""
     host, port = listen
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = asked_host(host)
     try:
         code, body = _get(host, port, "/status", _MAX_STATUS, timeout_s)
         status = json.loads(body) if code == 200 else None
