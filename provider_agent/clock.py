@@ -2,6 +2,9 @@
 that waits, so a test passes small values instead of setting attributes), the monotonic clock
 (`Clock`), and how a moment is written wherever someone else reads it (`utc_ms`).
 
+`parse_duration` reads what an operator types (`90s`, `30m`, `2h`, `1d`) for `pause --for` and
+`upgrade --watch`.
+
 `utc_ms` is RFC 3339 UTC with exactly three fraction digits and `Z` (`2026-12-06T17:23:15.412Z`,
 protocol.md §8): one function, so that no field drifts to microseconds, whole seconds or
 `+00:00` again.
@@ -9,8 +12,11 @@ protocol.md §8): one function, so that no field drifts to microseconds, whole s
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 import anyio
 
@@ -79,3 +85,34 @@ def utc_ms(when: datetime | float) -> str:
         moment = datetime.fromtimestamp(when, UTC)  # to the nearest microsecond
     # isoformat pads the year to four digits and truncates to the given unit.
     return moment.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
+
+
+#: The units of a duration an operator types, in seconds.
+DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION: Final = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]+)?)([a-z])")
+
+
+def parse_duration(
+    text: str,
+    option: str,
+    *,
+    at_most_s: float,
+    at_most: str,
+    units: str = "smhd",
+    signed: bool = True,
+) -> float:
+    """`90s`, `30m`, `2h`, `1d` (a number with one of `units`) → seconds; a ValueError whose text
+    is the one line the operator sees, naming `option`. `signed`: a sign is read (so that `-5m`
+    is refused as not longer than 0) rather than not being a duration at all."""
+    shown = ascii(text[:40]) + ("…" if len(text) > 40 else "")
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or match[3] not in units or (match[1] and not signed):
+        examples = ", ".join(e for e in ("90s", "30m", "2h", "1d") if e[-1] in units)
+        why = f"not a duration; write a number with a unit: {examples}"
+        raise ValueError(f"{option} {shown}: {why}")
+    seconds = float(match[1] + match[2]) * DURATION_UNITS[match[3]]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{option} {shown}: must be longer than 0")
+    if seconds > at_most_s:
+        raise ValueError(f"{option} {shown}: at most {at_most}")
+    return seconds

@@ -18,7 +18,6 @@ import errno
 import logging
 import math
 import os
-import re
 import socket
 import stat
 import struct
@@ -35,6 +34,7 @@ import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from provider_agent import clock
 from provider_agent.clock import utc_ms
 from provider_agent.errors import ControlError, ExitCode, NotRunning
 from provider_agent.safe_text import printable
@@ -54,33 +54,16 @@ MAX_LINE_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 10.0
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"([+-]?[0-9]+(?:\.[0-9]+)?)([smhd])")
+#: What `--for` says of a duration beyond MAX_PAUSE_S.
+_AT_MOST = "366d (leave --for out to pause until `resume`)"
 
 
 # --- pure rules ----------------------------------------------------------------------------------
 
 
 def parse_duration(text: str) -> float:
-    """`90s`, `30m`, `2h`, `1d` (a number with a unit) → seconds; ValueError with the line an
-    operator sees."""
-    shown = ascii(text[:40]) + ("…" if len(text) > 40 else "")
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(
-            f"--for {shown}: not a duration; write a number with a unit: 90s, 30m, 2h, 1d"
-        )
-    seconds = float(match[1]) * _UNITS[match[2]]
-    check_duration(seconds, f"--for {shown}")
-    return seconds
-
-
-def check_duration(seconds: float, what: str = "duration") -> float:
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{what}: must be longer than 0")
-    if seconds > MAX_PAUSE_S:
-        raise ValueError(f"{what}: at most 366d (leave --for out to pause until `resume`)")
-    return seconds
+    """`--for`: `90s`, `30m`, `2h`, `1d` → seconds; ValueError with the line an operator sees."""
+    return clock.parse_duration(text, "--for", at_most_s=MAX_PAUSE_S, at_most=_AT_MOST)
 
 
 def check_reason(reason: str, what: str = "--reason") -> str:

@@ -11,18 +11,15 @@
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from provider_agent.clock import parse_duration
 from provider_agent.store.engine import readable_by
 
 #: How long `--watch` may be.
 MAX_WATCH_S: Final = 3600.0
-_DURATION: Final = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh])")
-_UNITS: Final = {"s": 1, "m": 60, "h": 3600}
 
 
 # --- what is observed ----------------------------------------------------------------------------
@@ -267,17 +264,11 @@ def changes(log: Sequence[tuple[str, str]], back: int, shown: int = 5) -> str:
 
 
 def parse_watch(text: str) -> float:
-    """`--watch 90s`, `2m`, `1h` → seconds; ValueError with the operator's line."""
-    shown = ascii(text[:40])
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"--watch {shown}: not a duration; write a number with a unit: 90s, 2m")
-    seconds = float(match[1]) * _UNITS[match[2]]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"--watch {shown}: must be longer than 0")
-    if seconds > MAX_WATCH_S:
-        raise ValueError(f"--watch {shown}: at most 1h")
-    return seconds
+    """`--watch 90s`, `2m`, `1h` → seconds (no sign, no days); ValueError with the operator's
+    line."""
+    return parse_duration(
+        text, "--watch", at_most_s=MAX_WATCH_S, at_most="1h", units="smh", signed=False
+    )
 
 
 def span(seconds: float) -> str:
