@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -356,3 +357,31 @@ async def test_a_fifo_or_directory_where_the_agent_reads_a_file_is_exit_78_not_a
     assert len(lines) == 1, lines
     assert f"{path}: " in lines[0] and f"is {kind}" in lines[0]
     assert "not a regular file" in lines[0] and "Traceback" not in lines[0]
+
+
+#: Modules a connected agent with no job has no use for (benchmarks.md: the idle agent's RSS,
+#: "keep heavy imports out of paths that do not need them"): the job readers and httptools load
+#: with the first job, the withdrawn-route probe with the first probe, and cryptography's
+#: `serialization` (SSH, PKCS#7/#12 and every cipher, ~3 MB) never.
+NOT_LOADED_WHILE_IDLE = (
+    "httptools",
+    "provider_agent.backends.lean",
+    "provider_agent.backends.stream",
+    "provider_agent.jobs.one_completion",
+    "cryptography.hazmat.primitives.serialization",
+    "provider_agent.ops.upgrade",
+    "provider_agent.dev",
+)
+
+
+def test_the_daemon_leaves_the_job_path_unloaded_until_a_job_needs_it() -> None:
+    code = (
+        "import sys\n"
+        "import provider_agent.cli, provider_agent.daemon, provider_agent.agent\n"
+        f"print([m for m in {NOT_LOADED_WHILE_IDLE!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

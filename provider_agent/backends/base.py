@@ -21,8 +21,6 @@ import anyio
 import orjson
 
 from provider_agent import __version__
-from provider_agent.backends.lean import LeanStream
-from provider_agent.backends.stream import AiohttpStream, RefusedStream
 from provider_agent.config.schema import BackendConfig, WireFormat
 from provider_agent.discovery.listing import Health, ModelInfo, UpstreamPrice
 from provider_agent.errors import BackendAuthError, BackendError, RouteFailure
@@ -273,6 +271,11 @@ class Backend:
         bytes; failures are StreamFailed. `deadline` is an absolute `anyio.current_time()` for
         the whole job; the discovery timeout (`timeout_s`) does not apply here. The lean reader
         may hand the first bytes to `first_bytes` instead of yielding them."""
+        # Imported with the first job, not at startup: an agent that has not served one yet
+        # carries neither reader nor httptools (the idle RSS target, benchmarks.md).
+        from provider_agent.backends.lean import LeanStream
+        from provider_agent.backends.stream import AiohttpStream, RefusedStream
+
         try:
             headers = self.stream_headers(fmt)
         except BackendAuthError as exc:

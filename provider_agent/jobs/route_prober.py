@@ -17,7 +17,6 @@ import anyio
 from provider_agent.backends import Registry
 from provider_agent.clock import Clock, Timings
 from provider_agent.discovery.catalog import Route
-from provider_agent.jobs.one_completion import tiny_completion
 from provider_agent.jobs.route_health import (
     BackendTraffic,
     RouteHealth,
@@ -123,6 +122,8 @@ class RouteProber:
             log.info("withdrawn route forgotten: its backend is no longer configured")
             self._on_change()
             return
+        from provider_agent.jobs.one_completion import tiny_completion  # the job path: lazily
+
         result = await tiny_completion(backend.stream, route, self.timings.route_probe_timeout_s)
         restored = self.health.probed(route, result.ok, self.clock.now(), self.probe_every_s())
         self.metrics.route_probed(route.backend, ok=result.ok, restored=restored)
