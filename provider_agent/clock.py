@@ -3,7 +3,7 @@ that waits, so a test passes small values instead of setting attributes), the mo
 (`Clock`), and how a moment is written wherever someone else reads it (`utc_ms`).
 
 `parse_duration` reads what an operator types (`90s`, `30m`, `2h`, `1d`) for `pause --for` and
-`upgrade --watch`.
+`upgrade --watch`; `human_duration` is how every command shows one (`1m 05s`, `2h`).
 
 `utc_ms` is RFC 3339 UTC with exactly three fraction digits and `Z` (`2026-12-06T17:23:15.412Z`,
 protocol.md §8): one function, so that no field drifts to microseconds, whole seconds or
@@ -90,6 +90,29 @@ def utc_ms(when: datetime | float) -> str:
 #: The units of a duration an operator types, in seconds.
 DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION: Final = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]+)?)([a-z])")
+
+
+def human_duration(seconds: float) -> str:
+    """A duration as a person reads it, in its two largest units (the second left out when it is
+    0): `250ms`, `1.5s`, `45s`, `1m 05s`, `2m`, `1h 02m`, `1d`, `2d 03h`. What `status` shows for
+    uptimes and ages, `pause` for the time left, `upgrade` for its steps and `doctor` for a pause's
+    age."""
+    if round(seconds * 1000) < 1000:
+        return f"{max(0.0, seconds) * 1000:.0f}ms"
+    tenths = round(seconds, 1)
+    if tenths < 10 and tenths != int(tenths):
+        return f"{tenths:.1f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    big, big_s, small, small_s = next(pair for pair in _UNIT_PAIRS if whole >= pair[1])
+    count, rest = divmod(whole, big_s)
+    rest //= small_s
+    return f"{count}{big}" + (f" {rest:02d}{small}" if rest else "")
+
+
+#: (unit, its seconds, the next smaller unit, its seconds), largest first.
+_UNIT_PAIRS: Final = (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1))
 
 
 def parse_duration(

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from provider_agent.clock import utc_ms
+from provider_agent.clock import human_duration, parse_duration, utc_ms
 
 RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -42,3 +42,38 @@ def test_three_digits_and_z_truncated(when: datetime | float, expected: str) -> 
     text = utc_ms(when)
     assert text == expected
     assert RFC3339_MS.fullmatch(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0ms"),
+        (0.25, "250ms"),
+        (0.9996, "1s"),
+        (1.0, "1s"),
+        (1.25, "1.2s"),
+        (9.96, "10s"),
+        (42, "42s"),
+        (59.6, "1m"),
+        (61, "1m 01s"),
+        (65, "1m 05s"),
+        (90.0, "1m 30s"),
+        (120, "2m"),
+        (3599, "59m 59s"),
+        (3725, "1h 02m"),
+        (7199, "1h 59m"),
+        (7200, "2h"),
+        (86400, "1d"),
+        (90000, "1d 01h"),
+        (2 * 86400 + 3 * 3600, "2d 03h"),
+        (400 * 86400, "400d"),
+    ],
+)
+def test_a_duration_reads_as_its_two_largest_units(seconds: float, text: str) -> None:
+    assert human_duration(seconds) == text
+
+
+@pytest.mark.parametrize("text", ["90s", "30m", "2h", "1d"])
+def test_what_parse_duration_reads_shows_as_typed(text: str) -> None:
+    seconds = parse_duration(text, "--for", at_most_s=30 * 86400, at_most="30d")
+    assert human_duration(seconds) == {"90s": "1m 30s"}.get(text, text)

@@ -34,6 +34,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from provider_agent.backends import Registry
 from provider_agent.backends.base import USER_AGENT, new_http_session
+from provider_agent.clock import human_duration
 from provider_agent.config.schema import BackendConfig, Config
 from provider_agent.discovery.catalog import Route
 from provider_agent.discovery.run_pass import BackendReport, PassResult, run_pass
@@ -196,7 +197,7 @@ def to_json(checks: Sequence[Check]) -> str:
 
 
 def _ago(seconds: float) -> str:
-    return control.human_duration(seconds) + " ago"
+    return human_duration(seconds) + " ago"
 
 
 # --- the checks ----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from provider_agent import clock
-from provider_agent.clock import utc_ms
+from provider_agent.clock import human_duration, utc_ms
 from provider_agent.errors import ControlError, ExitCode, NotRunning
 from provider_agent.safe_text import printable
 from provider_agent.store.atomic import write_atomic
@@ -75,17 +75,6 @@ def check_reason(reason: str, what: str = "--reason") -> str:
     if not reason.isprintable():
         raise ValueError(f"{what} must be one line of printable text (no control characters)")
     return reason
-
-
-def human_duration(seconds: float) -> str:
-    """`1d 2h`, `2h 5m`, `5m 3s`, `42s`: the two largest units."""
-    left = max(0, round(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if left >= size or (unit == "s" and not parts):
-            parts.append(f"{left // size}{unit}")
-            left %= size
-    return " ".join(parts[:2])
 
 
 class PauseState(BaseModel):

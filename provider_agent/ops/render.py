@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from provider_agent.clock import human_duration
 from provider_agent.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def render_status(status: AgentStatus) -> str:
     status = _escaped(status)
     jobs, session, window = status.jobs, status.session, status.rate_window
     if session.authenticated and session.connected_for_s is not None:
-        link = f"authenticated for {span(session.connected_for_s)}"
+        link = f"authenticated for {human_duration(session.connected_for_s)}"
     else:
         link = session.state
     limit = f"of {window.limit} ({window.fill:.0%})" if window.limit is not None else "(no limit)"
@@ -165,9 +166,9 @@ def render_status(status: AgentStatus) -> str:
     else:
         waiting = f"{outbox.depth} terminal frame(s) unconfirmed"
         if outbox.oldest_age_s is not None:
-            waiting += f", oldest {span(outbox.oldest_age_s)}"
+            waiting += f", oldest {human_duration(outbox.oldest_age_s)}"
     lines = [
-        f"provider-agent {printable(status.agent_version)}, up {span(status.uptime_s)} "
+        f"provider-agent {printable(status.agent_version)}, up {human_duration(status.uptime_s)} "
         f"(since {status.started_at})",
         f"provider_id: {printable(status.provider_id or 'none')}",
         f"session: {link} ({session.attempts} connection attempt(s), "
@@ -232,7 +233,7 @@ def render_status(status: AgentStatus) -> str:
                 printable(job.job_id, 128),
                 printable(job.model_id, 300),
                 printable(job.backend or "-", 300),
-                span(job.age_s),
+                human_duration(job.age_s),
                 str(job.bytes_relayed),
             ]
             for job in jobs.running
@@ -293,7 +294,7 @@ def _withdrawn_lines(status: AgentStatus) -> list[str]:
             route.since,
             printable(route.last_code or "-"),
             str(route.probes),
-            span(route.next_probe_in_s) if route.next_probe_in_s is not None else "-",
+            human_duration(route.next_probe_in_s) if route.next_probe_in_s is not None else "-",
         ]
         for route in status.withdrawn_routes
     ]
@@ -343,7 +344,7 @@ def _pause_lines(status: AgentStatus) -> list[str]:
     if pause is None:
         return []
     if pause.until is not None:
-        left = f" ({span(pause.left_s)} left)" if pause.left_s is not None else ""
+        left = f" ({human_duration(pause.left_s)} left)" if pause.left_s is not None else ""
         when = f"until {pause.until}{left}"
     else:
         when = "until `provider-agent resume`"
@@ -357,18 +358,3 @@ def _memory(used_mb: int | None, total_mb: int | None) -> str:
         return "-"
     shown = [str(v) if v is not None else "?" for v in (used_mb, total_mb)]
     return f"{shown[0]}/{shown[1]} MiB"
-
-
-def span(seconds: float) -> str:
-    """A duration as a person reads it: 45s, 12m 03s, 3h 04m, 2d 03h."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours:02d}h"

@@ -30,7 +30,6 @@ from provider_agent.ops.pause import (
     Pause,
     call,
     check_reason,
-    human_duration,
     parse_duration,
 )
 from tests.agent_harness import agent_where, fake_vllm, running_agent, write_config
@@ -85,14 +84,6 @@ def test_bad_reasons_are_refused_with_one_line(reason: str) -> None:
 
 def test_a_reason_may_be_any_printable_line() -> None:
     assert check_reason("disk swap, back at 14:00 ✓ — Jörg") == "disk swap, back at 14:00 ✓ — Jörg"
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(0, "0s"), (42, "42s"), (61, "1m 1s"), (7199, "1h 59m"), (90000, "1d 1h"), (86400, "1d")],
-)
-def test_time_left_reads_as_two_units(seconds: float, text: str) -> None:
-    assert human_duration(seconds) == text
 
 
 # --- the persisted pause -------------------------------------------------------------------------

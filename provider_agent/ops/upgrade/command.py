@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from provider_agent.clock import human_duration
 from provider_agent.config import load as config_module
 from provider_agent.errors import ExitCode, OutboxError, UpgradeError
 from provider_agent.ops.service import (
@@ -85,7 +86,6 @@ from provider_agent.ops.upgrade.rules import (
     judge,
     parse_watch,
     schema_plan,
-    span,
 )
 from provider_agent.ops.upgrade.unit_control import (
     ServiceManager,
@@ -202,7 +202,7 @@ def upgrade(inst: Installation, options: Options, machine: Machine, steps: Steps
         steps.say(
             "dry run",
             f"would build releases/{short(target)} (or reuse it), gate it, switch current, "
-            f"restart {machine.service.name} and watch it for {span(options.watch_s)}; "
+            f"restart {machine.service.name} and watch it for {human_duration(options.watch_s)}; "
             "nothing was changed",
         )
         return
@@ -213,7 +213,7 @@ def upgrade(inst: Installation, options: Options, machine: Machine, steps: Steps
     steps.say(
         "build",
         f"releases/{short(target)}: "
-        + (f"built in {span(built.seconds)}" if built.fresh else "already built, reused"),
+        + (f"built in {human_duration(built.seconds)}" if built.fresh else "already built, reused"),
     )
     new = built.release.model_copy(update={"installed_ms": machine.wall_ms(), "failed": None})
     write_release(layout, new)
@@ -246,7 +246,7 @@ def rollback(inst: Installation, options: Options, machine: Machine, steps: Step
         steps.say(
             "dry run",
             f"would gate {short(target.commit)}, switch current, restart "
-            f"{machine.service.name} and watch it for {span(options.watch_s)}; "
+            f"{machine.service.name} and watch it for {human_duration(options.watch_s)}; "
             "nothing was changed",
         )
         return
@@ -354,7 +354,7 @@ def switch_and_watch(
     verdict = watch(inst, expect, machine, steps, commit=new.commit)
     if verdict.phase == "healthy":
         service.note(f"{what}: {service.name} runs {describe(new)}")
-        steps.say("watch", f"healthy: no restart in {span(options.watch_s)}")
+        steps.say("watch", f"healthy: no restart in {human_duration(options.watch_s)}")
         _prune(inst, options.keep, machine, steps)
         steps.say("done", f"running {describe(new)}")
         return
@@ -426,19 +426,19 @@ def watch(
             if back:
                 steps.say("rollback", f"{short(commit)} started ({pid})")
             else:
-                stopped = span(verdict.started_at)
+                stopped = human_duration(verdict.started_at)
                 steps.say(
                     "restart",
                     f"the old process stopped within {stopped}; {short(commit)} started ({pid})",
                 )
         if verdict.ready_at is not None and not said_ready and verdict.started_at is not None:
             said_ready = True
-            after = span(verdict.ready_at - verdict.started_at)
+            after = human_duration(verdict.ready_at - verdict.started_at)
             seen = f"READY, /readyz 200, authenticated as {expect.version}"
             if back:
                 steps.say("rollback", f"{short(commit)} ready again after {after}: {seen}")
             else:
-                until = span(expect.watch_s)
+                until = human_duration(expect.watch_s)
                 steps.say(
                     "watch", f"ready after {after}: {seen}; watched for {until} from its start"
                 )
@@ -525,7 +525,7 @@ def _run(
     except subprocess.TimeoutExpired:
         raise UpgradeError(
             f"gate: {Path(argv[0]).name} {' '.join(argv[-2:])} did not finish within "
-            f"{span(timeout)}; nothing switched"
+            f"{human_duration(timeout)}; nothing switched"
         ) from None
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from provider_agent.clock import parse_duration
+from provider_agent.clock import human_duration, parse_duration
 from provider_agent.store.engine import readable_by
 
 #: How long `--watch` may be.
@@ -110,8 +110,8 @@ def judge(observations: Sequence[Observation], expect: Expect) -> Verdict:
                 if obs.at > expect.stop_limit_s:
                     return Verdict(
                         "failed",
-                        f"no new process within {span(expect.stop_limit_s)} of the restart"
-                        f" (the unit is {unit.active}/{unit.sub})",
+                        f"no new process within {human_duration(expect.stop_limit_s)} of the "
+                        f"restart (the unit is {unit.active}/{unit.sub})",
                     )
                 continue
             started_at, invocation = obs.at, unit.invocation
@@ -133,7 +133,10 @@ def judge(observations: Sequence[Observation], expect: Expect) -> Verdict:
         if ready_at is None:
             missing = _missing(seen_ready, seen_readyz, seen_session, last.http, expect.version)
             return Verdict(
-                "failed", f"not ready within {span(expect.watch_s)}: {missing}", started_at, pid
+                "failed",
+                f"not ready within {human_duration(expect.watch_s)}: {missing}",
+                started_at,
+                pid,
             )
         return Verdict("healthy", "", started_at, pid, ready_at)
     return Verdict("starting" if ready_at is None else "ready", "", started_at, pid, ready_at)
@@ -269,14 +272,3 @@ def parse_watch(text: str) -> float:
     return parse_duration(
         text, "--watch", at_most_s=MAX_WATCH_S, at_most="1h", units="smh", signed=False
     )
-
-
-def span(seconds: float) -> str:
-    """`45s`, `2m`, `2m30s`, `1.5s`."""
-    if seconds < 10 and seconds != int(seconds):
-        return f"{seconds:.1f}s"
-    whole = round(seconds)
-    minutes, rest = divmod(whole, 60)
-    if not minutes:
-        return f"{rest}s"
-    return f"{minutes}m" + (f"{rest}s" if rest else "")
