@@ -48,6 +48,7 @@ from provider_agent.safe_text import printable
 from provider_agent.store.engine import FILE_NAME as OUTBOX_FILE
 from provider_agent.store.engine import describe_sqlite_error
 from provider_agent.store.outbox import UNDELIVERED_KEEP_S
+from provider_agent.store.statedir import lock_holder
 
 Grade = Literal["ok", "warn", "fail"]
 
@@ -332,19 +333,28 @@ def check_systemd(environ: Mapping[str, str]) -> list[Check]:
 async def check_agent(state_dir: Path) -> list[Check]:
     """Whether an agent runs with this state dir, and whether it is paused (asks; changes
     nothing)."""
+    holder = lock_holder(state_dir)
+    running = "running" if holder is None else f"running (pid {holder})"
     try:
         reply = await control.call(
             state_dir, control.ControlRequest(op="status"), timeout_s=STEP_TIMEOUT_S
         )
     except NotRunning as exc:
+        if holder is not None:  # starting, or stuck: its socket is not answering
+            detail = f"pid {holder} holds {state_dir}, but {exc}"
+            hint = (
+                f"if it stays so, restart it: `systemctl restart provider-agent` (or kill {holder})"
+            )
+            return [Check("agent", "warn", detail, hint)]
         hint = "start it: `provider-agent run`, or `systemctl start provider-agent`"
         return [Check("agent", "warn", str(exc), hint)]
     except ControlError as exc:
-        return [Check("agent", "warn", str(exc), _RUN_AS_AGENT)]
+        detail = str(exc) if holder is None else f"pid {holder} holds {state_dir}; {exc}"
+        return [Check("agent", "warn", detail, _RUN_AS_AGENT)]
     if reply.paused is not None:
-        detail = f"running, paused {reply.paused.describe()}"
+        detail = f"{running}, paused {reply.paused.describe()}"
         return [Check("agent", "warn", detail, "`provider-agent resume` when maintenance is done")]
-    return [Check("agent", "ok", "running, not paused")]
+    return [Check("agent", "ok", f"{running}, not paused")]
 
 
 async def check_backends(config: Config) -> list[Check]:

@@ -108,6 +108,36 @@ def lock(directory: Path) -> StateLock:
     return StateLock(path, fd)
 
 
+def lock_holder(directory: Path, proc_locks: Path = Path("/proc/locks")) -> int | None:
+    """The pid holding `directory`'s lock now, from the kernel's table of locks (read-only: a
+    probe that took the lock, even for a moment, could make a starting agent exit 78); None
+    when nobody holds it, or where there is no such table (not Linux)."""
+    try:
+        found = (directory / LOCK_FILE).stat()
+        table = proc_locks.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return flock_holder(table, os.major(found.st_dev), os.minor(found.st_dev), found.st_ino)
+
+
+def flock_holder(table: str, major: int, minor: int, inode: int) -> int | None:
+    """Pure: the pid of the exclusive `flock` on the file (major, minor, inode) in a
+    `/proc/locks` text (`1: FLOCK  ADVISORY  WRITE 4242 fe:00:2884778 0 EOF`)."""
+    for line in table.splitlines():
+        fields = line.split()  # a waiter's line has "->" second: not a holder
+        if len(fields) < 6 or fields[1:4] != ["FLOCK", "ADVISORY", "WRITE"]:
+            continue
+        try:
+            parts = zip(fields[5].split(":"), (16, 16, 10), strict=True)
+            where = tuple(int(part, base) for part, base in parts)
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        if where == (major, minor, inode):
+            return pid if pid > 0 else None
+    return None
+
+
 def check_files(directory: Path) -> None:
     """StateDirError naming the first file `run` reads in `directory` that exists and is not a
     regular file (a FIFO, a device, a socket, a directory, a symbolic link)."""
