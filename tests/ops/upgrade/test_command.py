@@ -15,9 +15,11 @@ frames. The systemd side of the same story runs in a systemd container (tests/de
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from provider_agent.ops.upgrade.command import (
     Machine,
     Options,
     Steps,
+    _stop_on_sigterm,
+    _Stopped,
     find_installation,
     list_releases,
     rollback,
@@ -496,3 +500,40 @@ def test_without_systemd_or_root_the_command_says_so(rig: Rig) -> None:
         assert "needs root" in done.stderr
     missing = cli("--install-dir", str(rig.inst.layout.root), "--config", "/nonexistent/agent.toml")
     assert missing.returncode == 78 and missing.stderr.startswith("config error: ")
+
+
+def test_a_sigterm_while_the_target_builds_leaves_nothing_half_done(rig: Rig) -> None:
+    """A real SIGTERM (what `systemctl stop` of a unit running `upgrade` sends, or `kill`) while
+    the target's venv is being made: the command stops there, the half-built release is gone,
+    nothing was switched or restarted; the next `upgrade` builds it whole and runs it."""
+    e, version = git_source.bump_version(rig.origin, "e")
+    layout = rig.inst.layout
+    before = snapshot(layout)
+    invocation = rig.supervisor.state().invocation
+    building = layout.directory(e) / ".venv"
+    done = threading.Event()
+
+    def signal_while_building() -> None:
+        while not done.wait(0.02):
+            if building.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    ignore = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a late one: harmless
+    killer = threading.Thread(target=signal_while_building)
+    killer.start()
+    try:
+        with pytest.raises(_Stopped), _stop_on_sigterm():
+            rig.run(upgrade, WATCH)
+    finally:
+        done.set()
+        killer.join()
+        signal.signal(signal.SIGTERM, ignore)
+    assert not layout.directory(e).exists()
+    assert snapshot(layout) == before
+    assert rig.supervisor.state().invocation == invocation
+    assert rig.running() == rig.commits["D"]
+
+    lines = rig.run(upgrade, WATCH)
+    assert lines[-1].endswith(f"done: running {version} ({e[:12]})")
+    assert rig.running() == e
